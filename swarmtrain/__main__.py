@@ -1,0 +1,3 @@
+from swarmtrain.cli import main
+
+main(prog_name="swarmtrain")

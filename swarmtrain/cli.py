@@ -1,0 +1,179 @@
+"""The `swarmtrain` command."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# hivemind reads its log level at import time; its INFO chatter is for hivemind developers
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
+
+import click
+
+from swarmtrain import __version__
+from swarmtrain.errors import UserError
+
+MULTIADDR_HELP = "multiaddr(s), e.g. /ip4/0.0.0.0/tcp/31337; repeat the flag or separate with spaces"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("bitsandbytes", "transformers", "urllib3", "filelock", "datasets", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if verbose:
+        from hivemind.utils.logging import get_logger
+
+        get_logger("hivemind").setLevel(logging.INFO)
+
+
+def _split(values) -> list:
+    return [item for value in values for item in value.replace(",", " ").split()]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="swarmtrain")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug details, including hivemind's own messages.")
+def main(verbose: bool) -> None:
+    """Train a model together with volunteers over a hivemind swarm.
+
+    \b
+    Volunteer:  swarmtrain peer --initial-peers /ip4/.../tcp/31337/p2p/Qm...
+    Organiser:  swarmtrain coordinator --config run.yaml
+    Try it:     swarmtrain demo --peers 3
+    """
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The run's YAML config (see configs/ for examples); published to peers through the DHT.")
+@click.option("--identity", type=click.Path(dir_okay=False), default=None,
+              help="Private key file that fixes this node's peer ID, so its multiaddr survives restarts; "
+                   "created if missing. Default: ~/.swarmtrain/coordinator-<run_id>.id")
+@click.option("--host-maddrs", multiple=True, default=["/ip4/0.0.0.0/tcp/31337"], show_default=True,
+              help="Addresses to listen on: " + MULTIADDR_HELP)
+@click.option("--announce-maddrs", multiple=True,
+              help="Public addresses to tell peers about, when they differ from the listen addresses "
+                   "(e.g. behind port forwarding): " + MULTIADDR_HELP)
+@click.option("--log-every", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="Seconds between swarm progress lines.")
+def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every):
+    """Bootstrap the swarm, publish the run config (signed) and log the swarm's progress.
+
+    Prints the command volunteers paste to join. Stop with Ctrl+C: peers keep training, and a
+    restart with the same --identity comes back at the same address.
+    """
+    from swarmtrain.config import load_run_config
+    from swarmtrain.coordinator.coordinator import Coordinator, join_command
+    from swarmtrain.identity import default_identity_path
+
+    config = load_run_config(config_path)
+    identity = identity or str(default_identity_path(f"coordinator-{config.run_id}"))
+    node = Coordinator(config, identity=identity, host_maddrs=_split(host_maddrs),
+                       announce_maddrs=_split(announce_maddrs))
+    try:
+        node.publish()
+        maddrs = _split(announce_maddrs) or node.maddrs
+        click.echo(f"Run {config.run_id!r} is published. Volunteers join with:\n\n    {join_command(maddrs)}\n", err=False)
+        sys.stdout.flush()
+        node.run(log_every=log_every)
+    except KeyboardInterrupt:
+        logging.getLogger("swarmtrain.coordinator").info("stopping; peers keep training")
+    finally:
+        node.shutdown()
+
+
+@main.command()
+@click.option("--initial-peers", multiple=True, required=True,
+              help="The coordinator's address (from its join command), or any peer's: " + MULTIADDR_HELP)
+@click.option("--run-id", default=None, help="Refuse to train unless the swarm's run has this id.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (a GPU when there is one), cpu, or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Samples per local step on this machine (lower it if memory runs out); the swarm's "
+                   "batch per optimizer step is the run's target_batch_size regardless.")
+@click.option("--data", type=click.Path(exists=True), default=None,
+              help="Train on this local data instead of the run's default source: a text file, a directory "
+                   "of text files, or a Hugging Face dataset saved with save_to_disk.")
+@click.option("--identity", type=click.Path(dir_okay=False), default=None,
+              help="Private key file for a stable peer ID across restarts (created if missing). "
+                   "Default: a new ID each start.")
+@click.option("--host-maddrs", multiple=True, default=["/ip4/0.0.0.0/tcp/0"], show_default=True,
+              help="Addresses to listen on: " + MULTIADDR_HELP)
+@click.option("--announce-maddrs", multiple=True, help="Public addresses to tell other peers: " + MULTIADDR_HELP)
+@click.option("--client-mode", is_flag=True,
+              help="Do not accept incoming connections (behind NAT/firewall): send gradients, reduce nothing.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="Save this peer's state here (every --checkpoint-every epochs and on exit); resume from it on restart.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Epochs between checkpoints (0: only on exit).")
+@click.option("--max-epochs", type=click.IntRange(min=1), default=None,
+              help="Leave the swarm once it reaches this epoch. Default: train until stopped.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Epochs between held-out loss measurements (0: only at start and end).")
+@click.option("--status-file", type=click.Path(dir_okay=False), default=None,
+              help="Keep a JSON summary of this peer's progress here (used by dashboards and the demo).")
+@click.option("--progress/--no-progress", default=None,
+              help="Live progress bar (default: when writing to a terminal) or one log line per epoch.")
+def peer(initial_peers, run_id, device, batch_size, data, identity, host_maddrs, announce_maddrs, client_mode,
+         checkpoint_dir, checkpoint_every, max_epochs, eval_every, status_file, progress):
+    """Join a swarm and train: the run's config and current model come from the swarm.
+
+    Ctrl+C leaves cleanly (state saved when --checkpoint-dir is set).
+    """
+    from swarmtrain.network import parse_initial_peers
+    from swarmtrain.peer.trainer import PeerOptions, run_peer
+
+    options = PeerOptions(
+        initial_peers=parse_initial_peers(initial_peers), run_id=run_id, device=device, batch_size=batch_size,
+        data=data, identity=identity, host_maddrs=_split(host_maddrs), announce_maddrs=_split(announce_maddrs),
+        client_mode=client_mode, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        max_epochs=max_epochs, eval_every=eval_every, status_file=status_file, show_progress=progress,
+    )
+    status = run_peer(options)
+    if status.get("phase") not in ("finished", "stopped"):
+        raise UserError("the peer stopped before training started")
+
+
+@main.command()
+@click.option("--peers", type=click.IntRange(min=1, max=8), default=3, show_default=True,
+              help="Number of peer processes to start beside the coordinator.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Run config (default: the embedded tiny config, a small code LM on the Python stdlib).")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Swarm epochs (optimizer steps) to train.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Samples per local step on each peer.")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where logs, status files and checkpoints go (default: a new temporary directory).")
+def demo(peers, config_path, epochs, batch_size, workdir):
+    """Run a whole swarm on this machine: a coordinator and N peers on 127.0.0.1.
+
+    Shows a live table of the peers and ends with a summary (epochs, averaging rounds, held-out
+    loss before and after, wall time).
+    """
+    from swarmtrain.demo import run_demo
+
+    code = run_demo(num_peers=peers, config_path=config_path, epochs=epochs, batch_size=batch_size, workdir=workdir)
+    sys.exit(code)
+
+
+def _register_optional_commands() -> None:
+    try:
+        from swarmtrain.privacy.cli import audit
+    except ImportError:
+        return
+    main.add_command(audit)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The run config: one YAML file, validated with pydantic, shared by every peer through the DHT.
+
+The organiser writes it; the coordinator validates it, signs it and publishes it; volunteers never
+see it as a file. Every field that is wrong produces one line naming the field and the fix.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Literal, Optional, Tuple
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from swarmtrain.compression.spec import ACCEPTED_FORMS, parse_compression_spec
+from swarmtrain.errors import UserError
+
+
+class _Section(BaseModel):
+    # unknown keys are almost always typos ("learning_rate" for "lr"): reject them loudly
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    kind: Literal["gpt2", "albert"] = Field(description="gpt2: causal LM; albert: masked LM")
+    # fields of transformers' GPT2Config / AlbertConfig; vocab_size is set from the tokenizer
+    config: Dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("config")
+    @classmethod
+    def _no_vocab(cls, value: Dict[str, Any]) -> Dict[str, Any]:
+        if "vocab_size" in value:
+            raise ValueError("remove vocab_size: it is set from the data's tokenizer")
+        return value
+
+
+class DataConfig(_Section):
+    # stdlib: the Python standard library's own .py files (offline, every install has them)
+    # text: local text files (a file, a directory searched recursively, or a glob)
+    # datasets: a Hugging Face dataset saved with save_to_disk (a directory) or a hub name (online)
+    source: Literal["stdlib", "text", "datasets"] = "stdlib"
+    path: Optional[str] = None
+    text_column: str = "text"
+    seq_len: int = Field(128, ge=8, le=65536)
+    heldout_fraction: float = Field(0.02, gt=0, lt=0.5)
+    max_bytes: Optional[int] = Field(None, gt=0, description="cap on corpus size read, for quick runs")
+    num_shards: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataConfig":
+        if self.source != "stdlib" and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class OptimizerConfig(_Section):
+    name: Literal["lamb", "adamw"] = "lamb"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-6, gt=0)
+    eight_bit: bool = Field(False, description="bitsandbytes 8-bit optimizer state (home GPUs)")
+    warmup_epochs: int = Field(10, ge=0, description="linear warm-up, in global optimizer steps (epochs)")
+    total_epochs: int = Field(1000, ge=1, description="linear decay to zero ends here")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: Tuple[float, float]) -> Tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("both betas must be in [0, 1), e.g. [0.9, 0.999]")
+        return value
+
+
+class AveragingConfig(_Section):
+    mode: Literal["sync", "local"] = "sync"
+    compression: str = "fp16"
+    schedule: Optional[str] = Field(None, description="local mode only: constant:H or adaptive")
+    matchmaking_time: float = Field(3.0, gt=0)
+    averaging_timeout: float = Field(60.0, gt=0)
+    request_timeout: float = Field(3.0, gt=0)
+    # parameters are averaged every this many epochs as a safety net against drift (e.g. a peer
+    # that stepped on local gradients when its group failed); 0 disables it
+    state_averaging_every: int = Field(0, ge=0)
+
+    @field_validator("compression")
+    @classmethod
+    def _compression(cls, value: str) -> str:
+        parse_compression_spec(value)  # raises ValueError naming the accepted forms
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AveragingConfig":
+        if self.mode == "sync" and self.schedule is not None:
+            raise ValueError("averaging.schedule applies to mode: local only; remove it or set mode: local")
+        if self.mode == "local":
+            raise ValueError("averaging.mode 'local' is not available in this version; use mode: sync")
+        if self.request_timeout >= self.matchmaking_time:
+            raise ValueError(
+                "averaging.request_timeout must be below averaging.matchmaking_time, or groups split"
+            )
+        return self
+
+
+class PrivacySection(_Section):
+    """Placeholder for the NoPeek privacy head (see swarmtrain.privacy)."""
+
+    enabled: bool = False
+
+
+class RunConfig(_Section):
+    run_id: str = Field(description="names the run in the DHT; letters, digits, '-' and '_'")
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    target_batch_size: int = Field(gt=0, description="samples the swarm accumulates per optimizer step")
+    averaging: AveragingConfig = Field(default_factory=AveragingConfig)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str) -> str:
+        # hivemind builds DHT keys and averaging prefixes from it; '.' breaks them
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+            raise ValueError("use 1-64 letters, digits, '-' or '_' (no dots or spaces), e.g. my-run-1")
+        return value
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field (misspelled?); remove it or check the example configs in configs/"
+    elif first["type"] == "missing":
+        message = "required field is missing"
+    more = len(error.errors()) - 1
+    return f"{where}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def parse_run_config(data: Any, source: str = "config") -> RunConfig:
+    """Validate a parsed YAML/JSON mapping; raise UserError with one line naming the field."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of fields (run_id, model, ...), got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise UserError(f"{source}: {_describe(error)}") from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; see configs/ for examples") from None
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    return parse_run_config(data, source=str(path))
+
+
+def dump_run_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

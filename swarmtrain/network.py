@@ -1,0 +1,155 @@
+"""Joining the DHT, and the run config record that the coordinator publishes into it."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
+
+from swarmtrain.config import RunConfig, parse_run_config
+from swarmtrain.errors import UserError
+from swarmtrain.identity import peer_id_of
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG_KEY = "swarmtrain_run_config"
+RUN_CONFIG_TTL = 3600.0  # the coordinator re-publishes well before this expires
+WIRE_VERSION = 1  # bumped when peers of different versions can no longer train together
+
+
+def parse_initial_peers(values: Iterable[str]) -> List[str]:
+    """Check that each value is a full multiaddr with a peer ID; one clear line if not."""
+    result = []
+    for value in values:
+        for item in value.replace(",", " ").split():
+            try:
+                maddr = Multiaddr(item)
+            except Exception:
+                raise UserError(
+                    f"initial peer {item!r} is not a multiaddr; copy it from the coordinator's output, "
+                    "e.g. /ip4/203.0.113.5/tcp/31337/p2p/Qm..."
+                ) from None
+            if "/p2p/" not in str(maddr):
+                raise UserError(f"initial peer {item!r} lacks the /p2p/<peer id> part; copy the full address")
+            result.append(str(maddr))
+    return result
+
+
+def peer_id_in(maddr: str) -> PeerID:
+    return PeerID.from_base58(maddr.rsplit("/p2p/", 1)[1])
+
+
+def make_dht(
+    *,
+    initial_peers: Sequence[str] = (),
+    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",),
+    announce_maddrs: Sequence[str] = (),
+    identity_path: Optional[str] = None,
+    client_mode: bool = False,
+    signature_validator: Optional[RSASignatureValidator] = None,
+    startup_timeout: float = 30.0,
+) -> hivemind.DHT:
+    """Start this node's DHT; unreachable or malformed addresses become one-line UserErrors."""
+    validators = [signature_validator] if signature_validator is not None else []
+    try:
+        return hivemind.DHT(
+            initial_peers=list(initial_peers),
+            host_maddrs=list(host_maddrs),
+            announce_maddrs=list(announce_maddrs) or None,
+            identity_path=identity_path,
+            client_mode=client_mode,
+            record_validators=validators,
+            startup_timeout=startup_timeout,
+            start=True,
+        )
+    except P2PDaemonError as error:
+        text = str(error)
+        if "failed to connect to bootstrap peers" in text:
+            raise UserError(
+                f"could not reach any initial peer ({', '.join(initial_peers)}): check that the coordinator "
+                "is running and that the address, port and firewall let you in"
+            ) from None
+        if "already taken" in text:
+            raise UserError(f"identity {identity_path} is in use by another running peer; give this one its own --identity") from None
+        if "invalid" in text and "multiaddr" in text:
+            raise UserError(f"a host or announce address is not a valid multiaddr: {text.split(': ')[-1]}") from None
+        if "address already in use" in text:
+            raise UserError(f"the listen address is in use by another program; choose another port ({text.split(': ')[-1]})") from None
+        raise UserError(f"could not start the networking daemon: {text}") from None
+
+
+@dataclass
+class PublishedRun:
+    config: RunConfig
+    owner: PeerID
+    wire_version: int
+
+
+def publish_run_config(dht: hivemind.DHT, config: RunConfig, signature_validator: RSASignatureValidator) -> bool:
+    """Store the config under our own `[owner:<key>]` subkey: the DHT signs it with our key and
+    every node rejects a record under that subkey that we did not sign, so nobody else can
+    replace it."""
+    value = json.dumps({"config": config.model_dump(mode="json"), "wire_version": WIRE_VERSION})
+    return bool(
+        dht.store(
+            RUN_CONFIG_KEY,
+            subkey=signature_validator.local_public_key,
+            value=value,
+            expiration_time=get_dht_time() + RUN_CONFIG_TTL,
+        )
+    )
+
+
+def fetch_run_config(dht: hivemind.DHT, trusted: Sequence[PeerID], timeout: float = 30.0) -> PublishedRun:
+    """Find the run config signed by one of the trusted peers (the initial peers we were given).
+
+    A record signed by anyone else is ignored: knowing the coordinator's multiaddr is what makes a
+    volunteer trust the config it then runs."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    others_seen = 0
+    while True:
+        found = dht.get(RUN_CONFIG_KEY, latest=True)
+        if found is not None and isinstance(found.value, dict):
+            for subkey, entry in found.value.items():
+                owner = _owner_of(subkey)
+                if owner is None:
+                    continue
+                if owner not in trusted:
+                    others_seen += 1
+                    continue
+                try:
+                    payload = json.loads(entry.value)
+                    config = parse_run_config(payload["config"], source=f"run config from {owner}")
+                    return PublishedRun(config, owner, int(payload.get("wire_version", 0)))
+                except UserError:
+                    raise
+                except Exception as error:
+                    raise UserError(f"the run config published by {owner} is malformed ({error}); tell the organiser") from None
+        if time.monotonic() > deadline:
+            hint = (
+                f" ({others_seen} config(s) signed by other peers were ignored)" if others_seen else ""
+            )
+            raise UserError(
+                "no run config signed by the initial peer(s) was found in the swarm" + hint + "; pass the "
+                "coordinator's address (the join command it prints) as --initial-peers"
+            )
+        time.sleep(1.0)
+
+
+def _owner_of(subkey) -> Optional[PeerID]:
+    """Peer ID of the key in a `[owner:<ssh-rsa ...>]` subkey, or None for anything else."""
+    if not isinstance(subkey, bytes) or not subkey.startswith(b"[owner:") or not subkey.endswith(b"]"):
+        return None
+    try:
+        return peer_id_of(subkey[len(b"[owner:") : -1])
+    except Exception:
+        return None

@@ -1,0 +1,124 @@
+"""hivemind.Optimizer configured from the run config, plus a record of every averaging round."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import List, Optional
+
+import hivemind
+import torch
+import transformers
+from hivemind.compression import Float16Compression, NoCompression
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarmtrain.compression.spec import parse_compression_spec
+from swarmtrain.config import OptimizerConfig, RunConfig
+
+
+def make_torch_optimizer_factory(config: OptimizerConfig):
+    """LAMB (the DeDLOC/sahajBERT choice) or AdamW; bitsandbytes 8-bit state when asked."""
+
+    def create(params):
+        common = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+        if config.name == "lamb" or config.eight_bit:
+            import bitsandbytes as bnb  # imported only when used: its import is slow and chatty
+
+            cls = {
+                ("lamb", False): bnb.optim.LAMB,
+                ("lamb", True): bnb.optim.LAMB8bit,
+                ("adamw", True): bnb.optim.AdamW8bit,
+            }[config.name, config.eight_bit]
+            return cls(params, **common)
+        return torch.optim.AdamW(params, **common)
+
+    return create
+
+
+def make_scheduler_factory(config: OptimizerConfig):
+    # hivemind steps the scheduler once per global epoch, so warm-up and decay count epochs
+    return partial(
+        transformers.get_linear_schedule_with_warmup,
+        num_warmup_steps=config.warmup_epochs,
+        num_training_steps=config.total_epochs,
+    )
+
+
+@dataclass
+class RoundRecord:
+    epoch: int
+    group_size: int  # 0 when the round failed or was skipped
+    ok: bool
+    seconds: float
+    note: str = ""
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer that remembers how each gradient averaging round went.
+
+    hivemind only logs the group size; the progress display, the demo summary and the tests need
+    it as data. The override wraps the one method that sees the round's outcome (hivemind is
+    pinned, so this private seam is stable)."""
+
+    def __init__(self, *args, **kwargs):
+        self.rounds: List[RoundRecord] = []
+        super().__init__(*args, **kwargs)
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        started = time.perf_counter()
+        epoch = self.local_epoch
+        super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        seconds = time.perf_counter() - started
+        if maybe_step_control is None:
+            self.rounds.append(RoundRecord(epoch, 0, False, seconds, "no other peers"))
+            return
+        try:
+            group = maybe_step_control.result(timeout=0)
+            self.rounds.append(RoundRecord(epoch, len(group), True, seconds))
+        except BaseException as error:  # the round failed; hivemind already fell back to local gradients
+            self.rounds.append(RoundRecord(epoch, 0, False, seconds, repr(error)[:200]))
+
+
+def make_optimizer(
+    config: RunConfig,
+    model: torch.nn.Module,
+    dht: hivemind.DHT,
+    *,
+    batch_size: int,
+    client_mode: bool,
+    private_key: RSAPrivateKey,
+) -> SwarmOptimizer:
+    averaging = config.averaging
+    spec = parse_compression_spec(averaging.compression)
+    if spec.is_sparse:
+        from swarmtrain.compression.averaging import make_grad_averager_factory
+
+        grad_averager_factory = partial(make_grad_averager_factory(spec), request_timeout=averaging.request_timeout)
+        grad_compression = NoCompression()
+    else:
+        grad_averager_factory = partial(GradientAverager, request_timeout=averaging.request_timeout)
+        grad_compression = Float16Compression() if spec.method == "fp16" else NoCompression()
+
+    return SwarmOptimizer(
+        dht=dht,
+        run_id=config.run_id,
+        target_batch_size=config.target_batch_size,
+        batch_size_per_step=batch_size,
+        optimizer=make_torch_optimizer_factory(config.optimizer),
+        params=model.parameters(),
+        scheduler=make_scheduler_factory(config.optimizer),
+        matchmaking_time=averaging.matchmaking_time,
+        averaging_timeout=averaging.averaging_timeout,
+        grad_averager_factory=grad_averager_factory,
+        grad_compression=grad_compression,
+        # parameters are averaged in full precision when they are: fp16 would make peers differ
+        state_averaging_compression=NoCompression(),
+        load_state_compression=NoCompression(),
+        average_state_every=averaging.state_averaging_every or 10**9,
+        delay_state_averaging=False,
+        averager_opts=dict(request_timeout=averaging.request_timeout),
+        tracker_opts=dict(private_key=private_key, min_refresh_period=0.5, default_refresh_period=1.0),
+        client_mode=client_mode,
+        verbose=False,
+    )

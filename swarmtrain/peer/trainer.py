@@ -1,0 +1,230 @@
+"""A volunteer's peer: join the swarm, get the run from it, train until told to stop."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from swarmtrain import __version__
+from swarmtrain.checkpoint import latest_checkpoint_path, load_checkpoint, save_checkpoint
+from swarmtrain.data import load_corpus, peer_batches
+from swarmtrain.errors import UserError
+from swarmtrain.identity import load_or_create_identity
+from swarmtrain.models import build_model, compute_loss, heldout_loss
+from swarmtrain.network import WIRE_VERSION, fetch_run_config, make_dht, peer_id_in
+from swarmtrain.peer.display import ProgressDisplay
+from swarmtrain.peer.optimizer import make_optimizer
+
+logger = logging.getLogger("swarmtrain.peer")
+
+
+@dataclass
+class PeerOptions:
+    initial_peers: List[str]
+    run_id: Optional[str] = None  # when given, refuse to train any other run
+    device: str = "auto"
+    batch_size: int = 8
+    data: Optional[str] = None
+    identity: Optional[str] = None
+    host_maddrs: List[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: List[str] = field(default_factory=list)
+    client_mode: bool = False
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 10  # epochs
+    max_epochs: Optional[int] = None
+    eval_every: int = 10  # epochs
+    status_file: Optional[str] = None
+    show_progress: Optional[bool] = None  # None: a live bar when stderr is a terminal
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: this machine has no CUDA device (or torch was built without CUDA); use --device cpu")
+        index = torch.device(name).index or 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device(name)
+
+
+class _Stop(Exception):
+    """Raised from the signal handler so that every loop unwinds through the same clean exit."""
+
+
+@contextmanager
+def _children_ignore_interrupts():
+    # hivemind's DHT, averagers and the p2p daemon are child processes. A terminal's Ctrl+C goes to
+    # the whole process group; if the children saw it they would die mid-round with tracebacks while
+    # the parent is still saving. They inherit "ignore" here and are shut down by the parent instead.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _install_stop_handlers(state: dict) -> None:
+    def handler(signum, _frame):
+        if state.get("stopping"):
+            return  # a second Ctrl+C while saving: keep saving
+        state["stopping"] = True
+        raise _Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _write_status(path: Optional[str], status: dict) -> None:
+    if path is None:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(status, handle)
+    os.replace(tmp, path)
+
+
+def run_peer(options: PeerOptions) -> dict:
+    """Train until max_epochs or a stop signal; returns the final status (also in status_file)."""
+    stop_state: dict = {}
+    device = resolve_device(options.device)
+    if options.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    private_key = load_or_create_identity(options.identity)
+    from hivemind.dht.crypto import RSASignatureValidator
+
+    signature_validator = RSASignatureValidator(private_key)
+    trusted = [peer_id_in(maddr) for maddr in options.initial_peers]
+
+    dht = optimizer = None
+    status = {"phase": "starting", "step": 0, "epoch": 0, "loss": None, "samples_per_second": 0.0,
+              "rounds": [], "heldout_loss": [], "version": __version__}
+    _install_stop_handlers(stop_state)
+    try:
+        with _children_ignore_interrupts():
+            dht = make_dht(
+                initial_peers=options.initial_peers,
+                host_maddrs=options.host_maddrs,
+                announce_maddrs=options.announce_maddrs,
+                identity_path=options.identity,
+                client_mode=options.client_mode,
+                signature_validator=signature_validator,
+            )
+        published = fetch_run_config(dht, trusted)
+        config = published.config
+        if options.run_id is not None and options.run_id != config.run_id:
+            raise UserError(f"the initial peer serves run {config.run_id!r}, not {options.run_id!r}; check --run-id or the address")
+        if published.wire_version != WIRE_VERSION:
+            raise UserError(f"the run needs swarmtrain wire version {published.wire_version}, this is {WIRE_VERSION}; upgrade swarmtrain")
+        status.update(run_id=config.run_id, peer_id=str(dht.peer_id), device=str(device), client_mode=options.client_mode)
+        logger.info(f"joined run {config.run_id!r} as {dht.peer_id} on {device}")
+
+        corpus = load_corpus(config.data, options.data)
+        logger.info(f"data: {corpus.description}")
+        model = build_model(config.model, config.data.seq_len, config.seed).to(device)
+        resumed = None
+        if options.checkpoint_dir and latest_checkpoint_path(options.checkpoint_dir) is not None:
+            resumed = load_checkpoint(options.checkpoint_dir)
+            model.load_state_dict(resumed.model_state)
+            logger.info(f"resuming from {resumed.path} (epoch {resumed.epoch})")
+
+        with _children_ignore_interrupts():
+            optimizer = make_optimizer(config, model, dht, batch_size=options.batch_size,
+                                       client_mode=options.client_mode, private_key=private_key)
+        if resumed is not None and resumed.optimizer_state is not None:
+            optimizer.load_state_dict(resumed.optimizer_state)
+
+        peer_seed = int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8], "little")
+        batches = peer_batches(corpus, config.data.num_shards, options.batch_size, peer_seed)
+        mask_generator = torch.Generator().manual_seed(peer_seed)
+        display = ProgressDisplay(config.target_batch_size, enabled=options.show_progress)
+        status["heldout_loss"].append([optimizer.local_epoch, heldout_loss(model, corpus.heldout.to(device), config.model.kind)])
+        status["phase"] = "training"
+
+        last_epoch, step, window_start, window_samples = optimizer.local_epoch, 0, time.perf_counter(), 0
+        last_status_write = 0.0
+        with display:
+            while options.max_epochs is None or optimizer.local_epoch < options.max_epochs:
+                batch = next(batches).to(device)
+                loss = compute_loss(model, batch, config.model.kind, mask_generator)
+                if not torch.isfinite(loss):
+                    # never hand a non-finite gradient to the swarm: skip this batch
+                    logger.warning(f"non-finite loss at step {step}; batch skipped")
+                    optimizer.zero_grad()
+                    continue
+                loss.backward()
+                if config.optimizer.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                step += 1
+                window_samples += options.batch_size
+                now = time.perf_counter()
+                if now - window_start > 5.0:
+                    status["samples_per_second"] = window_samples / (now - window_start)
+                    window_start, window_samples = now, 0
+                status.update(step=step, epoch=optimizer.local_epoch, loss=float(loss.item()))
+
+                if optimizer.local_epoch != last_epoch:
+                    status["rounds"] = [asdict(record) for record in optimizer.rounds]
+                    epoch = optimizer.local_epoch
+                    if options.eval_every and epoch % options.eval_every == 0:
+                        status["heldout_loss"].append([epoch, heldout_loss(model, corpus.heldout.to(device), config.model.kind)])
+                    if options.checkpoint_dir and options.checkpoint_every and epoch % options.checkpoint_every == 0:
+                        _save(options.checkpoint_dir, model, optimizer, config)
+                    last_epoch = epoch
+
+                progress = optimizer.tracker.global_progress
+                last_round = optimizer.rounds[-1] if optimizer.rounds else None
+                display.update(step=step, epoch=optimizer.local_epoch, loss=status["loss"],
+                               samples=progress.samples_accumulated, eta=progress.eta_next_epoch - time.time(),
+                               peers=progress.num_peers, last_round=last_round,
+                               samples_per_second=status["samples_per_second"])
+                if now - last_status_write > 0.5:
+                    _write_status(options.status_file, status)
+                    last_status_write = now
+        status["phase"] = "finished"
+    except _Stop as stop:
+        logger.info(f"{stop.args[0]} received: saving and leaving the swarm")
+        status["phase"] = "stopped"
+    finally:
+        # runs on success, on a stop signal and on errors: the state is what the user must not lose
+        stop_state["stopping"] = True
+        try:
+            if optimizer is not None:
+                status["rounds"] = [asdict(record) for record in optimizer.rounds]
+                status["epoch"] = optimizer.local_epoch
+                model_ref = locals().get("model")
+                if model_ref is not None:
+                    status["heldout_loss"].append([optimizer.local_epoch, heldout_loss(model_ref, corpus.heldout.to(device), config.model.kind)])
+                    if options.checkpoint_dir:
+                        path = _save(options.checkpoint_dir, model_ref, optimizer, config)
+                        status["checkpoint"] = str(path)
+                        logger.info(f"state saved to {path}")
+                _write_status(options.status_file, status)
+                optimizer.shutdown()
+        finally:
+            if dht is not None:
+                dht.shutdown()
+    return status
+
+
+def _save(directory: str, model: torch.nn.Module, optimizer, config) -> Path:
+    return save_checkpoint(
+        directory,
+        optimizer.local_epoch,
+        model.state_dict(),
+        optimizer.state_dict(),
+        meta={"run_id": config.run_id, "version": __version__},
+    )
