@@ -33,6 +33,15 @@ def _setup_logging(verbose: bool) -> None:
         get_logger("hivemind").setLevel(logging.INFO)
 
 
+def _quiet_interpreter_teardown() -> None:
+    """Called once hivemind's processes are shut down. Its leftover MPFutures and asyncio tasks
+    are finalised after their event loops closed and would print 'Event loop is closed' and
+    'Task was destroyed' noise at exit; by then there is nothing left that such a message
+    could be about."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+
+
 def _split(values) -> list:
     return [item for value in values for item in value.replace(",", " ").split()]
 
@@ -73,21 +82,24 @@ def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every):
     from swarmtrain.config import load_run_config
     from swarmtrain.coordinator.coordinator import Coordinator, join_command
     from swarmtrain.identity import default_identity_path
+    from swarmtrain.signals import StopRequested, raise_on_stop_signals
 
     config = load_run_config(config_path)
     identity = identity or str(default_identity_path(f"coordinator-{config.run_id}"))
     node = Coordinator(config, identity=identity, host_maddrs=_split(host_maddrs),
                        announce_maddrs=_split(announce_maddrs))
+    raise_on_stop_signals()
     try:
         node.publish()
         maddrs = _split(announce_maddrs) or node.maddrs
         click.echo(f"Run {config.run_id!r} is published. Volunteers join with:\n\n    {join_command(maddrs)}\n", err=False)
         sys.stdout.flush()
         node.run(log_every=log_every)
-    except KeyboardInterrupt:
+    except StopRequested:
         logging.getLogger("swarmtrain.coordinator").info("stopping; peers keep training")
     finally:
         node.shutdown()
+        _quiet_interpreter_teardown()
 
 
 @main.command()
@@ -138,6 +150,7 @@ def peer(initial_peers, run_id, device, batch_size, data, identity, host_maddrs,
         max_epochs=max_epochs, eval_every=eval_every, status_file=status_file, show_progress=progress,
     )
     status = run_peer(options)
+    _quiet_interpreter_teardown()
     if status.get("phase") not in ("finished", "stopped"):
         raise UserError("the peer stopped before training started")
 

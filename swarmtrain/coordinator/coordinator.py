@@ -6,7 +6,6 @@ it comes back (with the same identity, hence the same multiaddr).
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -20,6 +19,7 @@ from hivemind.utils import get_dht_time
 from swarmtrain.config import RunConfig
 from swarmtrain.identity import load_or_create_identity
 from swarmtrain.network import RUN_CONFIG_TTL, make_dht, publish_run_config
+from swarmtrain.signals import children_ignore_interrupts
 
 logger = logging.getLogger("swarmtrain.coordinator")
 
@@ -66,8 +66,7 @@ class Coordinator:
         self.config = config
         self.private_key = load_or_create_identity(identity)
         self.signature_validator = RSASignatureValidator(self.private_key)
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # see peer.trainer: children ignore Ctrl+C
-        try:
+        with children_ignore_interrupts():
             self.dht = make_dht(
                 host_maddrs=host_maddrs,
                 announce_maddrs=announce_maddrs,
@@ -75,8 +74,6 @@ class Coordinator:
                 client_mode=False,
                 signature_validator=self.signature_validator,
             )
-        finally:
-            signal.signal(signal.SIGINT, previous)
         # the same validators as the peers' trackers, or reading their records fails
         self.dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=config.run_id)])
         self._published_at = 0.0

@@ -11,6 +11,8 @@ import torch
 import transformers
 from hivemind.compression import Float16Compression, NoCompression
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarmtrain.compression.spec import parse_compression_spec
@@ -54,6 +56,23 @@ class RoundRecord:
     note: str = ""
 
 
+class _ProgressTrackerWithBlockingGoodbye(ProgressTracker):
+    """hivemind's tracker drops the future of its goodbye record on shutdown; when that future is
+    garbage-collected before the DHT process reads the request, the DHT process logs a traceback
+    and stalls its own shutdown. Same goodbye, but we wait for it."""
+
+    def shutdown(self, timeout: Optional[float] = None):
+        self.shutdown_triggered.set()
+        self.should_report_progress.set()
+        self.global_state_updated.set()
+        self.shutdown_complete.wait(timeout)
+        try:
+            self.dht.store(self.training_progress_key, subkey=self._local_public_key, value=None,
+                           expiration_time=get_dht_time() + self.metadata_expiration)
+        except Exception:
+            pass  # the DHT is already gone: nobody to say goodbye to
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer that remembers how each gradient averaging round went.
 
@@ -64,6 +83,12 @@ class SwarmOptimizer(hivemind.Optimizer):
     def __init__(self, *args, **kwargs):
         self.rounds: List[RoundRecord] = []
         super().__init__(*args, **kwargs)
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        return _ProgressTrackerWithBlockingGoodbye(
+            dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel, start=True, **kwargs,
+        )
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         started = time.perf_counter()

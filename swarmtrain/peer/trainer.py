@@ -6,9 +6,8 @@ import json
 import logging
 import math
 import os
-import signal
 import time
-from contextlib import contextmanager
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -24,6 +23,7 @@ from swarmtrain.models import build_model, compute_loss, heldout_loss
 from swarmtrain.network import WIRE_VERSION, fetch_run_config, make_dht, peer_id_in
 from swarmtrain.peer.display import ProgressDisplay
 from swarmtrain.peer.optimizer import make_optimizer
+from swarmtrain.signals import StopRequested, children_ignore_interrupts, raise_on_stop_signals
 
 logger = logging.getLogger("swarmtrain.peer")
 
@@ -59,33 +59,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _Stop(Exception):
-    """Raised from the signal handler so that every loop unwinds through the same clean exit."""
-
-
-@contextmanager
-def _children_ignore_interrupts():
-    # hivemind's DHT, averagers and the p2p daemon are child processes. A terminal's Ctrl+C goes to
-    # the whole process group; if the children saw it they would die mid-round with tracebacks while
-    # the parent is still saving. They inherit "ignore" here and are shut down by the parent instead.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _install_stop_handlers(state: dict) -> None:
-    def handler(signum, _frame):
-        if state.get("stopping"):
-            return  # a second Ctrl+C while saving: keep saving
-        state["stopping"] = True
-        raise _Stop(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _write_status(path: Optional[str], status: dict) -> None:
     if path is None:
         return
@@ -97,7 +70,6 @@ def _write_status(path: Optional[str], status: dict) -> None:
 
 def run_peer(options: PeerOptions) -> dict:
     """Train until max_epochs or a stop signal; returns the final status (also in status_file)."""
-    stop_state: dict = {}
     device = resolve_device(options.device)
     if options.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
@@ -110,9 +82,9 @@ def run_peer(options: PeerOptions) -> dict:
     dht = optimizer = None
     status = {"phase": "starting", "step": 0, "epoch": 0, "loss": None, "samples_per_second": 0.0,
               "rounds": [], "heldout_loss": [], "version": __version__}
-    _install_stop_handlers(stop_state)
+    raise_on_stop_signals()
     try:
-        with _children_ignore_interrupts():
+        with children_ignore_interrupts():
             dht = make_dht(
                 initial_peers=options.initial_peers,
                 host_maddrs=options.host_maddrs,
@@ -139,11 +111,23 @@ def run_peer(options: PeerOptions) -> dict:
             model.load_state_dict(resumed.model_state)
             logger.info(f"resuming from {resumed.path} (epoch {resumed.epoch})")
 
-        with _children_ignore_interrupts():
+        with children_ignore_interrupts():
             optimizer = make_optimizer(config, model, dht, batch_size=options.batch_size,
                                        client_mode=options.client_mode, private_key=private_key)
         if resumed is not None and resumed.optimizer_state is not None:
             optimizer.load_state_dict(resumed.optimizer_state)
+        swarm_epoch = optimizer.tracker.global_progress.epoch
+        if swarm_epoch > optimizer.local_epoch:
+            # the run is under way: start from the swarm's current model, not from scratch
+            status["phase"] = "loading state"
+            _write_status(options.status_file, status)
+            logger.info(f"the swarm is at epoch {swarm_epoch}; downloading the current state from peers")
+            with warnings.catch_warnings():
+                # hivemind steps the loaded LR scheduler to the swarm's epoch; torch warns about the order
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                optimizer.load_state_from_peers()
+            status["loaded_state_epoch"] = optimizer.local_epoch
+            logger.info(f"loaded the state of epoch {optimizer.local_epoch}")
 
         peer_seed = int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8], "little")
         batches = peer_batches(corpus, config.data.num_shards, options.batch_size, peer_seed)
@@ -195,12 +179,11 @@ def run_peer(options: PeerOptions) -> dict:
                     _write_status(options.status_file, status)
                     last_status_write = now
         status["phase"] = "finished"
-    except _Stop as stop:
+    except StopRequested as stop:
         logger.info(f"{stop.args[0]} received: saving and leaving the swarm")
         status["phase"] = "stopped"
     finally:
         # runs on success, on a stop signal and on errors: the state is what the user must not lose
-        stop_state["stopping"] = True
         try:
             if optimizer is not None:
                 status["rounds"] = [asdict(record) for record in optimizer.rounds]

@@ -1,0 +1,43 @@
+"""Signal handling for processes that own hivemind children (DHT, averagers, the p2p daemon)."""
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+
+
+class StopRequested(Exception):
+    """Raised from the signal handler so that every loop unwinds through the same clean exit."""
+
+
+@contextmanager
+def children_ignore_interrupts():
+    """Fork hivemind's child processes inside this block.
+
+    A terminal's Ctrl+C goes to the whole process group; if the children saw it they would die
+    mid-round with tracebacks while the parent is still saving. They inherit "ignore" for SIGINT
+    and the default SIGTERM (which hivemind itself uses to stop them) rather than our stop handler,
+    and the parent shuts them down explicitly."""
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous_term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def raise_on_stop_signals() -> None:
+    """SIGINT and SIGTERM raise StopRequested once; repeats are ignored while we clean up.
+
+    SIGTERM matters as much as Ctrl+C: systemd and docker stop with it, and its default action
+    would kill us without shutting down the children, leaving orphaned daemons behind."""
+    state = {"raised": False}
+
+    def handler(signum, _frame):
+        if state["raised"]:
+            return
+        state["raised"] = True
+        raise StopRequested(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,74 @@
+"""A real local swarm for tests: coordinator and peers as `swarmtrain` processes on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from swarmtrain.checkpoint import load_checkpoint
+from swarmtrain.demo import start_coordinator, start_peer, stop_process
+
+
+class LocalSwarm:
+    def __init__(self, workdir: Path, config_path: Path):
+        self.workdir = workdir
+        self.config_path = config_path
+        self.coordinator, self.maddr = start_coordinator(workdir, config_path)
+        self.peers: Dict[int, subprocess.Popen] = {}
+
+    def start_peer(self, index: int, *extra: str) -> subprocess.Popen:
+        self.peers[index] = start_peer(self.workdir, index, self.maddr, "--device", "cpu", *extra)
+        return self.peers[index]
+
+    def status(self, index: int) -> dict:
+        try:
+            return json.loads((self.workdir / f"peer-{index}.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def log(self, index) -> str:
+        name = "coordinator" if index == "coordinator" else f"peer-{index}"
+        return (self.workdir / f"{name}.log").read_text()
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            for index, process in self.peers.items():
+                code = process.poll()
+                if code not in (None, 0, -signal.SIGKILL, -signal.SIGINT):
+                    raise AssertionError(f"peer-{index} exited with {code}:\n{self.log(index)[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; statuses: "
+                                     f"{ {i: (self.status(i).get('phase'), self.status(i).get('epoch')) for i in self.peers} }")
+            time.sleep(0.5)
+
+    def wait_for_exit(self, indices: List[int], timeout: float) -> None:
+        for index in indices:
+            code = self.peers[index].wait(timeout)
+            assert code == 0, f"peer-{index} exited with {code}:\n{self.log(index)[-3000:]}"
+
+    def final_parameters(self, index: int) -> Dict[str, torch.Tensor]:
+        return load_checkpoint(self.workdir / f"peer-{index}").model_state
+
+    def rounds(self, index: int) -> List[dict]:
+        return self.status(index).get("rounds", [])
+
+    def close(self) -> None:
+        for process in self.peers.values():
+            stop_process(process)
+        stop_process(self.coordinator)
+
+
+def max_parameter_difference(states: List[Dict[str, torch.Tensor]]) -> float:
+    return max((other[name] - states[0][name]).abs().max().item() for other in states[1:] for name in states[0])
+
+
+def assert_no_tracebacks(swarm: LocalSwarm, indices) -> None:
+    for index in indices:
+        log = swarm.log(index)
+        assert "Traceback" not in log, f"{index} logged a traceback:\n{log[-3000:]}"

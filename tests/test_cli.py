@@ -1,0 +1,81 @@
+"""What a user sees at the command line: help for every flag, and one clear line for mistakes."""
+import click
+import pytest
+
+from swarmtrain.cli import main
+from tests.conftest import run_cli
+
+
+def _commands(group, prefix=()):
+    for name, command in group.commands.items():
+        yield prefix + (name,), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, prefix + (name,))
+
+
+@pytest.mark.parametrize("path,command", list(_commands(main)), ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
+def test_every_flag_is_explained(path, command):
+    assert command.help and len(command.help) > 20, f"{' '.join(path)} has no description"
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.help and len(param.help) > 10, f"{' '.join(path)} {param.opts} has no help"
+
+
+def test_top_level_help_names_the_user_stories():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("peer", "coordinator", "demo"):
+        assert command in result.stdout
+
+
+def _assert_clean_failure(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def test_invalid_config_is_one_line(tmp_path, tiny_config_text):
+    path = tmp_path / "run.yaml"
+    path.write_text(tiny_config_text.replace("compression: none", "compression: zip"))
+    _assert_clean_failure(run_cli("coordinator", "--config", str(path)), "averaging.compression", "gaussiank:RHO")
+
+
+def test_malformed_config_is_one_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run_id: [unclosed\n")
+    _assert_clean_failure(run_cli("coordinator", "--config", str(path)), "not valid YAML")
+
+
+def test_missing_config_file():
+    _assert_clean_failure(run_cli("coordinator", "--config", "/nonexistent/run.yaml"), "does not exist")
+
+
+def test_malformed_initial_peer():
+    _assert_clean_failure(run_cli("peer", "--initial-peers", "localhost:31337"), "not a multiaddr")
+
+
+def test_initial_peer_without_peer_id():
+    _assert_clean_failure(run_cli("peer", "--initial-peers", "/ip4/127.0.0.1/tcp/31337"), "/p2p/")
+
+
+def test_unreachable_initial_peer():
+    # a valid address where nobody listens (port 9 is discard; nothing runs there on loopback)
+    maddr = "/ip4/127.0.0.1/tcp/9/p2p/QmZ91vG83M6qeh2SkS1B9VoF2qVKbgEgDxPBx9vCjK4tKn"
+    _assert_clean_failure(run_cli("peer", "--initial-peers", maddr, "--device", "cpu"), "could not reach any initial peer")
+
+
+def test_cuda_on_a_machine_without_it():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    maddr = "/ip4/127.0.0.1/tcp/9/p2p/QmZ91vG83M6qeh2SkS1B9VoF2qVKbgEgDxPBx9vCjK4tKn"
+    _assert_clean_failure(run_cli("peer", "--initial-peers", maddr, "--device", "cuda"), "no CUDA")
+
+
+def test_bad_flag_value():
+    result = run_cli("demo", "--peers", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--peers" in result.stderr
