@@ -1,0 +1,292 @@
+"""The Grafana dashboard, generated from code (plain dicts in Grafana's dashboard JSON model).
+
+The committed ``deploy/grafana/dashboards/swarmtrain.json`` must equal ``render_dashboard_json()``
+(a test checks it). Regenerate it after editing this file::
+
+    python -m swarmtrain.monitoring.dashboard --write deploy/grafana/dashboards/swarmtrain.json
+
+Every query uses only metrics from ``swarmtrain.monitoring.metrics``; the per-peer table needs the
+coordinator's opt-in per-peer metrics (``SwarmMetrics(per_peer=True)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+DATASOURCE_UID = "swarmtrain-prometheus"  # the uid given in deploy/grafana/provisioning/datasources
+DASHBOARD_UID = "swarmtrain-swarm"
+DATASOURCE = {"type": "prometheus", "uid": DATASOURCE_UID}
+GRID_WIDTH = 24  # Grafana's grid is 24 columns wide
+
+# Grafana substitutes these before sending a query; tests evaluating the queries directly must too.
+RATE_INTERVAL = "$__rate_interval"
+
+PEER_TABLE_LABELS = "peer, peer_id, role, device"
+
+
+def _target(ref_id: str, expr: str, legend: str = "", instant: bool = False, table: bool = False) -> dict:
+    target = {"refId": ref_id, "datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "range": not instant}
+    if instant:
+        target["instant"] = True
+    if table:
+        target["format"] = "table"
+    return target
+
+
+def _panel(kind: str, title: str, targets: List[dict], unit: str = "none", description: str = "", **extra) -> dict:
+    defaults = {"unit": unit}
+    for key in ("min", "max", "decimals", "thresholds", "custom"):
+        if key in extra:
+            defaults[key] = extra.pop(key)
+    panel = {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "targets": targets,
+        "fieldConfig": {"defaults": defaults, "overrides": extra.pop("overrides", [])},
+        "options": extra.pop("options", {}),
+    }
+    panel.update(extra)
+    return panel
+
+
+def _thresholds(*steps: Tuple[Optional[float], str]) -> dict:
+    return {"mode": "absolute", "steps": [{"value": value, "color": color} for value, color in steps]}
+
+
+def _stat(title, expr, unit="none", description="", **extra) -> dict:
+    options = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "colorMode": "value"}
+    return _panel("stat", title, [_target("A", expr)], unit, description, options=options, **extra)
+
+
+def _series(title, targets, unit="none", description="", **extra) -> dict:
+    options = {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}}
+    return _panel("timeseries", title, targets, unit, description, options=options, **extra)
+
+
+def _rows() -> List[Tuple[str, List[Tuple[int, int, dict]]]]:
+    """(row title, [(width, height, panel), ...]) in reading order."""
+    swarm = [
+        (4, 5, _stat("Peers alive", "sum(swarmtrain_peers_alive)", description="Peers with a fresh DHT record")),
+        (4, 5, _stat("Epoch", "swarmtrain_epoch")),
+        (
+            4,
+            5,
+            _panel(
+                "gauge",
+                "Epoch progress",
+                [_target("A", "swarmtrain_epoch_progress_ratio")],
+                "percentunit",
+                "Samples accumulated toward the target batch size",
+                min=0,
+                max=1,
+            ),
+        ),
+        (4, 5, _stat("ETA to next epoch", "swarmtrain_epoch_eta_seconds", "s")),
+        (
+            4,
+            5,
+            _stat(
+                "Exporter staleness",
+                "time() - swarmtrain_status_timestamp_seconds",
+                "s",
+                "Seconds since the coordinator last polled the peer records",
+                thresholds=_thresholds((None, "green"), (60, "red")),
+            ),
+        ),
+        (4, 5, _stat("Round success", "swarmtrain_averaging_round_success_ratio", "percentunit", min=0, max=1)),
+        (12, 8, _series("Peers alive by role", [_target("A", "swarmtrain_peers_alive", "{{role}}")])),
+        (
+            12,
+            8,
+            _series(
+                "Epoch progress (samples)",
+                [
+                    _target("A", "swarmtrain_epoch_accumulated_samples", "accumulated"),
+                    _target("B", "swarmtrain_target_batch_samples", "target batch"),
+                ],
+            ),
+        ),
+    ]
+    training = [
+        (12, 8, _series("Throughput", [_target("A", "swarmtrain_throughput_samples_per_second", "samples/s")])),
+        (12, 8, _series("Mean training loss", [_target("A", "swarmtrain_loss", "loss")])),
+    ]
+    communication = [
+        (
+            12,
+            8,
+            _series(
+                "Averaging rounds",
+                [
+                    _target(
+                        "A",
+                        f"sum by (result) (increase(swarmtrain_averaging_rounds_total[{RATE_INTERVAL}]))",
+                        "{{result}}",
+                    )
+                ],
+                description="Rounds reported by peers per interval, by result",
+            ),
+        ),
+        (
+            12,
+            8,
+            _series(
+                "Bytes on the wire",
+                [_target("A", "swarmtrain_network_throughput_bytes_per_second", "{{direction}}")],
+                "Bps",
+            ),
+        ),
+        (8, 8, _series("Round duration", [_target("A", "swarmtrain_averaging_round_duration_seconds", "mean")], "s")),
+        (8, 8, _series("Averaging group size", [_target("A", "swarmtrain_averaging_group_peers", "peers")])),
+        (
+            8,
+            8,
+            _series(
+                "Compression density",
+                [_target("A", "swarmtrain_compression_density_ratio", "density")],
+                "percentunit",
+                "Fraction of gradient entries sent (1 = dense)",
+                min=0,
+            ),
+        ),
+    ]
+    privacy = [
+        (
+            12,
+            8,
+            _series(
+                "Leakage (max dCor)",
+                [_target("A", "swarmtrain_privacy_leakage_dcor_max", "max dCor")],
+                description="Distance correlation between raw data and shared activations; lower is better",
+                min=0,
+                max=1,
+                thresholds=_thresholds((None, "green"), (0.3, "orange"), (0.6, "red")),
+            ),
+        ),
+        (
+            12,
+            8,
+            _series(
+                "Leakage by peer",
+                [_target("A", "swarmtrain_peer_leakage_dcor", "{{peer_id}}")],
+                description="Needs the coordinator's per-peer metrics",
+                min=0,
+                max=1,
+            ),
+        ),
+    ]
+    peer_queries = [
+        ("A", "swarmtrain_peer_step"),
+        ("B", "swarmtrain_peer_epoch"),
+        ("C", "swarmtrain_peer_loss"),
+        ("D", "swarmtrain_peer_throughput_samples_per_second"),
+        ("E", f'sum by ({PEER_TABLE_LABELS}) (swarmtrain_peer_averaging_rounds_total{{result="failed"}})'),
+        ("F", "swarmtrain_peer_record_age_seconds"),
+    ]
+    table = _panel(
+        "table",
+        "Peers",
+        [_target(ref, expr, instant=True, table=True) for ref, expr in peer_queries],
+        description="One row per peer. Needs the coordinator's per-peer metrics (off by default: cardinality)",
+        transformations=[
+            {"id": "merge", "options": {}},
+            {
+                "id": "organize",
+                "options": {
+                    "excludeByName": {"Time": True},
+                    "renameByName": {
+                        "Value #A": "step",
+                        "Value #B": "epoch",
+                        "Value #C": "loss",
+                        "Value #D": "samples/s",
+                        "Value #E": "failed rounds",
+                        "Value #F": "record age (s)",
+                    },
+                },
+            },
+        ],
+    )
+    peers = [(24, 10, table)]
+    return [("Swarm", swarm), ("Training", training), ("Communication", communication), ("Privacy", privacy), ("Peers", peers)]
+
+
+def build_dashboard() -> dict:
+    panels = []
+    panel_id = 0
+    y = 0
+    for row_title, row_panels in _rows():
+        panel_id += 1
+        panels.append(
+            {
+                "type": "row",
+                "title": row_title,
+                "id": panel_id,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": GRID_WIDTH, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
+        y += 1
+        x = 0
+        line_height = 0
+        for width, height, panel in row_panels:
+            if x + width > GRID_WIDTH:  # wrap to the next line of the grid
+                x, y, line_height = 0, y + line_height, 0
+            panel_id += 1
+            panels.append({**panel, "id": panel_id, "gridPos": {"h": height, "w": width, "x": x, "y": y}})
+            x += width
+            line_height = max(line_height, height)
+        y += line_height
+    return {
+        "uid": DASHBOARD_UID,
+        "title": "swarmtrain",
+        "description": "Collaborative training swarm: peers, progress, averaging, wire, privacy",
+        "tags": ["swarmtrain"],
+        "timezone": "browser",
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "10s",
+        "time": {"from": "now-1h", "to": "now"},
+        "schemaVersion": 39,
+        "version": 1,
+        "annotations": {"list": []},
+        "templating": {"list": []},
+        "panels": panels,
+    }
+
+
+def render_dashboard_json(dashboard: Optional[dict] = None) -> str:
+    return json.dumps(build_dashboard() if dashboard is None else dashboard, indent=2, sort_keys=True) + "\n"
+
+
+def dashboard_queries(dashboard: Optional[dict] = None, substitutions: Optional[Dict[str, str]] = None) -> Iterator[Tuple[str, str]]:
+    """(panel title, PromQL) for every query of every panel, with Grafana variables substituted."""
+    substitutions = {RATE_INTERVAL: "1m"} if substitutions is None else substitutions
+    dashboard = build_dashboard() if dashboard is None else dashboard
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in substitutions.items():
+                expr = expr.replace(variable, value)
+            yield panel["title"], expr
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Print or write the swarmtrain Grafana dashboard JSON")
+    parser.add_argument("--write", type=Path, help="write the dashboard to this file instead of printing it")
+    args = parser.parse_args(argv)
+    text = render_dashboard_json()
+    if args.write is None:
+        print(text, end="")
+    else:
+        args.write.parent.mkdir(parents=True, exist_ok=True)
+        args.write.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Prometheus metrics for the swarm (coordinator) and for one peer, and the HTTP server for them.
+
+Naming follows DESIGN.md §5: one prefix ``swarmtrain_``, base units (``_seconds``, ``_bytes``),
+counters end in ``_total``, ratios in 0..1, metadata in ``swarmtrain_info``, and no per-peer labels
+unless asked for (``per_peer=True``, capped at ``max_peers`` series per metric).
+
+Metrics are produced by custom collectors from the latest ``SwarmStatus`` / ``PeerRecord`` at scrape
+time, in a dedicated ``CollectorRegistry`` each: nothing is registered in prometheus_client's global
+registry, so several servers (tests, a coordinator that is also a peer) can live in one process.
+A value that is not known yet (no loss before the first step, no ETA without a target batch size) is
+left out of the scrape rather than exported as NaN, so PromQL sees "no data" instead of a fake value.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from socketserver import ThreadingMixIn
+from typing import Callable, Iterable, Iterator, List, Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+import swarmtrain
+from swarmtrain.monitoring.aggregate import PeerSummary, SwarmStatus
+from swarmtrain.monitoring.records import PeerRecord, short_owner
+
+PREFIX = "swarmtrain"
+PEER_LABELS = ("peer", "peer_id", "role", "device")
+
+
+def _gauge(name: str, documentation: str, value: Optional[float], **labels) -> Iterator[Metric]:
+    if value is None:
+        return
+    family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=list(labels))
+    family.add_metric(list(labels.values()), float(value))
+    yield family
+
+
+class SwarmStatusCollector(Collector):
+    """Swarm-level metrics from the latest ``SwarmStatus`` (as set by the coordinator's poll loop)."""
+
+    def __init__(self, get_status: Callable[[], Optional[SwarmStatus]], per_peer: bool = False, max_peers: int = 200):
+        self._get_status = get_status
+        self.per_peer = per_peer
+        self.max_peers = max_peers
+
+    def collect(self) -> Iterable[Metric]:
+        status = self._get_status()
+        info = InfoMetricFamily(PREFIX, "swarmtrain version and run of this exporter", labels=["run_id"])
+        info.add_metric([status.run_id if status else ""], {"version": swarmtrain.__version__})
+        yield info
+        if status is None:
+            return
+
+        yield from _gauge("status_timestamp_seconds", "Unix time of the last poll of the peer records", status.time)
+        alive = GaugeMetricFamily(f"{PREFIX}_peers_alive", "Peers with a fresh record, by role", labels=["role"])
+        for role, count in sorted(status.peers_alive.items()):
+            alive.add_metric([role], count)
+        yield alive
+
+        yield from _gauge("epoch", "Swarm epoch (the most advanced peer's)", status.epoch)
+        yield from _gauge(
+            "throughput_samples_per_second", "Training samples per second, summed over alive peers",
+            status.samples_per_second,
+        )
+        yield from _gauge(
+            "epoch_accumulated_samples", "Samples accumulated toward the current epoch", status.samples_accumulated
+        )
+        yield from _gauge("target_batch_samples", "Samples per swarm epoch (target batch size)", status.target_batch_size)
+        yield from _gauge("epoch_progress_ratio", "Progress of the current epoch, 0..1", status.epoch_progress)
+        yield from _gauge("epoch_eta_seconds", "Estimated seconds to the next epoch", status.eta_seconds)
+        yield from _gauge("loss", "Mean of the alive peers' last training loss", status.mean_loss)
+
+        rounds = CounterMetricFamily(
+            f"{PREFIX}_averaging_rounds", "Averaging rounds reported by peers, by result", labels=["result"]
+        )
+        rounds.add_metric(["ok"], status.rounds_ok_total)
+        rounds.add_metric(["failed"], status.rounds_failed_total)
+        yield rounds
+        yield from _gauge(
+            "averaging_round_success_ratio", "Share of the alive peers' averaging rounds that succeeded, 0..1",
+            status.round_success_ratio,
+        )
+        yield from _gauge(
+            "averaging_round_duration_seconds", "Mean duration of the peers' last averaging round",
+            status.mean_round_seconds,
+        )
+        yield from _gauge("averaging_group_peers", "Mean size of the peers' last averaging group", status.mean_group_size)
+
+        wire = CounterMetricFamily(
+            f"{PREFIX}_network_bytes", "Bytes on the wire reported by peers, by direction", labels=["direction"]
+        )
+        wire.add_metric(["sent"], status.bytes_sent_total)
+        wire.add_metric(["received"], status.bytes_received_total)
+        yield wire
+        wire_rate = GaugeMetricFamily(
+            f"{PREFIX}_network_throughput_bytes_per_second",
+            "Bytes per second on the wire, summed over alive peers (from their counters between records)",
+            labels=["direction"],
+        )
+        wire_rate.add_metric(["sent"], status.bytes_sent_per_second)
+        wire_rate.add_metric(["received"], status.bytes_received_per_second)
+        yield wire_rate
+        yield from _gauge(
+            "compression_density_ratio", "Mean fraction of gradient entries sent by compressing peers, 0..1",
+            status.compression_density,
+        )
+        yield from _gauge(
+            "privacy_leakage_dcor_max", "Highest distance correlation (0..1) at the cut layer among alive peers",
+            status.leakage_dcor_max,
+        )
+        if self.per_peer:
+            yield from peer_families(status.peers[: self.max_peers])
+
+
+def peer_families(rows: List[PeerSummary]) -> Iterator[Metric]:
+    """``swarmtrain_peer_*`` metrics, one series per peer, labelled by ``PEER_LABELS``."""
+
+    def family(kind, name, documentation, extra_labels=()):
+        return kind(f"{PREFIX}_peer_{name}", documentation, labels=[*PEER_LABELS, *extra_labels])
+
+    step = family(GaugeMetricFamily, "step", "Local optimizer steps of the peer")
+    epoch = family(GaugeMetricFamily, "epoch", "Swarm epoch the peer is in")
+    loss = family(GaugeMetricFamily, "loss", "Last training loss of the peer")
+    throughput = family(GaugeMetricFamily, "throughput_samples_per_second", "Training samples per second of the peer")
+    rounds = family(CounterMetricFamily, "averaging_rounds", "Averaging rounds of the peer, by result", ["result"])
+    wire = family(CounterMetricFamily, "network_bytes", "Bytes on the wire of the peer, by direction", ["direction"])
+    leakage = family(GaugeMetricFamily, "leakage_dcor", "Distance correlation (0..1) at the peer's cut layer")
+    age = family(GaugeMetricFamily, "record_age_seconds", "Age of the peer's last record")
+    for row in rows:
+        labels = [row.owner, row.peer_id, row.role, row.device]
+        step.add_metric(labels, row.step)
+        epoch.add_metric(labels, row.epoch)
+        if row.loss is not None:
+            loss.add_metric(labels, row.loss)
+        throughput.add_metric(labels, row.samples_per_second)
+        rounds.add_metric([*labels, "ok"], row.rounds_ok)
+        rounds.add_metric([*labels, "failed"], row.rounds_failed)
+        wire.add_metric([*labels, "sent"], row.bytes_sent)
+        wire.add_metric([*labels, "received"], row.bytes_received)
+        if row.leakage_dcor is not None:
+            leakage.add_metric(labels, row.leakage_dcor)
+        age.add_metric(labels, row.age_seconds)
+    for metric in (step, epoch, loss, throughput, rounds, wire, leakage, age):
+        if metric.samples:
+            yield metric
+
+
+class SwarmMetrics:
+    """The coordinator's exporter state: call ``update(status)`` after each poll, ``serve()`` once."""
+
+    def __init__(self, per_peer: bool = False, max_peers: int = 200):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._status: Optional[SwarmStatus] = None
+        self.registry.register(SwarmStatusCollector(lambda: self._status, per_peer=per_peer, max_peers=max_peers))
+
+    @property
+    def status(self) -> Optional[SwarmStatus]:
+        return self._status
+
+    def update(self, status: SwarmStatus) -> None:
+        self._status = status  # one reference swap: scrapes in the server thread see old or new, whole
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 9400) -> "MetricsServer":
+        return MetricsServer(self.registry, lambda: self._status.to_dict() if self._status else None, host, port).start()
+
+
+class PeerMetrics:
+    """A volunteer peer's own exporter (``swarmtrain peer --metrics-port``): its latest record."""
+
+    def __init__(self, owner: str = ""):
+        """:param owner: the peer's ``[owner:...]`` public key (``signature_validator.local_public_key``)."""
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._owner = owner.decode() if isinstance(owner, bytes) else owner
+        self._record: Optional[PeerRecord] = None
+        self.registry.register(_PeerRecordCollector(self))
+
+    @property
+    def record(self) -> Optional[PeerRecord]:
+        return self._record
+
+    def update(self, record: PeerRecord) -> None:
+        self._record = record
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 9401) -> "MetricsServer":
+        return MetricsServer(self.registry, lambda: self._record.dict() if self._record else None, host, port).start()
+
+    def _row(self) -> Optional[PeerSummary]:
+        record = self._record
+        if record is None:
+            return None
+        return PeerSummary(
+            owner=short_owner(self._owner) if self._owner else "",
+            peer_id=record.peer_id,
+            role=record.role,
+            step=record.step,
+            epoch=record.epoch,
+            loss=record.loss,
+            samples_per_second=record.samples_per_second,
+            samples_accumulated=record.samples_accumulated,
+            bytes_sent=record.bytes_sent,
+            bytes_received=record.bytes_received,
+            bytes_sent_per_second=0.0,  # Prometheus computes rates from this exporter's counters
+            bytes_received_per_second=0.0,
+            rounds_ok=record.rounds_ok,
+            rounds_failed=record.rounds_failed,
+            last_round_seconds=record.last_round_seconds,
+            compression_density=record.compression_density,
+            leakage_dcor=record.leakage_dcor,
+            device=record.device,
+            client_mode=record.client_mode,
+            version=record.version,
+            age_seconds=0.0,
+        )
+
+
+class _PeerRecordCollector(Collector):
+    def __init__(self, owner: PeerMetrics):
+        self._metrics = owner
+
+    def collect(self) -> Iterable[Metric]:
+        info = InfoMetricFamily(PREFIX, "swarmtrain version of this exporter")
+        info.add_metric([], {"version": swarmtrain.__version__})
+        yield info
+        row = self._metrics._row()
+        if row is not None:
+            yield from peer_families([row])
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a stuck scrape must not keep the process alive at exit
+    allow_reuse_address = True
+
+
+class _IPv6ThreadingWSGIServer(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # scrapes every second would flood the peer's console
+        pass
+
+
+class MetricsServer:
+    """``/metrics`` (Prometheus text format) and ``/status`` (JSON) on host:port in a daemon thread.
+
+    ``port=0`` picks a free port (see ``.port``). ``stop()`` (or leaving the ``with`` block) closes the
+    socket and joins the thread.
+    """
+
+    def __init__(self, registry: CollectorRegistry, get_status: Callable[[], Optional[dict]], host: str, port: int):
+        self.host = host
+        self._metrics_app = make_wsgi_app(registry)
+        self._get_status = get_status
+        server_class = _IPv6ThreadingWSGIServer if ":" in host else _ThreadingWSGIServer
+        self._server = make_server(host, port, self._app, server_class=server_class, handler_class=_QuietHandler)
+        self.port = self._server.server_port
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> "MetricsServer":
+        self._thread = threading.Thread(target=self._server.serve_forever, name="swarmtrain-metrics", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._server.server_close()
+
+    def __enter__(self) -> "MetricsServer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def _app(self, environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return self._metrics_app(environ, start_response)
+        if path == "/status":
+            status = self._get_status()
+            body = json.dumps(status if status is not None else {"error": "no status yet"}).encode()
+            code = "200 OK" if status is not None else "503 Service Unavailable"
+            start_response(code, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        if path == "/":
+            body = b"swarmtrain exporter: /metrics (Prometheus), /status (JSON)\n"
+            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+            return [body]
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found\n"]

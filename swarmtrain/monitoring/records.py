@@ -1,0 +1,228 @@
+"""Signed, schema-validated peer progress records in the DHT.
+
+Every peer publishes one ``PeerRecord`` under the DHT key ``f"{run_id}_peers"`` with the subkey set to
+its own RSA public key in hivemind's ``[owner:<key>]`` form. Two hivemind validators, registered on
+*every* node (peers and coordinator alike, or reads of the key fail), enforce that:
+
+- ``RSASignatureValidator`` accepts a value under an ``[owner:...]`` subkey only if it is signed by
+  that owner's private key, so no peer can overwrite (or forge) another peer's record;
+- ``SchemaValidator`` accepts only values that parse as a ``PeerRecord`` *without any type
+  conversion*: a wrong type, a missing field or an unknown field is refused by every node that would
+  store it.
+
+Readers still re-parse what they get (``fetch_records``): a node with no validators, an old node or a
+stale record must not crash the coordinator's tracker.
+"""
+
+from __future__ import annotations
+
+import math
+import time as time_module
+from typing import Dict, List, Literal, Optional
+
+import pydantic.v1 as pydantic
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.utils import get_logger
+
+logger = get_logger(__name__)
+
+PEER_ROLES = ("trainer", "coordinator", "data-owner", "trunk")
+PeerRole = Literal["trainer", "coordinator", "data-owner", "trunk"]
+
+# Bounds keep a hostile peer from storing huge strings in everyone's DHT storage.
+_ShortText = pydantic.constr(strict=True, min_length=0, max_length=128)
+_Count = pydantic.conint(strict=True, ge=0)
+_NonNegative = pydantic.confloat(strict=True, ge=0.0)
+_Fraction = pydantic.confloat(strict=True, ge=0.0, le=1.0)
+
+
+class PeerRecord(pydantic.BaseModel):
+    """One peer's progress, as published in the DHT.
+
+    Counters (``bytes_*``, ``rounds_*``) are cumulative since the peer process started; readers turn
+    them into rates with deltas between polls and treat a decrease as a restart.
+    Optional fields are ``None`` until they mean something (no step yet, no round yet, no
+    compression, no privacy head). They must still be present: the schema check refuses a record
+    whose parsed form differs from what was sent, and a missing key parses to ``None``.
+    """
+
+    peer_id: _ShortText  # libp2p peer id, self-reported (the subkey is what authenticates)
+    role: PeerRole
+    step: _Count  # local optimizer steps
+    epoch: _Count  # swarm epoch the peer is in
+    loss: Optional[pydantic.StrictFloat]  # last local training loss, None before the first step
+    samples_per_second: _NonNegative
+    samples_accumulated: _Count  # samples toward the current epoch's target batch
+    bytes_sent: _Count
+    bytes_received: _Count
+    rounds_ok: _Count
+    rounds_failed: _Count
+    last_round_seconds: Optional[_NonNegative]  # duration of the last averaging round
+    last_round_group_size: Optional[_Count]  # peers in the last averaging group
+    compression_density: Optional[_Fraction]  # fraction of entries sent, None = dense
+    leakage_dcor: Optional[_Fraction]  # distance correlation at the cut layer, None = no privacy head
+    device: _ShortText
+    client_mode: pydantic.StrictBool
+    version: _ShortText
+    time: _NonNegative  # unix time when the record was made
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+    @pydantic.validator("loss", "samples_per_second", "last_round_seconds", "time")
+    def _finite(cls, value):
+        # NaN would also be refused by SchemaValidator (NaN != NaN), but with an obscure message.
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+    @classmethod
+    def make(cls, **fields) -> "PeerRecord":
+        """Build a record from loosely typed values (numpy scalars, ints for floats, NaN loss).
+
+        Values are coerced to the exact types the strict schema wants, non-finite floats in optional
+        fields become ``None`` and ``time`` defaults to now. Use this rather than the constructor in
+        trainer code.
+        """
+        fields.setdefault("time", time_module.time())
+        coerced = {}
+        for name, field in cls.__fields__.items():
+            if name not in fields:
+                if field.allow_none:
+                    coerced[name] = None
+                    continue
+                raise TypeError(f"PeerRecord.make: missing field {name!r}")
+            value = fields[name]
+            coerced[name] = _coerce(value, field)
+        unknown = set(fields) - set(cls.__fields__)
+        if unknown:
+            raise TypeError(f"PeerRecord.make: unknown fields {sorted(unknown)}")
+        return cls(**coerced)
+
+
+_FLOAT_FIELDS = frozenset(
+    {"loss", "samples_per_second", "last_round_seconds", "compression_density", "leakage_dcor", "time"}
+)
+_TEXT_FIELDS = frozenset({"peer_id", "role", "device", "version"})
+
+
+def _coerce(value, field):
+    if value is None:
+        return None
+    if field.name == "client_mode":
+        return bool(value)
+    if field.name in _TEXT_FIELDS:
+        return str(value)
+    if field.name in _FLOAT_FIELDS:
+        value = float(value)
+        if not math.isfinite(value):
+            if field.allow_none:
+                return None
+            raise ValueError(f"PeerRecord.make: {field.name} must be finite, got {value}")
+        return value
+    return int(value)
+
+
+class PeerRecordsSchema(pydantic.BaseModel):
+    """The DHT key layout: ``{run_id}_peers`` -> {``[owner:<public key>]`` subkey: PeerRecord}."""
+
+    peers: Dict[BytesWithPublicKey, PeerRecord]
+
+
+def records_key(run_id: str) -> str:
+    return f"{run_id}_peers"
+
+
+def record_validators(
+    run_id: str, signature_validator: Optional[RSASignatureValidator] = None
+) -> List[RecordValidatorBase]:
+    """Validators to pass as ``hivemind.DHT(record_validators=...)`` on every node of the run.
+
+    ``signature_validator`` carries this node's private key (its ``local_public_key`` is the subkey it
+    may write); by default hivemind's process-wide key. Keep the same instance for ``publish_record``.
+    Other validators of the run (e.g. a run-config schema) can be added to the same list: hivemind
+    merges SchemaValidators and keeps one RSASignatureValidator.
+    """
+    if "." in run_id:
+        raise ValueError(f"run_id must not contain '.', got {run_id!r}")
+    if signature_validator is None:
+        signature_validator = RSASignatureValidator()
+    return [signature_validator, SchemaValidator(PeerRecordsSchema, prefix=run_id)]
+
+
+def publish_record(
+    dht: DHT,
+    run_id: str,
+    signature_validator: RSASignatureValidator,
+    record: PeerRecord,
+    ttl: float = 60.0,
+    wait: bool = True,
+    timeout: Optional[float] = None,
+):
+    """Store this node's record under its own ``[owner:...]`` subkey for ``ttl`` seconds.
+
+    The DHT signs the value with ``signature_validator``'s key (it must be the instance passed in
+    ``record_validators`` for this DHT). With ``wait=True`` returns True if at least one node stored
+    it; with ``wait=False`` returns a future (for a trainer loop that must not block on the network).
+    """
+    value = record.dict()
+    store = dht.store(
+        key=records_key(run_id),
+        subkey=signature_validator.local_public_key,
+        value=value,
+        expiration_time=time_module.time() + ttl,
+        return_future=True,
+    )
+    if not wait:
+        return store
+    return bool(store.result(timeout=timeout))
+
+
+def fetch_records(
+    dht: DHT,
+    run_id: str,
+    max_age: Optional[float] = None,
+    latest: bool = True,
+    now: Optional[float] = None,
+) -> Dict[str, PeerRecord]:
+    """Current records of the run, keyed by the owner's public key subkey (``[owner:...]`` as str).
+
+    Drops entries that fail to parse (a node without validators could have returned them) and, if
+    ``max_age`` is given, records whose own ``time`` is older than ``max_age`` seconds (a peer that
+    died keeps its record until the DHT expiration). Subkeys that are not ``[owner:...]`` keys are
+    dropped as well: they could not have passed the signature check.
+    """
+    found = dht.get(records_key(run_id), latest=latest)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    now = time_module.time() if now is None else now
+    records: Dict[str, PeerRecord] = {}
+    for subkey, entry in found.value.items():
+        owner = subkey.decode(errors="replace") if isinstance(subkey, bytes) else str(subkey)
+        if RSASignatureValidator._PUBLIC_KEY_RE.search(owner.encode()) is None:
+            logger.debug(f"Dropping a peer record under an unprotected subkey {owner[:40]!r}")
+            continue
+        try:
+            record = PeerRecord.parse_obj(entry.value)
+        except (pydantic.ValidationError, TypeError) as error:
+            logger.debug(f"Dropping a malformed peer record from {owner[:60]}: {error}")
+            continue
+        if entry.expiration_time < now:
+            continue
+        if max_age is not None and now - record.time > max_age:
+            continue
+        records[owner] = record
+    return records
+
+
+def short_owner(owner: str, length: int = 12) -> str:
+    """A short, stable label for an ``[owner:<key>]`` subkey (the key's tail differs between peers)."""
+    inner = owner
+    match = RSASignatureValidator._PUBLIC_KEY_RE.search(owner.encode())
+    if match is not None:
+        inner = match.group(1).decode(errors="replace")
+    inner = "".join(ch for ch in inner if ch.isalnum())
+    return inner[-length:]
