@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 # hivemind reads its log level at import time; its INFO chatter is for hivemind developers
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
@@ -27,6 +28,8 @@ def _setup_logging(verbose: bool) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    # hivemind steps a freshly loaded LR scheduler up to the swarm's epoch; torch warns about the order
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
     if verbose:
         from hivemind.utils.logging import get_logger
 
@@ -73,7 +76,25 @@ def main(verbose: bool) -> None:
                    "(e.g. behind port forwarding): " + MULTIADDR_HELP)
 @click.option("--log-every", type=click.FloatRange(min=1), default=10.0, show_default=True,
               help="Seconds between swarm progress lines.")
-def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every):
+@click.option("--metrics-host", default="0.0.0.0", show_default=True,
+              help="Interface for the Prometheus /metrics and JSON /status endpoints.")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=9400, show_default=True,
+              help="Port for /metrics and /status (0: off).")
+@click.option("--per-peer-metrics", is_flag=True,
+              help="Also export one series per peer (the dashboard's per-peer table); off by default "
+                   "because it grows with the swarm.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="Periodically download the state from peers and save it here (safetensors, atomic), "
+                   "so the run survives every peer leaving. Default: off.")
+@click.option("--checkpoint-every", type=click.FloatRange(min=5), default=600.0, show_default=True,
+              help="Seconds between coordinator checkpoints.")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many of the newest checkpoints to keep.")
+@click.option("--resume", "resume_from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Start the swarm from this checkpoint (a checkpoint directory, or a directory of them: "
+                   "the newest is used); the first peers download it from the coordinator.")
+def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every, metrics_host, metrics_port,
+                per_peer_metrics, checkpoint_dir, checkpoint_every, keep_checkpoints, resume_from):
     """Bootstrap the swarm, publish the run config (signed) and log the swarm's progress.
 
     Prints the command volunteers paste to join. Stop with Ctrl+C: peers keep training, and a
@@ -86,19 +107,27 @@ def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every):
 
     config = load_run_config(config_path)
     identity = identity or str(default_identity_path(f"coordinator-{config.run_id}"))
-    node = Coordinator(config, identity=identity, host_maddrs=_split(host_maddrs),
-                       announce_maddrs=_split(announce_maddrs))
     raise_on_stop_signals()
+    node = None
     try:
+        node = Coordinator(config, identity=identity, host_maddrs=_split(host_maddrs),
+                           announce_maddrs=_split(announce_maddrs), metrics_host=metrics_host,
+                           metrics_port=metrics_port or None, per_peer_metrics=per_peer_metrics,
+                           checkpoint_dir=checkpoint_dir,
+                           checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                           resume_from=resume_from)
         node.publish()
         maddrs = _split(announce_maddrs) or node.maddrs
         click.echo(f"Run {config.run_id!r} is published. Volunteers join with:\n\n    {join_command(maddrs)}\n", err=False)
+        if node.metrics_server is not None:
+            click.echo(f"Metrics: {node.metrics_server.url}/metrics and {node.metrics_server.url}/status")
         sys.stdout.flush()
         node.run(log_every=log_every)
     except StopRequested:
         logging.getLogger("swarmtrain.coordinator").info("stopping; peers keep training")
     finally:
-        node.shutdown()
+        if node is not None:
+            node.shutdown()
         _quiet_interpreter_teardown()
 
 
@@ -134,8 +163,10 @@ def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every):
               help="Keep a JSON summary of this peer's progress here (used by dashboards and the demo).")
 @click.option("--progress/--no-progress", default=None,
               help="Live progress bar (default: when writing to a terminal) or one log line per epoch.")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+              help="Serve this peer's own Prometheus /metrics on this port (0.0.0.0). Default: off.")
 def peer(initial_peers, run_id, device, batch_size, data, identity, host_maddrs, announce_maddrs, client_mode,
-         checkpoint_dir, checkpoint_every, max_epochs, eval_every, status_file, progress):
+         checkpoint_dir, checkpoint_every, max_epochs, eval_every, status_file, progress, metrics_port):
     """Join a swarm and train: the run's config and current model come from the swarm.
 
     Ctrl+C leaves cleanly (state saved when --checkpoint-dir is set).
@@ -148,6 +179,7 @@ def peer(initial_peers, run_id, device, batch_size, data, identity, host_maddrs,
         data=data, identity=identity, host_maddrs=_split(host_maddrs), announce_maddrs=_split(announce_maddrs),
         client_mode=client_mode, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         max_epochs=max_epochs, eval_every=eval_every, status_file=status_file, show_progress=progress,
+        metrics_port=metrics_port,
     )
     status = run_peer(options)
     _quiet_interpreter_teardown()

@@ -51,8 +51,8 @@ class Swarm:
             return {}
 
 
-def start_coordinator(workdir: Path, config_path: Path, port: Optional[int] = None,
-                      identity: Optional[Path] = None) -> tuple[subprocess.Popen, str]:
+def start_coordinator(workdir: Path, config_path: Path, *extra: str, port: Optional[int] = None,
+                      identity: Optional[Path] = None, metrics_port: int = 0) -> tuple[subprocess.Popen, str]:
     """Start `swarmtrain coordinator` and wait until it has published the run; returns its maddr."""
     from swarmtrain.identity import load_or_create_identity, peer_id_of
 
@@ -60,14 +60,16 @@ def start_coordinator(workdir: Path, config_path: Path, port: Optional[int] = No
     peer_id = peer_id_of(load_or_create_identity(identity).get_public_key())
     port = port or free_port()
     log_path = workdir / "coordinator.log"
+    start_offset = log_path.stat().st_size if log_path.exists() else 0
     log = open(log_path, "a")
     process = subprocess.Popen(
         swarmtrain_command("coordinator", "--config", str(config_path), "--identity", str(identity),
-                           "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--log-every", "5"),
+                           "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--log-every", "5",
+                           "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), *extra),
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + 60
-    while "Volunteers join with" not in log_path.read_text():
+    while "Volunteers join with" not in log_path.read_text()[start_offset:]:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise UserError(f"the coordinator did not start; its log:\n{log_path.read_text()[-2000:]}")
@@ -135,11 +137,13 @@ def run_demo(num_peers: int, config_path: Optional[str], epochs: int, batch_size
     workdir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]swarmtrain demo[/]: run {config.run_id!r}, {num_peers} peers, logs in {workdir}")
     started = time.monotonic()
-    coordinator, maddr = start_coordinator(workdir, config_path)
+    metrics_port = free_port()
+    coordinator, maddr = start_coordinator(workdir, config_path, metrics_port=metrics_port)
     swarm = Swarm(workdir, maddr, coordinator, [])
     interrupted = False
     try:
         console.print(f"coordinator up at {maddr}")
+        console.print(f"swarm metrics: http://127.0.0.1:{metrics_port}/metrics and /status")
         swarm.peers = [start_peer(workdir, i, maddr, "--batch-size", str(batch_size), "--max-epochs", str(epochs),
                                   "--eval-every", "0", "--checkpoint-every", "0")
                        for i in range(num_peers)]

@@ -90,13 +90,16 @@ class PublishedRun:
     config: RunConfig
     owner: PeerID
     wire_version: int
+    initial_epoch: int = 0  # > 0 when the coordinator resumed the run from a checkpoint
 
 
-def publish_run_config(dht: hivemind.DHT, config: RunConfig, signature_validator: RSASignatureValidator) -> bool:
+def publish_run_config(dht: hivemind.DHT, config: RunConfig, signature_validator: RSASignatureValidator,
+                       initial_epoch: int = 0) -> bool:
     """Store the config under our own `[owner:<key>]` subkey: the DHT signs it with our key and
     every node rejects a record under that subkey that we did not sign, so nobody else can
     replace it."""
-    value = json.dumps({"config": config.model_dump(mode="json"), "wire_version": WIRE_VERSION})
+    value = json.dumps({"config": config.model_dump(mode="json"), "wire_version": WIRE_VERSION,
+                        "initial_epoch": initial_epoch})
     return bool(
         dht.store(
             RUN_CONFIG_KEY,
@@ -129,7 +132,8 @@ def fetch_run_config(dht: hivemind.DHT, trusted: Sequence[PeerID], timeout: floa
                 try:
                     payload = json.loads(entry.value)
                     config = parse_run_config(payload["config"], source=f"run config from {owner}")
-                    return PublishedRun(config, owner, int(payload.get("wire_version", 0)))
+                    return PublishedRun(config, owner, int(payload.get("wire_version", 0)),
+                                        int(payload.get("initial_epoch", 0)))
                 except UserError:
                     raise
                 except Exception as error:

@@ -49,10 +49,11 @@ def test_late_joiner_and_killed_peer(swarm):
     swarm.peers[2].send_signal(signal.SIGKILL)
     swarm.peers[2].wait()
     killed_at = max(swarm.status(i).get("epoch", 0) for i in (0, 1))
-    swarm.wait_until(lambda: min(swarm.status(i).get("epoch", 0) for i in (0, 1)) >= killed_at + 2, 300,
-                     "two epochs after the kill")
+    swarm.wait_until(lambda: min(swarm.status(i).get("epoch", 0) for i in (0, 1)) >= killed_at + 3, 300,
+                     "three epochs after the kill")
     for index in (0, 1):
-        after_kill = [r for r in swarm.rounds(index) if killed_at <= r["epoch"] < killed_at + 2]
+        # the round under way at the kill may still have had it: judge the rounds after that one
+        after_kill = [r for r in swarm.rounds(index) if killed_at + 1 <= r["epoch"] < killed_at + 3]
         assert after_kill and all(r["ok"] and r["group_size"] == 2 for r in after_kill), after_kill
 
     # a newcomer joins mid-run, and the killed peer comes back (resuming from its checkpoint)

@@ -5,8 +5,11 @@ it comes back (with the same identity, hence the same multiaddr).
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -17,8 +20,11 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgr
 from hivemind.utils import get_dht_time
 
 from swarmtrain.config import RunConfig
+from swarmtrain.errors import UserError
 from swarmtrain.identity import load_or_create_identity
+from swarmtrain.monitoring import SwarmAggregator, SwarmMetrics, record_validators
 from swarmtrain.network import RUN_CONFIG_TTL, make_dht, publish_run_config
+from swarmtrain.peer.reporting import RECORD_TTL, serve_metrics
 from swarmtrain.signals import children_ignore_interrupts
 
 logger = logging.getLogger("swarmtrain.coordinator")
@@ -56,34 +62,75 @@ def read_swarm_progress(dht: hivemind.DHT, run_id: str, target_batch_size: int) 
     return SwarmProgress(epoch, len(records), sum(r.client_mode for r in records), samples, speed, eta)
 
 
+async def _connected_peers(_dht, node) -> List[str]:
+    # runs inside the DHT process (hence module level: it is pickled there)
+    return [f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs]
+
+
+def _read_known_peers(path: Path) -> List[str]:
+    try:
+        return [str(m) for m in json.loads(path.read_text())]
+    except (FileNotFoundError, ValueError, TypeError):
+        return []
+
+
 def join_command(maddrs: Sequence[str]) -> str:
     return "swarmtrain peer --initial-peers " + " ".join(maddrs)
 
 
 class Coordinator:
     def __init__(self, config: RunConfig, *, identity: str, host_maddrs: Sequence[str],
-                 announce_maddrs: Sequence[str] = ()):
+                 announce_maddrs: Sequence[str] = (), metrics_host: str = "0.0.0.0",
+                 metrics_port: Optional[int] = None, per_peer_metrics: bool = False, checkpoint_dir: Optional[str] = None,
+                 checkpoint_every: float = 600.0, keep_checkpoints: int = 3, resume_from: Optional[str] = None):
         self.config = config
+        self.checkpoint_dir, self.checkpoint_every, self.keep_checkpoints = checkpoint_dir, checkpoint_every, keep_checkpoints
         self.private_key = load_or_create_identity(identity)
         self.signature_validator = RSASignatureValidator(self.private_key)
-        with children_ignore_interrupts():
-            self.dht = make_dht(
-                host_maddrs=host_maddrs,
-                announce_maddrs=announce_maddrs,
-                identity_path=identity,
-                client_mode=False,
-                signature_validator=self.signature_validator,
-            )
-        # the same validators as the peers' trackers, or reading their records fails
-        self.dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=config.run_id)])
+        # after a restart, rejoin through the peers seen last time: nobody else would tell a fresh
+        # bootstrap node about the swarm that kept training without it
+        self.known_peers_path = Path(f"{identity}.peers.json")
+        self.dht = None
+        known = _read_known_peers(self.known_peers_path)
+        for initial_peers in ([known, []] if known else [[]]):
+            try:
+                with children_ignore_interrupts():
+                    self.dht = make_dht(
+                        initial_peers=initial_peers,
+                        host_maddrs=host_maddrs,
+                        announce_maddrs=announce_maddrs,
+                        identity_path=identity,
+                        client_mode=False,
+                        signature_validator=self.signature_validator,
+                    )
+                break
+            except UserError:
+                if not initial_peers:
+                    raise
+                logger.info("none of the peers seen before the restart answers; starting a new swarm")
+        if known and self.dht is not None:
+            logger.info(f"rejoined the swarm through {len(known)} address(es) of peers seen before the restart")
+        # the same validators as the peers' trackers and reporters, or reading their records fails
+        self.dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=config.run_id),
+                                 *record_validators(config.run_id, self.signature_validator)])
         self._published_at = 0.0
+        self.aggregator = SwarmAggregator(config.run_id, target_batch_size=config.target_batch_size,
+                                          max_age=RECORD_TTL)
+        self.metrics = SwarmMetrics(per_peer=per_peer_metrics)
+        self.metrics_server = serve_metrics(self.metrics, metrics_host, metrics_port) if metrics_port else None
+        self.state = None
+        if checkpoint_dir is not None or resume_from is not None:
+            from swarmtrain.coordinator.state import StateKeeper  # torch and the model: only when needed
+
+            self.state = StateKeeper(config, self.dht, resume_from)
+        self.initial_epoch = self.state.resumed_epoch if self.state is not None else 0
 
     @property
     def maddrs(self) -> List[str]:
         return [str(m) for m in self.dht.get_visible_maddrs()]
 
     def publish(self) -> None:
-        if not publish_run_config(self.dht, self.config, self.signature_validator):
+        if not publish_run_config(self.dht, self.config, self.signature_validator, self.initial_epoch):
             logger.warning("could not store the run config in the DHT; will retry")
             return
         self._published_at = time.monotonic()
@@ -94,10 +141,20 @@ class Coordinator:
     def run(self, log_every: float = 10.0, stop_after: Optional[float] = None) -> None:
         """Publish the run and log progress until Ctrl+C/SIGTERM (or stop_after seconds)."""
         started = time.monotonic()
-        last_log = 0.0
+        last_log = last_poll = last_remember = 0.0
+        last_checkpoint = time.monotonic()
         while stop_after is None or time.monotonic() - started < stop_after:
             if time.monotonic() - self._published_at > RUN_CONFIG_TTL / 4:
                 self.publish()
+            if time.monotonic() - last_poll >= 2.0:
+                self.metrics.update(self.aggregator.poll(self.dht))
+                last_poll = time.monotonic()
+            if time.monotonic() - last_remember >= 15.0:
+                self.remember_peers()
+                last_remember = time.monotonic()
+            if self.checkpoint_dir and time.monotonic() - last_checkpoint >= self.checkpoint_every:
+                self.save_checkpoint()
+                last_checkpoint = time.monotonic()
             if time.monotonic() - last_log >= log_every:
                 p = self.progress()
                 eta = f"{p.eta_seconds:.0f}s" if p.eta_seconds != float("inf") else "?"
@@ -109,5 +166,30 @@ class Coordinator:
                 last_log = time.monotonic()
             time.sleep(0.5)
 
+    def remember_peers(self) -> None:
+        try:
+            maddrs = self.dht.run_coroutine(_connected_peers)
+        except Exception as error:
+            logger.debug(f"could not list peers: {error!r}")
+            return
+        if maddrs:
+            tmp = self.known_peers_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(maddrs[:64]))
+            os.replace(tmp, self.known_peers_path)
+
+    def save_checkpoint(self):
+        try:
+            path = self.state.checkpoint(self.checkpoint_dir, self.keep_checkpoints)
+        except Exception as error:  # no donor right now, a timeout: try again next period
+            logger.warning(f"checkpoint failed: {error!r}")
+            return None
+        if path is not None:
+            logger.info(f"checkpoint of epoch {self.state.last_saved_epoch} saved to {path}")
+        return path
+
     def shutdown(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        if self.state is not None:
+            self.state.shutdown()
         self.dht.shutdown()

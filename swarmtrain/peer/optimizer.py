@@ -84,6 +84,18 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.rounds: List[RoundRecord] = []
         super().__init__(*args, **kwargs)
 
+    @property
+    def compression_density(self) -> float:
+        """Fraction of gradient entries this peer sends: measured by sparse averagers, 1.0 when dense."""
+        measured = getattr(self.traffic, "density", None)
+        return float(measured) if measured is not None else 1.0
+
+    @property
+    def traffic(self):
+        """Bytes this peer put on and took off the wire in gradient averaging, when the averager
+        measures them (the sparse averagers do); None otherwise."""
+        return getattr(self.grad_averager, "traffic", None)
+
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
         return _ProgressTrackerWithBlockingGoodbye(
             dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -23,6 +22,7 @@ from swarmtrain.models import build_model, compute_loss, heldout_loss
 from swarmtrain.network import WIRE_VERSION, fetch_run_config, make_dht, peer_id_in
 from swarmtrain.peer.display import ProgressDisplay
 from swarmtrain.peer.optimizer import make_optimizer
+from swarmtrain.peer.reporting import PeerReporter
 from swarmtrain.signals import StopRequested, children_ignore_interrupts, raise_on_stop_signals
 
 logger = logging.getLogger("swarmtrain.peer")
@@ -45,6 +45,7 @@ class PeerOptions:
     eval_every: int = 10  # epochs
     status_file: Optional[str] = None
     show_progress: Optional[bool] = None  # None: a live bar when stderr is a terminal
+    metrics_port: Optional[int] = None  # serve this peer's own /metrics here
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,7 +80,7 @@ def run_peer(options: PeerOptions) -> dict:
     signature_validator = RSASignatureValidator(private_key)
     trusted = [peer_id_in(maddr) for maddr in options.initial_peers]
 
-    dht = optimizer = None
+    dht = optimizer = reporter = None
     status = {"phase": "starting", "step": 0, "epoch": 0, "loss": None, "samples_per_second": 0.0,
               "rounds": [], "heldout_loss": [], "version": __version__}
     raise_on_stop_signals()
@@ -116,19 +117,18 @@ def run_peer(options: PeerOptions) -> dict:
                                        client_mode=options.client_mode, private_key=private_key)
         if resumed is not None and resumed.optimizer_state is not None:
             optimizer.load_state_dict(resumed.optimizer_state)
-        swarm_epoch = optimizer.tracker.global_progress.epoch
+        swarm_epoch = max(optimizer.tracker.global_progress.epoch, published.initial_epoch)
         if swarm_epoch > optimizer.local_epoch:
             # the run is under way: start from the swarm's current model, not from scratch
             status["phase"] = "loading state"
             _write_status(options.status_file, status)
             logger.info(f"the swarm is at epoch {swarm_epoch}; downloading the current state from peers")
-            with warnings.catch_warnings():
-                # hivemind steps the loaded LR scheduler to the swarm's epoch; torch warns about the order
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-                optimizer.load_state_from_peers()
+            optimizer.load_state_from_peers()
             status["loaded_state_epoch"] = optimizer.local_epoch
             logger.info(f"loaded the state of epoch {optimizer.local_epoch}")
 
+        reporter = PeerReporter(dht, config.run_id, signature_validator, role="trainer", device=str(device),
+                                client_mode=options.client_mode, metrics_port=options.metrics_port)
         peer_seed = int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8], "little")
         batches = peer_batches(corpus, config.data.num_shards, options.batch_size, peer_seed)
         mask_generator = torch.Generator().manual_seed(peer_seed)
@@ -175,6 +175,13 @@ def run_peer(options: PeerOptions) -> dict:
                                samples=progress.samples_accumulated, eta=progress.eta_next_epoch - time.time(),
                                peers=progress.num_peers, last_round=last_round,
                                samples_per_second=status["samples_per_second"])
+                reporter.maybe_publish(
+                    step=step, epoch=optimizer.local_epoch, loss=status["loss"],
+                    samples_per_second=status["samples_per_second"],
+                    samples_accumulated=optimizer.tracker.local_progress.samples_accumulated,
+                    rounds=optimizer.rounds, traffic=optimizer.traffic,
+                    compression_density=optimizer.compression_density,
+                )
                 if now - last_status_write > 0.5:
                     _write_status(options.status_file, status)
                     last_status_write = now
@@ -196,6 +203,8 @@ def run_peer(options: PeerOptions) -> dict:
                         status["checkpoint"] = str(path)
                         logger.info(f"state saved to {path}")
                 _write_status(options.status_file, status)
+                if reporter is not None:
+                    reporter.close()
                 optimizer.shutdown()
         finally:
             if dht is not None:

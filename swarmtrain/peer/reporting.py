@@ -1,0 +1,69 @@
+"""A peer's signed progress record in the DHT, and its optional own /metrics endpoint."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+
+from swarmtrain import __version__
+from swarmtrain.errors import UserError
+from swarmtrain.monitoring import PeerMetrics, PeerRecord, publish_record, record_validators
+
+logger = logging.getLogger("swarmtrain.peer")
+
+RECORD_PERIOD = 5.0  # seconds between records
+RECORD_TTL = 20.0  # a killed peer disappears from the swarm's counts this long after its last record
+
+
+def serve_metrics(metrics, host: str, port: int):
+    """Start a /metrics server; a port that is taken is the user's to change, not a traceback."""
+    try:
+        return metrics.serve(host, port)
+    except OSError as error:
+        raise UserError(f"cannot serve metrics on {host}:{port} ({error.strerror}); choose another --metrics-port") from None
+
+
+class PeerReporter:
+    def __init__(self, dht: hivemind.DHT, run_id: str, signer: RSASignatureValidator, *, role: str, device: str,
+                 client_mode: bool, metrics_host: str = "0.0.0.0", metrics_port: Optional[int] = None):
+        self.dht, self.run_id, self.signer = dht, run_id, signer
+        self.role, self.device, self.client_mode = role, device, client_mode
+        dht.add_validators(record_validators(run_id, signer))  # the same on every node of the run
+        self.metrics = PeerMetrics(owner=signer.local_public_key.decode())
+        self.server = serve_metrics(self.metrics, metrics_host, metrics_port) if metrics_port is not None else None
+        self._last_publish = 0.0
+        self._pending = None  # keep the store's future alive until the DHT process has read it
+
+    def maybe_publish(self, *, step: int, epoch: int, loss: Optional[float], samples_per_second: float,
+                      samples_accumulated: int, rounds: list, traffic=None, compression_density=None,
+                      leakage=None, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_publish < RECORD_PERIOD:
+            return
+        self._last_publish = now
+        last = rounds[-1] if rounds else None
+        record = PeerRecord.make(
+            peer_id=str(self.dht.peer_id), role=self.role, step=step, epoch=epoch, loss=loss,
+            samples_per_second=samples_per_second, samples_accumulated=samples_accumulated,
+            bytes_sent=traffic.bytes_sent if traffic is not None else 0,
+            bytes_received=traffic.bytes_received if traffic is not None else 0,
+            rounds_ok=sum(1 for r in rounds if r.ok), rounds_failed=sum(1 for r in rounds if not r.ok),
+            last_round_seconds=last.seconds if last is not None else None,
+            last_round_group_size=last.group_size if last is not None and last.ok else None,
+            compression_density=compression_density, leakage_dcor=leakage,
+            device=self.device, client_mode=self.client_mode, version=__version__,
+        )
+        self.metrics.update(record)
+        self._pending = publish_record(self.dht, self.run_id, self.signer, record, ttl=RECORD_TTL, wait=False)
+
+    def close(self) -> None:
+        if self._pending is not None:
+            try:
+                self._pending.result(timeout=5)
+            except Exception:
+                pass
+        if self.server is not None:
+            self.server.stop()

@@ -1,0 +1,118 @@
+"""Monitoring a live swarm: a real Prometheus scrapes a coordinator with running peers."""
+import json
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from prometheus_fixture import prometheus  # noqa: F401  (the fixture)
+
+from swarmtrain.checkpoint import latest_checkpoint_path, load_checkpoint
+from swarmtrain.demo import free_port, start_coordinator, stop_process
+from swarmtrain.monitoring.dashboard import dashboard_queries
+from swarmtrain.peer.reporting import RECORD_TTL
+from tests.conftest import TINY_CONFIG
+from tests.swarm_helpers import LocalSwarm, max_parameter_difference
+
+PRIVACY_PANEL_WORDS = ("leakage", "dcor", "privacy")
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def _status(port: int) -> dict:
+    return json.loads(_get(f"http://127.0.0.1:{port}/status"))
+
+
+def _wait(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+@pytest.mark.timeout(900)
+def test_live_swarm_metrics_restart_and_resume(tmp_path, prometheus):  # noqa: F811
+    metrics_port, dht_port = free_port(), free_port()
+    checkpoints = tmp_path / "coordinator-checkpoints"
+    coordinator_args = ("--checkpoint-dir", str(checkpoints), "--checkpoint-every", "10", "--per-peer-metrics")
+    swarm = LocalSwarm.__new__(LocalSwarm)
+    swarm.workdir, swarm.config_path, swarm.peers = tmp_path, TINY_CONFIG, {}
+    swarm.coordinator, swarm.maddr = start_coordinator(tmp_path, TINY_CONFIG, *coordinator_args, port=dht_port,
+                                                       metrics_port=metrics_port)
+    try:
+        for index in range(3):
+            swarm.start_peer(index, "--max-epochs", "1000", "--eval-every", "0", "--checkpoint-every", "0")
+        _wait(lambda: _status(metrics_port)["peers_alive"]["trainer"] == 3 and _status(metrics_port)["epoch"] >= 3,
+              240, "3 trainers and epoch 3 in /status")
+
+        # 1. promtool finds nothing wrong in the live /metrics
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            pytest.skip("promtool is not installed (deploy/install-prometheus.sh installs it)")
+        exposition = _get(f"http://127.0.0.1:{metrics_port}/metrics")
+        check = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, text=True)
+        assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check
+
+        # 2. every dashboard panel's query returns data through Prometheus' HTTP API
+        server = prometheus([f"127.0.0.1:{metrics_port}"])
+        assert server.wait_for_data("up == 1", timeout=30), server.targets_health()
+        time.sleep(8)  # a few scrapes, so rates have two points
+        empty = []
+        for title, expr in dashboard_queries(substitutions={"$__rate_interval": "30s"}):
+            if any(word in (title + expr).lower() for word in PRIVACY_PANEL_WORDS):
+                continue  # no privacy head runs in this swarm; tests/test_monitoring_prometheus.py covers them
+            if not server.query(expr):
+                empty.append((title, expr))
+        assert not empty, f"panels without data: {empty}"
+
+        # 3. round counters follow what the peers did
+        status = _status(metrics_port)
+        done = sum(sum(r["ok"] for r in swarm.rounds(i)) for i in range(3))
+        assert 0 < status["rounds_ok_total"] <= done + 3 * 3, (status["rounds_ok_total"], done)
+
+        # 4. a killed peer leaves the count within the record lifetime
+        swarm.peers[2].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _wait(lambda: _status(metrics_port)["peers_alive"]["trainer"] == 2, RECORD_TTL + 15, "peers alive to drop to 2")
+        print(f"peers alive dropped {time.monotonic() - killed:.1f}s after the kill (record TTL {RECORD_TTL}s)")
+
+        # 5. the coordinator restarts at the same address; peers train on; metrics resume
+        _wait(lambda: latest_checkpoint_path(checkpoints) is not None, 60, "a coordinator checkpoint")
+        stop_process(swarm.coordinator)
+        epoch_while_down = max(swarm.status(i)["epoch"] for i in (0, 1))
+        time.sleep(5)
+        assert max(swarm.status(i)["epoch"] for i in (0, 1)) > epoch_while_down, "peers stopped without the coordinator"
+        swarm.coordinator, maddr = start_coordinator(tmp_path, TINY_CONFIG, *coordinator_args, port=dht_port,
+                                                     metrics_port=metrics_port)
+        assert maddr == swarm.maddr
+        _wait(lambda: _status(metrics_port)["peers_alive"]["trainer"] == 2, 60, "metrics after the restart")
+        assert _status(metrics_port)["epoch"] > epoch_while_down
+    finally:
+        swarm.close()
+
+    # 6. a swarm resumed from the coordinator's checkpoint starts from exactly the saved parameters
+    saved = load_checkpoint(checkpoints)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    resumed = LocalSwarm.__new__(LocalSwarm)
+    resumed.workdir, resumed.config_path, resumed.peers = resumed_dir, TINY_CONFIG, {}
+    resumed.coordinator, resumed.maddr = start_coordinator(resumed_dir, TINY_CONFIG, "--resume", str(saved.path))
+    try:
+        # --max-epochs at the saved epoch: the peer downloads the state and leaves without a step
+        resumed.start_peer(0, "--max-epochs", str(saved.epoch), "--eval-every", "0")
+        resumed.wait_for_exit([0], timeout=180)
+        assert resumed.status(0)["loaded_state_epoch"] == saved.epoch
+        assert max_parameter_difference([saved.model_state, resumed.final_parameters(0)]) == 0.0
+    finally:
+        resumed.close()
