@@ -103,8 +103,9 @@ def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every, 
     from swarmtrain.config import load_run_config
     from swarmtrain.coordinator.coordinator import Coordinator, join_command
     from swarmtrain.identity import default_identity_path
-    from swarmtrain.signals import StopRequested, raise_on_stop_signals
+    from swarmtrain.signals import StopRequested, children_die_with_this_process, raise_on_stop_signals
 
+    children_die_with_this_process()
     config = load_run_config(config_path)
     identity = identity or str(default_identity_path(f"coordinator-{config.run_id}"))
     raise_on_stop_signals()
@@ -173,7 +174,9 @@ def peer(initial_peers, run_id, device, batch_size, data, identity, host_maddrs,
     """
     from swarmtrain.network import parse_initial_peers
     from swarmtrain.peer.trainer import PeerOptions, run_peer
+    from swarmtrain.signals import children_die_with_this_process
 
+    children_die_with_this_process()
     options = PeerOptions(
         initial_peers=parse_initial_peers(initial_peers), run_id=run_id, device=device, batch_size=batch_size,
         data=data, identity=identity, host_maddrs=_split(host_maddrs), announce_maddrs=_split(announce_maddrs),

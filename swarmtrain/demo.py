@@ -88,6 +88,8 @@ def start_peer(workdir: Path, index: int, coordinator_maddr: str, *extra: str) -
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGINT (the clean way out), SIGKILL if that takes too long, then sweep the process group
+    (each swarm process was started in its own session) so no helper process outlives it."""
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:
@@ -95,6 +97,10 @@ def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _table(swarm: Swarm, started: float, epochs: int) -> Table:

@@ -44,7 +44,7 @@ class ProgressDisplay:
     def update(self, *, step: int, epoch: int, loss: Optional[float], samples: int, eta: float, peers: int,
                last_round, samples_per_second: float) -> None:
         if last_round is None:
-            round_text = "none yet"
+            round_text = "none yet" if peers > 1 else "none (no other peers yet)"
         elif last_round.ok:
             round_text = f"{last_round.group_size} peers in {last_round.seconds:.1f}s"
         else:
