@@ -213,15 +213,9 @@ def demo(peers, config_path, epochs, batch_size, workdir):
     sys.exit(code)
 
 
-def _register_optional_commands() -> None:
-    try:
-        from swarmtrain.privacy.cli import audit
-    except ImportError:
-        return
-    main.add_command(audit)
+from swarmtrain.privacy.cli import audit  # noqa: E402  (after main: the group is added to it)
 
-
-_register_optional_commands()
+main.add_command(audit)
 
 if __name__ == "__main__":
     main()

@@ -12,8 +12,9 @@ from typing import Any, Dict, Literal, Optional, Tuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from swarmtrain.compression.spec import ACCEPTED_FORMS, parse_compression_spec
+from swarmtrain.compression.spec import parse_compression_spec
 from swarmtrain.errors import UserError
+from swarmtrain.privacy.config import PrivacyConfig
 
 
 class _Section(BaseModel):
@@ -102,12 +103,6 @@ class AveragingConfig(_Section):
         return self
 
 
-class PrivacySection(_Section):
-    """Placeholder for the NoPeek privacy head (see swarmtrain.privacy)."""
-
-    enabled: bool = False
-
-
 class RunConfig(_Section):
     run_id: str = Field(description="names the run in the DHT; letters, digits, '-' and '_'")
     seed: int = 0
@@ -116,7 +111,7 @@ class RunConfig(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     target_batch_size: int = Field(gt=0, description="samples the swarm accumulates per optimizer step")
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
-    privacy: PrivacySection = Field(default_factory=PrivacySection)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @field_validator("run_id")
     @classmethod

@@ -162,6 +162,10 @@ def run_demo(num_peers: int, config_path: Optional[str], epochs: int, batch_size
         interrupted = True
         console.print("interrupted: stopping the peers (they save their state)...")
     finally:
+        # signal every peer at once: stopped one by one, the last ones would train on alone
+        for process in swarm.peers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
         for process in swarm.peers:
             stop_process(process)
         stop_process(coordinator)

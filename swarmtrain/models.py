@@ -59,3 +59,8 @@ def heldout_loss(model: transformers.PreTrainedModel, heldout: torch.Tensor, kin
     ]
     model.train(was_training)
     return float(sum(losses) / len(losses))
+
+
+# where the embedded input enters the layer stack: X for the privacy head's dCor(X, Z), since
+# distances between raw token ids mean nothing
+EMBEDDED_INPUT_LAYER = {"gpt2": "transformer.h.0", "albert": "albert.encoder"}

@@ -8,8 +8,24 @@ import sys
 from contextlib import contextmanager
 
 
-class StopRequested(Exception):
-    """Raised from the signal handler so that every loop unwinds through the same clean exit."""
+class StopRequested(KeyboardInterrupt):
+    """Raised from the signal handler so that every loop unwinds through the same clean exit.
+
+    A KeyboardInterrupt, because hivemind's retry loops re-raise those and swallow other errors."""
+
+
+_stop_signal: list = []  # the name of the signal received, once one was
+
+
+def stop_requested() -> bool:
+    return bool(_stop_signal)
+
+
+def raise_if_stop_requested() -> None:
+    """For loops that call into code which may have caught the handler's exception (hivemind
+    logs and carries on after most errors inside an averaging round)."""
+    if _stop_signal:
+        raise StopRequested(_stop_signal[0])
 
 
 @contextmanager
@@ -34,13 +50,11 @@ def raise_on_stop_signals() -> None:
 
     SIGTERM matters as much as Ctrl+C: systemd and docker stop with it, and its default action
     would kill us without shutting down the children, leaving orphaned daemons behind."""
-    state = {"raised": False}
-
     def handler(signum, _frame):
-        if state["raised"]:
+        if _stop_signal:
             return
-        state["raised"] = True
-        raise StopRequested(signal.Signals(signum).name)
+        _stop_signal.append(signal.Signals(signum).name)
+        raise StopRequested(_stop_signal[0])
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)

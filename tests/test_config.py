@@ -104,3 +104,26 @@ def test_not_a_mapping(tmp_path):
     with pytest.raises(UserError) as info:
         load_run_config(path)
     assert "expected a mapping" in info.value.message
+
+
+def test_privacy_section_needs_a_cut_layer():
+    data = _tiny()
+    data["privacy"] = {"enabled": True, "alpha": 0.5}
+    message = _error(data)
+    assert message.startswith("config: privacy") and "cut_layer" in message
+
+
+def test_privacy_head_attaches_at_the_named_layer_of_a_built_model():
+    from swarmtrain.models import EMBEDDED_INPUT_LAYER, build_model, compute_loss
+    from swarmtrain.privacy import attach_privacy_head
+
+    data = _tiny()
+    data["privacy"] = {"enabled": True, "cut_layer": "transformer.h.1", "alpha": 0.5}
+    config = parse_run_config(data)
+    model = build_model(config.model, config.data.seq_len, config.seed)
+    head = attach_privacy_head(model, config.privacy, input_layer=EMBEDDED_INPUT_LAYER["gpt2"])
+    import torch
+
+    loss = compute_loss(model, torch.randint(0, 256, (8, config.data.seq_len)), "gpt2")
+    total = head.add_penalty(loss)
+    assert total.item() > loss.item() and 0.0 < head.last_leakage <= 1.0

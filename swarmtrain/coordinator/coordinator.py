@@ -25,7 +25,7 @@ from swarmtrain.identity import load_or_create_identity
 from swarmtrain.monitoring import SwarmAggregator, SwarmMetrics, record_validators
 from swarmtrain.network import RUN_CONFIG_TTL, make_dht, publish_run_config
 from swarmtrain.peer.reporting import RECORD_TTL, serve_metrics
-from swarmtrain.signals import children_ignore_interrupts
+from swarmtrain.signals import children_ignore_interrupts, raise_if_stop_requested
 
 logger = logging.getLogger("swarmtrain.coordinator")
 
@@ -144,6 +144,7 @@ class Coordinator:
         last_log = last_poll = last_remember = 0.0
         last_checkpoint = time.monotonic()
         while stop_after is None or time.monotonic() - started < stop_after:
+            raise_if_stop_requested()
             if time.monotonic() - self._published_at > RUN_CONFIG_TTL / 4:
                 self.publish()
             if time.monotonic() - last_poll >= 2.0:

@@ -18,12 +18,14 @@ from swarmtrain.checkpoint import latest_checkpoint_path, load_checkpoint, save_
 from swarmtrain.data import load_corpus, peer_batches
 from swarmtrain.errors import UserError
 from swarmtrain.identity import load_or_create_identity
-from swarmtrain.models import build_model, compute_loss, heldout_loss
+from swarmtrain.models import EMBEDDED_INPUT_LAYER, build_model, compute_loss, heldout_loss
 from swarmtrain.network import WIRE_VERSION, fetch_run_config, make_dht, peer_id_in
 from swarmtrain.peer.display import ProgressDisplay
 from swarmtrain.peer.optimizer import make_optimizer
 from swarmtrain.peer.reporting import PeerReporter
-from swarmtrain.signals import StopRequested, children_ignore_interrupts, raise_on_stop_signals
+from swarmtrain.privacy import attach_privacy_head
+from swarmtrain.signals import (StopRequested, children_ignore_interrupts, raise_if_stop_requested,
+                                raise_on_stop_signals)
 
 logger = logging.getLogger("swarmtrain.peer")
 
@@ -80,7 +82,7 @@ def run_peer(options: PeerOptions) -> dict:
     signature_validator = RSASignatureValidator(private_key)
     trusted = [peer_id_in(maddr) for maddr in options.initial_peers]
 
-    dht = optimizer = reporter = None
+    dht = optimizer = reporter = model = corpus = None
     status = {"phase": "starting", "step": 0, "epoch": 0, "loss": None, "samples_per_second": 0.0,
               "rounds": [], "heldout_loss": [], "version": __version__}
     raise_on_stop_signals()
@@ -105,7 +107,12 @@ def run_peer(options: PeerOptions) -> dict:
 
         corpus = load_corpus(config.data, options.data)
         logger.info(f"data: {corpus.description}")
+        heldout = corpus.heldout.to(device)
         model = build_model(config.model, config.data.seq_len, config.seed).to(device)
+        try:
+            privacy_head = attach_privacy_head(model, config.privacy, input_layer=EMBEDDED_INPUT_LAYER[config.model.kind])
+        except (AttributeError, KeyError, ValueError) as error:
+            raise UserError(f"privacy.cut_layer {config.privacy.cut_layer!r}: {error}") from None
         resumed = None
         if options.checkpoint_dir and latest_checkpoint_path(options.checkpoint_dir) is not None:
             resumed = load_checkpoint(options.checkpoint_dir)
@@ -133,13 +140,14 @@ def run_peer(options: PeerOptions) -> dict:
         batches = peer_batches(corpus, config.data.num_shards, options.batch_size, peer_seed)
         mask_generator = torch.Generator().manual_seed(peer_seed)
         display = ProgressDisplay(config.target_batch_size, enabled=options.show_progress)
-        status["heldout_loss"].append([optimizer.local_epoch, heldout_loss(model, corpus.heldout.to(device), config.model.kind)])
+        status["heldout_loss"].append([optimizer.local_epoch, heldout_loss(model, heldout, config.model.kind)])
         status["phase"] = "training"
 
         last_epoch, step, window_start, window_samples = optimizer.local_epoch, 0, time.perf_counter(), 0
         last_status_write = 0.0
         with display:
             while options.max_epochs is None or optimizer.local_epoch < options.max_epochs:
+                raise_if_stop_requested()
                 batch = next(batches).to(device)
                 loss = compute_loss(model, batch, config.model.kind, mask_generator)
                 if not torch.isfinite(loss):
@@ -147,7 +155,7 @@ def run_peer(options: PeerOptions) -> dict:
                     logger.warning(f"non-finite loss at step {step}; batch skipped")
                     optimizer.zero_grad()
                     continue
-                loss.backward()
+                (privacy_head.add_penalty(loss) if privacy_head is not None else loss).backward()
                 if config.optimizer.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.max_grad_norm)
                 optimizer.step()
@@ -164,7 +172,7 @@ def run_peer(options: PeerOptions) -> dict:
                     status["rounds"] = [asdict(record) for record in optimizer.rounds]
                     epoch = optimizer.local_epoch
                     if options.eval_every and epoch % options.eval_every == 0:
-                        status["heldout_loss"].append([epoch, heldout_loss(model, corpus.heldout.to(device), config.model.kind)])
+                        status["heldout_loss"].append([epoch, heldout_loss(model, heldout, config.model.kind)])
                     if options.checkpoint_dir and options.checkpoint_every and epoch % options.checkpoint_every == 0:
                         _save(options.checkpoint_dir, model, optimizer, config)
                     last_epoch = epoch
@@ -181,6 +189,7 @@ def run_peer(options: PeerOptions) -> dict:
                     samples_accumulated=optimizer.tracker.local_progress.samples_accumulated,
                     rounds=optimizer.rounds, traffic=optimizer.traffic,
                     compression_density=optimizer.compression_density,
+                    leakage=privacy_head.last_leakage if privacy_head is not None else None,
                 )
                 if now - last_status_write > 0.5:
                     _write_status(options.status_file, status)
@@ -195,11 +204,10 @@ def run_peer(options: PeerOptions) -> dict:
             if optimizer is not None:
                 status["rounds"] = [asdict(record) for record in optimizer.rounds]
                 status["epoch"] = optimizer.local_epoch
-                model_ref = locals().get("model")
-                if model_ref is not None:
-                    status["heldout_loss"].append([optimizer.local_epoch, heldout_loss(model_ref, corpus.heldout.to(device), config.model.kind)])
+                if model is not None:
+                    status["heldout_loss"].append([optimizer.local_epoch, heldout_loss(model, heldout, config.model.kind)])
                     if options.checkpoint_dir:
-                        path = _save(options.checkpoint_dir, model_ref, optimizer, config)
+                        path = _save(options.checkpoint_dir, model, optimizer, config)
                         status["checkpoint"] = str(path)
                         logger.info(f"state saved to {path}")
                 _write_status(options.status_file, status)

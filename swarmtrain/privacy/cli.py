@@ -1,0 +1,168 @@
+"""`swarmtrain audit ...`: privacy audits (reconstruction attack, membership inference).
+
+The main CLI adds this group with `main.add_command(audit)`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import List
+
+import click
+
+
+def parse_alphas(value: str) -> List[float]:
+    """"0,0.5,1,2" -> [0.0, 0.5, 1.0, 2.0]; ValueError naming the offending item otherwise."""
+    if not value or not value.strip():
+        raise ValueError("give at least one α, e.g. 0,0.5,1,2")
+    alphas = []
+    for item in value.split(","):
+        item = item.strip()
+        try:
+            alpha = float(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a number (expected a comma-separated list such as 0,0.5,1,2)") from None
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"α must be a finite number ≥ 0, got {item!r}")
+        if alpha in alphas:
+            raise ValueError(f"α {item!r} is listed twice")
+        alphas.append(alpha)
+    return alphas
+
+
+class AlphaList(click.ParamType):
+    name = "ALPHAS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            return parse_alphas(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+@click.group(name="audit")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch CPU threads; the audit models are tiny, so more threads mostly add contention.")
+def audit(threads: int) -> None:
+    """Privacy audits: what an attacker learns from shared activations or from a trained model.
+
+    Each audit writes a JSON report and PNG figures into its --out directory.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@audit.command()
+@click.option("--alphas", type=AlphaList(), default="0,0.5,1,2", show_default=True,
+              help="Comma-separated NoPeek weights α (≥ 0) to train and attack; include 0 as the reference.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for reconstruction.json and the PNG figures (created if missing).")
+@click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Training epochs of the digits classifier at each α.")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Epochs of plain training before the dCor penalty is switched on.")
+@click.option("--attacker-epochs", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Training epochs of the attacker's inverse network Z→X.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for data split, models and attacker.")
+def reconstruction(alphas: List[float], out_dir: Path, epochs: int, warmup_epochs: int, attacker_epochs: int,
+                   seed: int) -> None:
+    """Model-inversion attack against NoPeek on sklearn's digits, one model per α.
+
+    The data owner trains an MLP with loss = CE + α·dCor(X, Z) on a private split; an attacker holding
+    leaked (X, Z) pairs from a disjoint split trains an inverse network Z→X and reconstructs held-out
+    private images. Reports dCor (V and U), test accuracy, reconstruction MSE and SSIM per α; plots the
+    privacy–utility curve, the attack metrics and a grid of reconstructions.
+    """
+    if warmup_epochs >= epochs:
+        raise click.BadParameter(f"must be smaller than --epochs ({epochs})", param_hint="--warmup-epochs")
+    from .audits import reconstruction_audit
+
+    with click.progressbar(length=len(alphas), label="training + attacking", show_pos=True,
+                           item_show_func=lambda label: label) as bar:
+        report = reconstruction_audit(alphas, out_dir, epochs=epochs, warmup_epochs=warmup_epochs,
+                                      attacker_epochs=attacker_epochs, seed=seed,
+                                      progress=lambda label: bar.update(1, label))
+    baselines = {"mean-image baseline (knows nothing)": report["mean_image_baseline"],
+                 "class-mean baseline (knows the label)": report["class_mean_baseline"]}
+    click.echo(f"{'alpha':>6} {'dCor_V':>7} {'dCor_U':>7} {'test_acc':>8} {'rec_MSE':>8} {'rec_SSIM':>8}")
+    for row in report["results"]:
+        click.echo(f"{row['alpha']:>6g} {row['dcor_v']:>7.3f} {row['dcor_u']:>7.3f} {row['test_accuracy']:>8.3f} "
+                   f"{row['reconstruction_mse']:>8.4f} {row['reconstruction_ssim']:>8.3f}")
+    for name, baseline in baselines.items():
+        click.echo(f"{name:>40} {baseline['reconstruction_mse']:>8.4f} {baseline['reconstruction_ssim']:>8.3f}")
+    click.echo(f"wrote {out_dir / 'reconstruction.json'} and {', '.join(report['figures'])}")
+
+
+@audit.command()
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Audit checkpoint (format swarmtrain-audit-checkpoint/1, e.g. from `audit train-target`): "
+                   "model factory, weights, the training (member) data and optionally held-out data.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for membership.json and the PNG figures (created if missing).")
+@click.option("--members", "members_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Override the member (training) data: .npz with arrays x and y.")
+@click.option("--nonmembers", "nonmembers_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Held-out (non-member) data: .npz with arrays x and y; required if the checkpoint has none.")
+@click.option("--model-factory", help="Override the checkpoint's 'package.module:callable' that builds the model.")
+@click.option("--loss-bound", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="B: per-sample cross-entropy is clipped to [0, B] for the attack and the loss-gap bound.")
+def membership(checkpoint: Path, out_dir: Path, members_path, nonmembers_path, model_factory, loss_bound: float) -> None:
+    """Loss-threshold membership inference against a trained classifier.
+
+    Guesses "member" when a sample's loss is below a threshold τ and sweeps τ. Reports the advantage
+    max_τ(TPR − FPR), AUC, TPR at 1% FPR and the loss-gap lower bound ½ + (E_test ℓ − E_train ℓ)/(2B).
+    """
+    from .audits import load_audit_checkpoint, load_labelled_npz, membership_audit
+
+    try:
+        model, members, nonmembers = load_audit_checkpoint(checkpoint, model_factory)
+        if members_path is not None:
+            members = load_labelled_npz(members_path)
+        if nonmembers_path is not None:
+            nonmembers = load_labelled_npz(nonmembers_path)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if nonmembers is None:
+        raise click.BadParameter("the checkpoint holds no held-out data; pass an .npz with x and y",
+                                 param_hint="--nonmembers")
+    try:
+        report = membership_audit(model, *members, *nonmembers, out_dir, loss_bound=loss_bound, label=checkpoint.name)
+    except RuntimeError as e:  # shape mismatch between data and model
+        raise click.ClickException(f"the model cannot evaluate this data: {str(e).splitlines()[0]}") from None
+    click.echo(f"members {report['n_members']} (acc {report['member_accuracy']:.3f}), "
+               f"non-members {report['n_nonmembers']} (acc {report['nonmember_accuracy']:.3f})")
+    click.echo(f"advantage {report['advantage']:.3f}  AUC {report['auc']:.3f}  "
+               f"TPR@1%FPR {report['tpr_at_1pct_fpr']:.3f}  loss-gap bound {report['loss_gap_bound']:.4f}")
+    click.echo(f"wrote {out_dir / 'membership.json'} and {', '.join(report['figures'])}")
+
+
+@audit.command(name="train-target")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Checkpoint file to write (read by `audit membership --checkpoint`).")
+@click.option("--n-members", "n_members", type=click.IntRange(min=10, max=440), default=200, show_default=True,
+              help="Number of digits the model is trained on; as many held-out digits are stored for the audit.")
+@click.option("--epochs", type=click.IntRange(min=1), default=200, show_default=True, help="Training epochs.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="AdamW weight decay (regularisation).")
+@click.option("--label-smoothing", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0,
+              show_default=True, help="Cross-entropy label smoothing (regularisation).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the data split and training.")
+def train_target(out_path: Path, n_members: int, epochs: int, weight_decay: float, label_smoothing: float,
+                 seed: int) -> None:
+    """Train a digits classifier to audit and save it with its member and held-out data."""
+    from .audits import save_audit_checkpoint, train_membership_target
+    from .digits import load_digits_splits
+
+    splits = load_digits_splits(seed=seed)
+    members = (splits.private_x[:n_members], splits.private_y[:n_members])
+    nonmembers = (splits.test_x[:n_members], splits.test_y[:n_members])
+    with click.progressbar(length=1, label=f"training on {n_members} digits for {epochs} epochs") as bar:
+        model = train_membership_target(*members, epochs=epochs, weight_decay=weight_decay,
+                                        label_smoothing=label_smoothing, seed=seed)
+        bar.update(1)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_audit_checkpoint(out_path, model, "swarmtrain.privacy.digits:DigitsNet", {}, members, nonmembers)
+    click.echo(f"wrote {out_path}")
