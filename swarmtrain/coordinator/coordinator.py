@@ -40,8 +40,8 @@ class SwarmProgress:
     eta_seconds: float
 
 
-def read_swarm_progress(dht: hivemind.DHT, run_id: str, target_batch_size: int) -> SwarmProgress:
-    """Summarise the progress records hivemind's trackers publish (dead peers filtered by age)."""
+def _progress_records(dht: hivemind.DHT, run_id: str, max_age: float) -> List[LocalTrainingProgress]:
+    """The progress records hivemind's trackers publish, without dead peers' (filtered by age)."""
     found = dht.get(f"{run_id}_progress", latest=True)
     records: List[LocalTrainingProgress] = []
     if found is not None and isinstance(found.value, dict):
@@ -49,9 +49,18 @@ def read_swarm_progress(dht: hivemind.DHT, run_id: str, target_batch_size: int) 
             try:
                 records.append(LocalTrainingProgress.parse_obj(entry.value))
             except Exception:
-                continue  # malformed: the schema validator should have dropped it already
+                continue  # malformed or a goodbye (None): the schema validator lets goodbyes through
     now = get_dht_time()
-    records = [r for r in records if now - r.time < 60.0]
+    return [r for r in records if now - r.time < max_age]
+
+
+def read_swarm_epochs(dht: hivemind.DHT, run_id: str, max_age: float) -> List[int]:
+    return [r.epoch for r in _progress_records(dht, run_id, max_age)]
+
+
+def read_swarm_progress(dht: hivemind.DHT, run_id: str, target_batch_size: int) -> SwarmProgress:
+    """Summarise the progress records hivemind's trackers publish."""
+    records = _progress_records(dht, run_id, max_age=60.0)
     if not records:
         return SwarmProgress(0, 0, 0, 0, 0.0, float("inf"))
     epoch = max(r.epoch for r in records)

@@ -102,6 +102,15 @@ class SwarmOptimizer(hivemind.Optimizer):
             status_loglevel=self.status_loglevel, start=True, **kwargs,
         )
 
+    def _update_global_epoch(self, grad_scaler) -> None:
+        epoch, recorded = self.local_epoch, len(self.rounds)
+        super()._update_global_epoch(grad_scaler)
+        if self.grad_averager is not None and len(self.rounds) == recorded:
+            # hivemind stepped without calling the method below: alone, or a round that never started
+            alone = self.tracker.global_progress.num_peers <= 1
+            self.rounds.append(RoundRecord(epoch, 0, False, 0.0, "no other peers" if alone else
+                                           "no round started; stepped on local gradients"))
+
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
         started = time.perf_counter()
         epoch = self.local_epoch

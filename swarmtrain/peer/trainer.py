@@ -169,6 +169,7 @@ def run_peer(options: PeerOptions) -> dict:
                 status.update(step=step, epoch=optimizer.local_epoch, loss=float(loss.item()))
 
                 if optimizer.local_epoch != last_epoch:
+                    _resync_after_failed_round(optimizer, status)
                     status["rounds"] = [asdict(record) for record in optimizer.rounds]
                     epoch = optimizer.local_epoch
                     if options.eval_every and epoch % options.eval_every == 0:
@@ -194,6 +195,9 @@ def run_peer(options: PeerOptions) -> dict:
                 if now - last_status_write > 0.5:
                     _write_status(options.status_file, status)
                     last_status_write = now
+        if options.max_epochs is not None:
+            _resync_after_failed_round(optimizer, status)
+            _linger_until_swarm_finishes(optimizer, config, options.max_epochs)
         status["phase"] = "finished"
     except StopRequested as stop:
         logger.info(f"{stop.args[0]} received: saving and leaving the swarm")
@@ -218,6 +222,34 @@ def run_peer(options: PeerOptions) -> dict:
             if dht is not None:
                 dht.shutdown()
     return status
+
+
+def _resync_after_failed_round(optimizer, status: dict) -> None:
+    """A peer whose averaging round failed stepped on its own gradients and now differs from the
+    swarm; in sync mode nothing would ever bring it back. Download the swarm's state instead."""
+    last = optimizer.rounds[-1] if optimizer.rounds else None
+    if last is None or last.ok or last.note == "no other peers" or status.get("resynced_after") == len(optimizer.rounds):
+        return
+    status["resynced_after"] = len(optimizer.rounds)
+    if optimizer.tracker.global_progress.num_peers <= 1:
+        return
+    logger.warning(f"averaging round of epoch {last.epoch} failed ({last.note}); re-synchronising with the swarm")
+    optimizer.load_state_from_peers()
+    status["resyncs"] = status.get("resyncs", 0) + 1
+
+
+def _linger_until_swarm_finishes(optimizer, config, final_epoch: int) -> None:
+    """At a planned end (--max-epochs), stay a little while others are still on their last epoch:
+    a straggler whose last round failed re-synchronises by downloading the state from us."""
+    from swarmtrain.coordinator.coordinator import read_swarm_epochs
+
+    deadline = time.monotonic() + config.averaging.averaging_timeout + 30
+    while time.monotonic() < deadline:
+        raise_if_stop_requested()
+        behind = [epoch for epoch in read_swarm_epochs(optimizer.dht, config.run_id, max_age=15.0) if epoch < final_epoch]
+        if not behind:
+            return
+        time.sleep(1.0)
 
 
 def _save(directory: str, model: torch.nn.Module, optimizer, config) -> Path:
