@@ -77,6 +77,9 @@ class AveragingConfig(_Section):
     mode: Literal["sync", "local"] = "sync"
     compression: str = "fp16"
     schedule: Optional[str] = Field(None, description="local mode only: constant:H or adaptive")
+    # sparse compression only: start at density 1/64 and reach the spec's density geometrically over
+    # this many epochs (the GaussianK paper's warm-up); 0 starts at the target density
+    density_warmup_epochs: int = Field(0, ge=0)
     matchmaking_time: float = Field(3.0, gt=0)
     averaging_timeout: float = Field(60.0, gt=0)
     request_timeout: float = Field(3.0, gt=0)

@@ -53,6 +53,8 @@ def parse_compression_spec(spec: str) -> CompressionSpec:
         except ValueError:
             density = float("nan")
         if not 0.0 < density <= 1.0:  # also rejects nan
-            raise ValueError(f"density in {spec!r} must be a number in (0, 1], e.g. {method}:0.01")
+            raise ValueError(
+                f"density in {spec!r} must be a number in (0, 1], e.g. {method}:0.01. Accepted: {ACCEPTED_FORMS}"
+            )
         return CompressionSpec(method, density, eight_bit)
     raise ValueError(f"compression must be one of: {ACCEPTED_FORMS}; got {spec!r}")

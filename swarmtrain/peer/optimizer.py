@@ -9,12 +9,13 @@ from typing import List, Optional
 import hivemind
 import torch
 import transformers
-from hivemind.compression import Float16Compression, NoCompression
-from hivemind.optim.grad_averager import GradientAverager
+from hivemind.compression import NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from swarmtrain.compression.averager import make_grad_averager_factory
+from swarmtrain.compression.feedback import DensitySchedule
 from swarmtrain.compression.spec import parse_compression_spec
 from swarmtrain.config import OptimizerConfig, RunConfig
 
@@ -85,16 +86,10 @@ class SwarmOptimizer(hivemind.Optimizer):
         super().__init__(*args, **kwargs)
 
     @property
-    def compression_density(self) -> float:
-        """Fraction of gradient entries this peer sends: measured by sparse averagers, 1.0 when dense."""
-        measured = getattr(self.traffic, "density", None)
-        return float(measured) if measured is not None else 1.0
-
-    @property
-    def traffic(self):
-        """Bytes this peer put on and took off the wire in gradient averaging, when the averager
-        measures them (the sparse averagers do); None otherwise."""
-        return getattr(self.grad_averager, "traffic", None)
+    def traffic(self) -> dict:
+        """What the gradient averager measured (shared memory, written by its process): bytes sent
+        and received from the serialized messages, the density sent, selection time..."""
+        return self.grad_averager.stats.snapshot()
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
         return _ProgressTrackerWithBlockingGoodbye(
@@ -137,14 +132,13 @@ def make_optimizer(
 ) -> SwarmOptimizer:
     averaging = config.averaging
     spec = parse_compression_spec(averaging.compression)
-    if spec.is_sparse:
-        from swarmtrain.compression.averaging import make_grad_averager_factory
-
-        grad_averager_factory = partial(make_grad_averager_factory(spec), request_timeout=averaging.request_timeout)
-        grad_compression = NoCompression()
-    else:
-        grad_averager_factory = partial(GradientAverager, request_timeout=averaging.request_timeout)
-        grad_compression = Float16Compression() if spec.method == "fp16" else NoCompression()
+    schedule = None
+    if spec.is_sparse and averaging.density_warmup_epochs:
+        schedule = DensitySchedule(spec.density, initial=max(spec.density, 1 / 64),
+                                   warmup_epochs=averaging.density_warmup_epochs)
+    # the factory carries the codec (dense or sparse) and the options hivemind does not forward
+    grad_averager_factory = make_grad_averager_factory(spec, density_schedule=schedule,
+                                                       request_timeout=averaging.request_timeout)
 
     return SwarmOptimizer(
         dht=dht,
@@ -157,7 +151,6 @@ def make_optimizer(
         matchmaking_time=averaging.matchmaking_time,
         averaging_timeout=averaging.averaging_timeout,
         grad_averager_factory=grad_averager_factory,
-        grad_compression=grad_compression,
         # parameters are averaged in full precision when they are: fp16 would make peers differ
         state_averaging_compression=NoCompression(),
         load_state_compression=NoCompression(),

@@ -38,7 +38,7 @@ class PeerReporter:
         self._pending = None  # keep the store's future alive until the DHT process has read it
 
     def maybe_publish(self, *, step: int, epoch: int, loss: Optional[float], samples_per_second: float,
-                      samples_accumulated: int, rounds: list, traffic=None, compression_density=None,
+                      samples_accumulated: int, rounds: list, traffic: Optional[dict] = None,
                       leakage=None, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_publish < RECORD_PERIOD:
@@ -48,12 +48,14 @@ class PeerReporter:
         record = PeerRecord.make(
             peer_id=str(self.dht.peer_id), role=self.role, step=step, epoch=epoch, loss=loss,
             samples_per_second=samples_per_second, samples_accumulated=samples_accumulated,
-            bytes_sent=traffic.bytes_sent if traffic is not None else 0,
-            bytes_received=traffic.bytes_received if traffic is not None else 0,
+            bytes_sent=int(traffic["bytes_sent_total"]) if traffic else 0,
+            bytes_received=int(traffic["bytes_received_total"]) if traffic else 0,
             rounds_ok=sum(1 for r in rounds if r.ok), rounds_failed=sum(1 for r in rounds if not r.ok),
             last_round_seconds=last.seconds if last is not None else None,
             last_round_group_size=last.group_size if last is not None and last.ok else None,
-            compression_density=compression_density, leakage_dcor=leakage,
+            # dense averaging sends every entry (the averager only measures density when sparse)
+            compression_density=(traffic.get("last_density") or 1.0) if traffic else None,
+            leakage_dcor=leakage,
             device=self.device, client_mode=self.client_mode, version=__version__,
         )
         self.metrics.update(record)

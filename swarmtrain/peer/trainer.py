@@ -189,7 +189,6 @@ def run_peer(options: PeerOptions) -> dict:
                     samples_per_second=status["samples_per_second"],
                     samples_accumulated=optimizer.tracker.local_progress.samples_accumulated,
                     rounds=optimizer.rounds, traffic=optimizer.traffic,
-                    compression_density=optimizer.compression_density,
                     leakage=privacy_head.last_leakage if privacy_head is not None else None,
                 )
                 if now - last_status_write > 0.5:

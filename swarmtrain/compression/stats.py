@@ -1,0 +1,87 @@
+"""Per-peer compression/averaging measurements, shared between the averager's child process and the
+process that owns the averager.
+
+The averager runs its rounds in a forked child process, so plain attributes written there are invisible
+to the training process. The numbers therefore live in one float64 tensor in shared memory (created
+before the fork); the child writes it under a multiprocessing lock and any process reads it with
+:meth:`CompressionStats.snapshot`, which returns a plain dict, e.g.::
+
+    stats = optimizer.grad_averager.stats          # or averager.stats
+    stats.snapshot()["bytes_sent_total"]
+
+Fields (bytes are protobuf-serialized sizes of the averaging messages this peer actually sent or
+received, i.e. what went into the p2p stream before libp2p framing; the peer's own share, which never
+touches the network, is not counted):
+    rounds_ok, rounds_failed           counters of averaging rounds
+    bytes_sent_total, bytes_received_total
+    last_bytes_sent, last_bytes_received   of the last round (successful or not)
+    last_density                       non-zeros this peer sent / its gradient size (sparse only)
+    last_applied_density               non-zeros of the applied average / gradient size (sparse only)
+    last_selection_seconds             time of the sparsifier on this peer (sparse only)
+    last_round_seconds                 wall time of the last all-reduce attempt
+    last_group_size                    peers in the last group
+    last_round_ok                      1.0 if the last round succeeded else 0.0
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Dict, Optional
+
+import torch
+
+STAT_FIELDS = (
+    "rounds_ok",
+    "rounds_failed",
+    "bytes_sent_total",
+    "bytes_received_total",
+    "last_bytes_sent",
+    "last_bytes_received",
+    "last_density",
+    "last_applied_density",
+    "last_selection_seconds",
+    "last_round_seconds",
+    "last_group_size",
+    "last_round_ok",
+)
+_INDEX = {name: position for position, name in enumerate(STAT_FIELDS)}
+
+
+class CompressionStats:
+    """Shared-memory counters; create before the averager process forks (the averager does this)."""
+
+    def __init__(self):
+        self._values = torch.zeros(len(STAT_FIELDS), dtype=torch.float64).share_memory_()
+        self._lock = mp.Lock()
+
+    def snapshot(self) -> Dict[str, float]:
+        with self._lock:
+            values = self._values.tolist()
+        return dict(zip(STAT_FIELDS, values))
+
+    def record_round(self, *, ok: bool, bytes_sent: int, bytes_received: int, seconds: float, group_size: int,
+                     density: Optional[float] = None, applied_density: Optional[float] = None,
+                     selection_seconds: Optional[float] = None):
+        with self._lock:
+            values = self._values
+            values[_INDEX["rounds_ok" if ok else "rounds_failed"]] += 1
+            values[_INDEX["bytes_sent_total"]] += bytes_sent
+            values[_INDEX["bytes_received_total"]] += bytes_received
+            values[_INDEX["last_bytes_sent"]] = bytes_sent
+            values[_INDEX["last_bytes_received"]] = bytes_received
+            values[_INDEX["last_round_seconds"]] = seconds
+            values[_INDEX["last_group_size"]] = group_size
+            values[_INDEX["last_round_ok"]] = float(ok)
+            for name, value in (("last_density", density), ("last_applied_density", applied_density),
+                                ("last_selection_seconds", selection_seconds)):
+                if value is not None:
+                    values[_INDEX[name]] = value
+
+    def add_late_bytes(self, *, sent: int = 0, received: int = 0):
+        """Bytes of a round that was already recorded (hivemind's reducer keeps answering its groupmates
+        after its own results are in); they are added to the totals and to the last round."""
+        with self._lock:
+            values = self._values
+            values[_INDEX["bytes_sent_total"]] += sent
+            values[_INDEX["bytes_received_total"]] += received
+            values[_INDEX["last_bytes_sent"]] += sent
+            values[_INDEX["last_bytes_received"]] += received

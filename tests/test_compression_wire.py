@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+
+from swarmtrain.compression.wire import (
+    WIRE_VERSION,
+    WireFormatError,
+    _varint_decode,
+    _varint_encode,
+    decode_sparse,
+    encode_sparse,
+)
+
+
+def _sparse(numel, count, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.sort(torch.randperm(numel, generator=generator)[:count]).values
+    return indices, torch.randn(count, generator=generator) * 3
+
+
+def test_varint_roundtrip_edges():
+    values = np.array([0, 1, 127, 128, 16383, 16384, 2**35 + 7, 2**62], dtype=np.uint64)
+    assert np.array_equal(_varint_decode(_varint_encode(values), len(values)), values)
+    assert len(_varint_encode(np.array([127, 128], dtype=np.uint64))) == 3
+
+
+@pytest.mark.parametrize("value_format", ["fp32", "fp16", "8bit"])
+@pytest.mark.parametrize("numel,count", [(1000, 0), (1000, 1), (100_000, 1000), (10_000, 6000)])
+def test_roundtrip_indices_exact_values_bounded(value_format, numel, count):
+    indices, values = _sparse(numel, count)
+    part = decode_sparse(encode_sparse(indices, values, numel, value_format), expected_numel=numel)
+    assert torch.equal(part.indices, indices)
+    error = (part.values - values).abs()
+    if value_format == "fp32":
+        assert torch.equal(part.values, values)
+    elif value_format == "fp16":
+        assert torch.all(error <= values.abs() * 2**-11 + 1e-7)
+    elif count:
+        assert error.max() <= 0.02 * values.abs().max()  # blockwise 8-bit: about 1% of the block max
+    torch.testing.assert_close(part.to_dense()[indices], part.values)
+
+
+def test_picks_the_smaller_index_encoding():
+    numel = 80_000
+    sparse = encode_sparse(*_sparse(numel, 100), numel, "fp16")  # ~2 bytes per index << bitmap (10 kB)
+    dense = encode_sparse(*_sparse(numel, 40_000), numel, "fp16")  # bitmap (10 kB) << 40k varints
+    assert len(sparse) < 100 * 2 + 100 * 3
+    assert len(dense) <= 40_000 * 2 + numel // 8 + 16
+    assert decode_sparse(dense).indices.numel() == 40_000
+
+
+def test_compact_at_one_percent():
+    numel = 1_000_000
+    encoded = encode_sparse(*_sparse(numel, numel // 100), numel, "fp16")
+    assert len(encoded) < 3.5 * numel // 100  # fp16 value + ~1.3 byte index per entry
+    encoded_8bit = encode_sparse(*_sparse(numel, numel // 100), numel, "8bit")
+    assert len(encoded_8bit) < 2.5 * numel // 100
+
+
+def test_other_wire_version_is_refused():
+    encoded = bytearray(encode_sparse(*_sparse(100, 5), 100, "fp16"))
+    encoded[0] = WIRE_VERSION + 1
+    with pytest.raises(WireFormatError, match="version"):
+        decode_sparse(bytes(encoded))
+
+
+def test_malformed_messages_are_rejected():
+    numel = 1000
+    indices, values = _sparse(numel, 20)
+    good = encode_sparse(indices, values, numel, "fp16")
+    with pytest.raises(WireFormatError):
+        decode_sparse(good[:-1])  # truncated values
+    with pytest.raises(WireFormatError):
+        decode_sparse(good + b"\x00")  # trailing garbage
+    with pytest.raises(WireFormatError):
+        decode_sparse(good, expected_numel=999)  # wrong span
+    with pytest.raises(WireFormatError):
+        decode_sparse(b"\x01")
+    nan_values = values.clone()
+    nan_values[3] = float("nan")
+    for value_format in ("fp32", "fp16"):
+        with pytest.raises(WireFormatError, match="non-finite"):
+            decode_sparse(encode_sparse(indices, nan_values, numel, value_format))
+    # hand-built: a repeated index (zero delta) and an index beyond the span
+    header = bytes([WIRE_VERSION, 1 << 1])
+    repeated = header + bytes([10, 2, 2, 3, 0]) + np.ones(2, np.float16).tobytes()
+    with pytest.raises(WireFormatError, match="increasing"):
+        decode_sparse(repeated)
+    beyond = header + bytes([10, 1, 1, 12]) + np.ones(1, np.float16).tobytes()
+    with pytest.raises(WireFormatError, match="range"):
+        decode_sparse(beyond)
+
+
+def test_encoder_rejects_unsorted_or_out_of_range_indices():
+    with pytest.raises(ValueError):
+        encode_sparse(torch.tensor([5, 3]), torch.ones(2), 10)
+    with pytest.raises(ValueError):
+        encode_sparse(torch.tensor([10]), torch.ones(1), 10)
+    with pytest.raises(ValueError):
+        encode_sparse(torch.tensor([1]), torch.ones(1), 10, "int4")
+
+
+def test_fp16_overflow_is_clamped_not_inf():
+    part = decode_sparse(encode_sparse(torch.tensor([0, 1]), torch.tensor([1e6, -1e6]), 2, "fp16"))
+    assert part.values.tolist() == [65504.0, -65504.0]
