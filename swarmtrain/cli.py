@@ -23,6 +23,7 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("asyncio").addFilter(_DropHivemindCancelledStepNoise())
     for noisy in ("bitsandbytes", "transformers", "urllib3", "filelock", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import transformers
@@ -34,6 +35,19 @@ def _setup_logging(verbose: bool) -> None:
         from hivemind.utils.logging import get_logger
 
         get_logger("hivemind").setLevel(logging.INFO)
+
+
+class _DropHivemindCancelledStepNoise(logging.Filter):
+    """hivemind's averager sets the result of a pre-scheduled round that the optimizer already
+    cancelled (it does so when it finds itself alone); asyncio then logs the InvalidStateError of
+    that orphaned task with a traceback, although nothing went wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None and record.args and isinstance(record.args, dict):
+            exc = record.args.get("exception")
+        message = record.getMessage()
+        return not ("Task exception was never retrieved" in message and "CANCELLED" in repr(exc) + message)
 
 
 def _quiet_interpreter_teardown() -> None:
@@ -147,9 +161,16 @@ def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every, 
 @click.option("--identity", type=click.Path(dir_okay=False), default=None,
               help="Private key file for a stable peer ID across restarts (created if missing). "
                    "Default: a new ID each start.")
-@click.option("--host-maddrs", multiple=True, default=["/ip4/0.0.0.0/tcp/0"], show_default=True,
-              help="Addresses to listen on: " + MULTIADDR_HELP)
-@click.option("--announce-maddrs", multiple=True, help="Public addresses to tell other peers: " + MULTIADDR_HELP)
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=None,
+              help="Listen on this TCP port on every interface (default: a free port). Fix it when your "
+                   "router forwards a port to this machine.")
+@click.option("--public-ip", default=None,
+              help="Your public IP address, announced to other peers (with --port; your router must forward "
+                   "that port here). `swarmtrain doctor` tells you when you need it.")
+@click.option("--host-maddrs", multiple=True,
+              help="Addresses to listen on, instead of --port (default /ip4/0.0.0.0/tcp/0): " + MULTIADDR_HELP)
+@click.option("--announce-maddrs", multiple=True,
+              help="Public addresses to tell other peers, instead of --public-ip: " + MULTIADDR_HELP)
 @click.option("--client-mode", is_flag=True,
               help="Do not accept incoming connections (behind NAT/firewall): send gradients, reduce nothing.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
@@ -166,7 +187,8 @@ def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every, 
               help="Live progress bar (default: when writing to a terminal) or one log line per epoch.")
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
               help="Serve this peer's own Prometheus /metrics on this port (0.0.0.0). Default: off.")
-def peer(initial_peers, run_id, device, batch_size, data, identity, host_maddrs, announce_maddrs, client_mode,
+def peer(initial_peers, run_id, device, batch_size, data, identity, port, public_ip, host_maddrs, announce_maddrs,
+         client_mode,
          checkpoint_dir, checkpoint_every, max_epochs, eval_every, status_file, progress, metrics_port):
     """Join a swarm and train: the run's config and current model come from the swarm.
 
@@ -176,13 +198,20 @@ def peer(initial_peers, run_id, device, batch_size, data, identity, host_maddrs,
     from swarmtrain.peer.trainer import PeerOptions, run_peer
     from swarmtrain.signals import children_die_with_this_process
 
+    from swarmtrain.reachability import host_and_announce_maddrs
+
     children_die_with_this_process()
+    try:
+        hosts, announces = host_and_announce_maddrs(port, public_ip, host_maddrs=_split(host_maddrs),
+                                                    announce_maddrs=_split(announce_maddrs))
+    except ValueError as error:
+        raise UserError(str(error)) from None
     options = PeerOptions(
         initial_peers=parse_initial_peers(initial_peers), run_id=run_id, device=device, batch_size=batch_size,
-        data=data, identity=identity, host_maddrs=_split(host_maddrs), announce_maddrs=_split(announce_maddrs),
+        data=data, identity=identity, host_maddrs=hosts or ["/ip4/0.0.0.0/tcp/0"], announce_maddrs=announces,
         client_mode=client_mode, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         max_epochs=max_epochs, eval_every=eval_every, status_file=status_file, show_progress=progress,
-        metrics_port=metrics_port,
+        metrics_port=metrics_port, port=port,
     )
     status = run_peer(options)
     _quiet_interpreter_teardown()
@@ -213,9 +242,11 @@ def demo(peers, config_path, epochs, batch_size, workdir):
     sys.exit(code)
 
 
-from swarmtrain.privacy.cli import audit  # noqa: E402  (after main: the group is added to it)
+from swarmtrain.doctor import doctor  # noqa: E402  (after main: the commands are added to it)
+from swarmtrain.privacy.cli import audit  # noqa: E402
 
 main.add_command(audit)
+main.add_command(doctor)
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from functools import partial
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
@@ -115,8 +117,6 @@ def fetch_run_config(dht: hivemind.DHT, trusted: Sequence[PeerID], timeout: floa
 
     A record signed by anyone else is ignored: knowing the coordinator's multiaddr is what makes a
     volunteer trust the config it then runs."""
-    import time
-
     deadline = time.monotonic() + timeout
     others_seen = 0
     while True:
@@ -157,3 +157,37 @@ def _owner_of(subkey) -> Optional[PeerID]:
         return peer_id_of(subkey[len(b"[owner:") : -1])
     except Exception:
         return None
+
+
+async def _refresh_neighbourhood(_dht, node, initial_peer_ids: Sequence[PeerID]) -> int:
+    # runs inside the DHT process (module level: it is pickled there)
+    for peer_id in initial_peer_ids:
+        await node.protocol.call_ping(peer_id)
+    await node.find_nearest_nodes([node.node_id])  # meet the peers near us, as at bootstrap
+    return len(node.protocol.routing_table.uid_to_peer_id)
+
+
+class NeighbourhoodKeeper:
+    """Re-ping the initial peers and look up our own neighbourhood every `period` seconds.
+
+    hivemind removes a node from the routing table after failed requests and never re-bootstraps:
+    a peer whose table empties (one slow answer from a busy coordinator is enough) then reads only
+    the records in its own storage, believes it is alone, and trains on its own for good."""
+
+    def __init__(self, dht: hivemind.DHT, initial_peers: Sequence[str], period: float = 5.0):
+        self.dht, self.period = dht, period
+        self.initial_peer_ids = [peer_id_in(maddr) for maddr in initial_peers]
+        self._last = float("-inf")  # the first refresh at the first step: peers that start together need it most
+        self._pending = None  # keep the future until the DHT process has answered
+
+    def refresh_now(self) -> int:
+        """Refresh and wait; returns how many nodes the routing table knows."""
+        self._last = time.monotonic()
+        return self.dht.run_coroutine(partial(_refresh_neighbourhood, initial_peer_ids=self.initial_peer_ids))
+
+    def maybe_refresh(self) -> None:
+        if time.monotonic() - self._last < self.period or (self._pending is not None and not self._pending.done()):
+            return
+        self._last = time.monotonic()
+        self._pending = self.dht.run_coroutine(partial(_refresh_neighbourhood, initial_peer_ids=self.initial_peer_ids),
+                                               return_future=True)

@@ -25,6 +25,7 @@ from swarmtrain.identity import load_or_create_identity
 from swarmtrain.monitoring import SwarmAggregator, SwarmMetrics, record_validators
 from swarmtrain.network import RUN_CONFIG_TTL, make_dht, publish_run_config
 from swarmtrain.peer.reporting import RECORD_TTL, serve_metrics
+from swarmtrain.reachability import serve_reachability_checks
 from swarmtrain.signals import children_ignore_interrupts, raise_if_stop_requested
 
 logger = logging.getLogger("swarmtrain.coordinator")
@@ -117,6 +118,7 @@ class Coordinator:
                 if not initial_peers:
                     raise
                 logger.info("none of the peers seen before the restart answers; starting a new swarm")
+        serve_reachability_checks(self.dht)  # newcomers ask the bootstrap node to dial them back
         if known and self.dht is not None:
             logger.info(f"rejoined the swarm through {len(known)} address(es) of peers seen before the restart")
         # the same validators as the peers' trackers and reporters, or reading their records fails

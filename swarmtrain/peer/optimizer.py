@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import List, Optional
@@ -83,7 +84,47 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def __init__(self, *args, **kwargs):
         self.rounds: List[RoundRecord] = []
+        self.diverged = False  # set when the last round showed our parameters differ from the group's
+        self._fingerprint_cooldown = 0
         super().__init__(*args, **kwargs)
+        # every gradient round also gathers each member's parameter fingerprint (a few bytes), so a
+        # peer that drifted -- it stepped alone before the others found it, or its group split --
+        # learns it from the very next round instead of training on apart for ever
+        schedule_step = self.grad_averager.schedule_step
+
+        def schedule_step_with_fingerprint(*args, **kwargs):
+            kwargs.setdefault("gather", [self.local_epoch, self.parameter_fingerprint()])
+            return schedule_step(*args, **kwargs)
+
+        self.grad_averager.schedule_step = schedule_step_with_fingerprint
+
+    def parameter_fingerprint(self) -> float:
+        """Sums (float64) of the values and of their squares over every parameter the optimizer
+        steps: equal on peers with equal parameters, different in practice otherwise. One pass over
+        the parameters per epoch: small next to an epoch's compute."""
+        with torch.no_grad():
+            params = [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
+            return float(sum(p.detach().double().sum() + p.detach().double().square().sum() for p in params))
+
+    def _check_fingerprints(self, group: dict) -> None:
+        mine = group.get(self.dht.peer_id)
+        if not isinstance(mine, (list, tuple)) or len(mine) != 2:
+            return
+        if self._fingerprint_cooldown > 0:
+            # the next pre-scheduled round may still carry the fingerprint from before a resync
+            self._fingerprint_cooldown -= 1
+            return
+        # every member applies the same average, so all should hold the same parameters, whatever
+        # epoch number each believes it is at (hivemind's catch-up can leave a joiner's label off
+        # by one). Act on a strict majority only, so two halves of a split group never both
+        # download each other's state.
+        members = [data[1] for data in group.values() if isinstance(data, (list, tuple)) and len(data) == 2]
+        fingerprint, count = Counter(members).most_common(1)[0]
+        self.diverged = 2 * count > len(members) and mine[1] != fingerprint
+
+    def resynchronised(self) -> None:
+        self.diverged = False
+        self._fingerprint_cooldown = 2
 
     @property
     def traffic(self) -> dict:
@@ -117,6 +158,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         try:
             group = maybe_step_control.result(timeout=0)
             self.rounds.append(RoundRecord(epoch, len(group), True, seconds))
+            self._check_fingerprints(group)
         except BaseException as error:  # the round failed; hivemind already fell back to local gradients
             self.rounds.append(RoundRecord(epoch, 0, False, seconds, repr(error)[:200]))
 

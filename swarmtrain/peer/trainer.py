@@ -19,11 +19,12 @@ from swarmtrain.data import load_corpus, peer_batches
 from swarmtrain.errors import UserError
 from swarmtrain.identity import load_or_create_identity
 from swarmtrain.models import EMBEDDED_INPUT_LAYER, build_model, compute_loss, heldout_loss
-from swarmtrain.network import WIRE_VERSION, fetch_run_config, make_dht, peer_id_in
+from swarmtrain.network import WIRE_VERSION, NeighbourhoodKeeper, fetch_run_config, make_dht, peer_id_in
 from swarmtrain.peer.display import ProgressDisplay
 from swarmtrain.peer.optimizer import make_optimizer
 from swarmtrain.peer.reporting import PeerReporter
 from swarmtrain.privacy import attach_privacy_head
+from swarmtrain.reachability import start_dht_checking_reachability
 from swarmtrain.signals import (StopRequested, children_ignore_interrupts, raise_if_stop_requested,
                                 raise_on_stop_signals)
 
@@ -48,6 +49,7 @@ class PeerOptions:
     status_file: Optional[str] = None
     show_progress: Optional[bool] = None  # None: a live bar when stderr is a terminal
     metrics_port: Optional[int] = None  # serve this peer's own /metrics here
+    port: Optional[int] = None  # the fixed listen port, when given (for the reachability advice)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,23 +90,29 @@ def run_peer(options: PeerOptions) -> dict:
     raise_on_stop_signals()
     try:
         with children_ignore_interrupts():
-            dht = make_dht(
-                initial_peers=options.initial_peers,
-                host_maddrs=options.host_maddrs,
-                announce_maddrs=options.announce_maddrs,
-                identity_path=options.identity,
-                client_mode=options.client_mode,
-                signature_validator=signature_validator,
+            # join as a full peer, ask the swarm to dial us back, and fall back to client mode
+            # (one warning line with the fix) when nobody can
+            dht, network_mode = start_dht_checking_reachability(
+                lambda client_mode: make_dht(
+                    initial_peers=options.initial_peers, host_maddrs=options.host_maddrs,
+                    announce_maddrs=options.announce_maddrs, identity_path=options.identity,
+                    client_mode=client_mode, signature_validator=signature_validator,
+                ),
+                client_mode=options.client_mode, initial_peers=options.initial_peers,
+                listen_port=options.port, log=logger,
             )
+        client_mode = network_mode.client_mode
         published = fetch_run_config(dht, trusted)
         config = published.config
         if options.run_id is not None and options.run_id != config.run_id:
             raise UserError(f"the initial peer serves run {config.run_id!r}, not {options.run_id!r}; check --run-id or the address")
         if published.wire_version != WIRE_VERSION:
             raise UserError(f"the run needs swarmtrain wire version {published.wire_version}, this is {WIRE_VERSION}; upgrade swarmtrain")
-        status.update(run_id=config.run_id, peer_id=str(dht.peer_id), device=str(device), client_mode=options.client_mode)
+        status.update(run_id=config.run_id, peer_id=str(dht.peer_id), device=str(device), client_mode=client_mode)
         logger.info(f"joined run {config.run_id!r} as {dht.peer_id} on {device}")
 
+        neighbourhood = NeighbourhoodKeeper(dht, options.initial_peers)
+        neighbourhood.refresh_now()  # meet the peers that started with us before the tracker looks
         corpus = load_corpus(config.data, options.data)
         logger.info(f"data: {corpus.description}")
         heldout = corpus.heldout.to(device)
@@ -121,7 +129,7 @@ def run_peer(options: PeerOptions) -> dict:
 
         with children_ignore_interrupts():
             optimizer = make_optimizer(config, model, dht, batch_size=options.batch_size,
-                                       client_mode=options.client_mode, private_key=private_key)
+                                       client_mode=client_mode, private_key=private_key)
         if resumed is not None and resumed.optimizer_state is not None:
             optimizer.load_state_dict(resumed.optimizer_state)
         swarm_epoch = max(optimizer.tracker.global_progress.epoch, published.initial_epoch)
@@ -135,7 +143,7 @@ def run_peer(options: PeerOptions) -> dict:
             logger.info(f"loaded the state of epoch {optimizer.local_epoch}")
 
         reporter = PeerReporter(dht, config.run_id, signature_validator, role="trainer", device=str(device),
-                                client_mode=options.client_mode, metrics_port=options.metrics_port)
+                                client_mode=client_mode, metrics_port=options.metrics_port)
         peer_seed = int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8], "little")
         batches = peer_batches(corpus, config.data.num_shards, options.batch_size, peer_seed)
         mask_generator = torch.Generator().manual_seed(peer_seed)
@@ -184,6 +192,7 @@ def run_peer(options: PeerOptions) -> dict:
                                samples=progress.samples_accumulated, eta=progress.eta_next_epoch - time.time(),
                                peers=progress.num_peers, last_round=last_round,
                                samples_per_second=status["samples_per_second"])
+                neighbourhood.maybe_refresh()
                 reporter.maybe_publish(
                     step=step, epoch=optimizer.local_epoch, loss=status["loss"],
                     samples_per_second=status["samples_per_second"],
@@ -224,16 +233,24 @@ def run_peer(options: PeerOptions) -> dict:
 
 
 def _resync_after_failed_round(optimizer, status: dict) -> None:
-    """A peer whose averaging round failed stepped on its own gradients and now differs from the
-    swarm; in sync mode nothing would ever bring it back. Download the swarm's state instead."""
+    """A peer whose averaging round failed stepped on its own gradients, and one whose parameter
+    fingerprint differed from its group's had drifted before; in sync mode nothing would ever
+    bring either back. Download the swarm's state instead."""
     last = optimizer.rounds[-1] if optimizer.rounds else None
-    if last is None or last.ok or last.note == "no other peers" or status.get("resynced_after") == len(optimizer.rounds):
+    if last is None or status.get("resynced_after") == len(optimizer.rounds):
+        return
+    if last.ok and optimizer.diverged:
+        reason = "its parameters differ from the rest of its group"
+    elif not last.ok and last.note != "no other peers":
+        reason = f"its averaging round failed ({last.note})"
+    else:
         return
     status["resynced_after"] = len(optimizer.rounds)
     if optimizer.tracker.global_progress.num_peers <= 1:
         return
-    logger.warning(f"averaging round of epoch {last.epoch} failed ({last.note}); re-synchronising with the swarm")
+    logger.warning(f"epoch {last.epoch}: {reason}; downloading the swarm's state")
     optimizer.load_state_from_peers()
+    optimizer.resynchronised()
     status["resyncs"] = status.get("resyncs", 0) + 1
 
 

@@ -1,0 +1,419 @@
+"""`swarmtrain doctor`: will this machine be able to join the swarm? One table of ok/fix lines.
+
+Every check runs even when an earlier one failed (except those that need the swarm), so a
+volunteer sees all there is to fix at once. Exit code 0 when everything is ok, 1 otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import List, Optional, Sequence, Tuple
+
+# hivemind reads its log level at import time; a diagnostic should not add its own noise
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+
+import click
+
+from swarmtrain.errors import UserError
+
+MIN_PYTHON = (3, 11)
+CLOCK_TOLERANCE_SECONDS = 1.0  # hivemind matchmaking deadlines are absolute DHT times a few seconds ahead
+MEMORY_MARGIN = 0.7  # above this share of free memory, activations and the OS will likely not fit
+
+# Bytes per parameter that a peer holds, by where hivemind.Optimizer keeps them (offload_optimizer
+# is on for swarmtrain's sync mode): the model and its .grad on the training device; gradient
+# accumulators beside them; the averaged gradients (shared memory), the offloaded fp32 master
+# parameters and the optimizer state on the host.
+DEVICE_BYTES_PER_PARAM = 4 + 4 + 4  # weights, .grad, accumulated gradients
+HOST_BYTES_PER_PARAM = 4 + 4  # averaged gradients, offloaded master parameters
+FP32_STATE_BYTES_PER_PARAM = 2 * 4  # Adam/LAMB: two fp32 moments
+EIGHT_BIT_STATE_BYTES_PER_PARAM = 2  # two 8-bit moments (+ small per-block scales), see benchmarks/memory.py
+
+OK, FIX, WARN, SKIP = "ok", "fix", "warn", "skip"
+
+
+@dataclass
+class Row:
+    check: str
+    status: str  # ok / fix / warn / skip; only "fix" makes the exit code 1
+    detail: str
+    fix: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# checks on this machine
+# ---------------------------------------------------------------------------------------------
+
+
+def check_python() -> Row:
+    version = ".".join(map(str, sys.version_info[:3]))
+    if sys.version_info[:2] < MIN_PYTHON:
+        return Row("python", FIX, f"Python {version}", f"install Python {'.'.join(map(str, MIN_PYTHON))} or newer")
+    return Row("python", OK, f"Python {version} ({sys.platform})")
+
+
+def check_torch() -> Row:
+    try:
+        import torch
+    except Exception as error:
+        return Row("torch", FIX, f"cannot import torch: {_one_line(error)}", "pip install 'torch>=2.2,<2.15'")
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    return Row("torch", OK, f"torch {torch.__version__} ({build})")
+
+
+def check_device(device: str) -> Tuple[Row, Optional[str]]:
+    """The device row and the resolved device ('cpu', 'cuda:0'), or None when it is unusable."""
+    try:
+        import torch
+    except Exception:
+        return Row("device", SKIP, "needs torch"), None
+    if device == "auto":
+        if torch.cuda.is_available():
+            return Row("device", OK, f"auto: cuda:0 ({torch.cuda.get_device_name(0)})"), "cuda:0"
+        return Row("device", OK, "auto: no CUDA GPU here, training runs on the CPU (slower, still counts)"), "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return Row("device", FIX, f"--device {device} is not a device name", "use --device auto, cpu or cuda:N"), None
+    if parsed.type == "cpu":
+        return Row("device", OK, "cpu"), "cpu"
+    if parsed.type != "cuda":
+        return Row("device", FIX, f"--device {device}: swarmtrain trains on cpu or cuda",
+                   "use --device auto, cpu or cuda:N"), None
+    if not torch.cuda.is_available():
+        why = ("torch is a CPU-only build" if not torch.version.cuda
+               else f"torch has CUDA {torch.version.cuda} but sees no GPU (driver missing or CUDA_VISIBLE_DEVICES empty)")
+        return Row("device", FIX, f"--device {device}: CUDA is not available: {why}",
+                   "use --device cpu, or install a CUDA build of torch and the NVIDIA driver"), None
+    index = parsed.index or 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        return Row("device", FIX, f"--device {device}: only {count} CUDA device(s) here",
+                   f"use --device cuda:0 ... cuda:{count - 1}"), None
+    return Row("device", OK, f"cuda:{index} ({torch.cuda.get_device_name(index)})"), f"cuda:{index}"
+
+
+def check_bitsandbytes(required: bool) -> Row:
+    """bitsandbytes provides LAMB and the 8-bit optimizers; AdamW runs without it."""
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            import bitsandbytes
+        return Row("bitsandbytes", OK, f"bitsandbytes {bitsandbytes.__version__}")
+    except Exception as error:
+        status = FIX if required else WARN
+        return Row("bitsandbytes", status, f"cannot import bitsandbytes: {_one_line(error)}"
+                   + ("" if required else " (this run's optimizer does not need it)"),
+                   "pip install 'bitsandbytes>=0.45,<0.51'")
+
+
+def free_host_memory() -> Optional[int]:
+    """Bytes of RAM available to a new process: psutil when installed, else Linux /proc/meminfo."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def count_parameters(config) -> int:
+    """Parameters of the run's model, built on the meta device: no memory, no weight init."""
+    import torch
+
+    from swarmtrain.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config.model, config.data.seq_len, config.seed)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def memory_needed(num_params: int, eight_bit: bool, device: str) -> Tuple[int, int]:
+    """(bytes on the training device, bytes in host RAM); on the CPU both are RAM."""
+    state = EIGHT_BIT_STATE_BYTES_PER_PARAM if eight_bit else FP32_STATE_BYTES_PER_PARAM
+    on_device = num_params * DEVICE_BYTES_PER_PARAM
+    on_host = num_params * (HOST_BYTES_PER_PARAM + state)
+    if device == "cpu":
+        return 0, on_device + on_host
+    return on_device, on_host
+
+
+def check_memory(config, device: Optional[str]) -> Row:
+    if config is None:
+        return Row("memory", SKIP, "needs the run config")
+    num_params = count_parameters(config)
+    eight_bit = config.optimizer.eight_bit
+    optimizer = f"{config.optimizer.name}{' 8-bit' if eight_bit else ' fp32'}"
+    device = device or "cpu"
+    gpu_need, host_need = memory_needed(num_params, eight_bit, device)
+    problems, parts = [], []
+    host_free = free_host_memory()
+    if host_free is None:
+        return Row("memory", WARN, f"{_gib(host_need)} RAM needed; could not measure free memory here "
+                   "(pip install psutil)")
+    parts.append(f"RAM {_gib(host_need)} of {_gib(host_free)} free")
+    if host_need > host_free:
+        problems.append("RAM")
+    if gpu_need:
+        import torch
+
+        gpu_free, _ = torch.cuda.mem_get_info(torch.device(device))
+        parts.append(f"{device} {_gib(gpu_need)} of {_gib(gpu_free)} free")
+        if gpu_need > gpu_free:
+            problems.append("GPU memory")
+        tight = gpu_need > MEMORY_MARGIN * gpu_free or host_need > MEMORY_MARGIN * host_free
+    else:
+        tight = host_need > MEMORY_MARGIN * host_free
+    detail = (f"{num_params / 1e6:.1f}M parameters, {optimizer} state: needs {', '.join(parts)} "
+              "(plus activations, which --batch-size sets)")
+    if problems:
+        fix = "free memory (close other programs) or use a bigger machine"
+        if not eight_bit:
+            fix += "; the organiser can set optimizer.eight_bit: true to cut the optimizer state 4x"
+        return Row("memory", FIX, f"not enough {' and '.join(problems)}: {detail}", fix)
+    if tight:
+        return Row("memory", WARN, detail, "little room left for activations: start with a small --batch-size")
+    return Row("memory", OK, detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks against the swarm
+# ---------------------------------------------------------------------------------------------
+
+
+async def _ping_each(_dht, node, peer_ids: list, timeout: float) -> list:
+    """DHT ping to each peer: did it answer, and its DHT clock against ours (NTP-style midpoint)."""
+    import asyncio
+
+    from hivemind.proto import dht_pb2
+    from hivemind.utils import get_dht_time
+
+    results = []
+    for peer_id in peer_ids:
+        sent = get_dht_time()
+        try:
+            # an empty NodeInfo: answer the ping, but do not add this short-lived node to routing tables
+            response = await asyncio.wait_for(
+                node.protocol.get_stub(peer_id).rpc_ping(dht_pb2.PingRequest(peer=dht_pb2.NodeInfo(), validate=False)),
+                timeout)
+            received = get_dht_time()
+            results.append(dict(ok=True, rtt=received - sent, offset=response.dht_time - (sent + received) / 2))
+        except Exception as error:
+            results.append(dict(ok=False, error=_one_line(error) or "no answer"))
+    return results
+
+
+def check_swarm(initial_peers: List[str], host_maddrs: List[str], announce_maddrs: List[str],
+                listen_port: Optional[int], config_path: Optional[str], timeout: float) -> Tuple[List[Row], object]:
+    """Rows for: each initial peer, the run config, this peer's reachability, the clock. Returns
+    the rows and the run config (None if unknown)."""
+    from swarmtrain.config import load_run_config
+    from swarmtrain.network import fetch_run_config, make_dht, peer_id_in
+    from swarmtrain.reachability import check_reachability
+
+    rows: List[Row] = []
+    config, config_row = None, None
+    if config_path:
+        try:
+            config = load_run_config(config_path)
+            config_row = Row("run config", OK, f"run {config.run_id!r} from {config_path}")
+        except UserError as error:
+            config_row = Row("run config", FIX, error.message, "fix the file, or leave out --config to use the swarm's")
+    if not initial_peers:
+        rows.append(Row("initial peers", FIX, "none given",
+                        "pass --initial-peers with the address from the coordinator's join command"))
+        rows.append(config_row or Row("run config", SKIP, "needs an initial peer (or --config)"))
+        rows += [Row(name, SKIP, "needs an initial peer") for name in ("this peer reachable", "clock")]
+        return rows, config
+    from hivemind.dht.crypto import RSASignatureValidator
+
+    try:
+        # the run config is a signed record: without the validator hivemind cannot even read it
+        dht = make_dht(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+                       client_mode=False, signature_validator=RSASignatureValidator(), startup_timeout=timeout)
+    except UserError as error:
+        if error.message.startswith("could not reach any initial peer"):
+            for maddr in initial_peers:
+                rows.append(Row(f"initial peer {_short_maddr(maddr)}", FIX, error.message,
+                                "check the address (copy the coordinator's join command) and that the coordinator runs"))
+        else:  # our own side: a port in use, a bad announce address, the daemon did not start
+            rows.append(Row("network", FIX, error.message, "change the flag it names"))
+        rows.append(config_row or Row("run config", SKIP, "needs a reachable initial peer (or --config)"))
+        rows += [Row(name, SKIP, "needs a reachable initial peer") for name in ("this peer reachable", "clock")]
+        return rows, config
+    try:
+        pings = dht.run_coroutine(partial(_ping_each, peer_ids=[peer_id_in(m) for m in initial_peers], timeout=timeout))
+        for maddr, ping in zip(initial_peers, pings):
+            if ping["ok"]:
+                rows.append(Row(f"initial peer {_short_maddr(maddr)}", OK, f"answers in {ping['rtt'] * 1000:.0f} ms"))
+            else:
+                rows.append(Row(f"initial peer {_short_maddr(maddr)}", FIX, f"does not answer: {ping['error']}",
+                                "check the address (copy the coordinator's join command) and that it runs"))
+        if config_row is None:
+            try:
+                published = fetch_run_config(dht, trusted=[peer_id_in(m) for m in initial_peers], timeout=timeout)
+                config = published.config
+                config_row = Row("run config", OK, f"run {config.run_id!r} published by {str(published.owner)[:16]}…")
+            except UserError as error:
+                config_row = Row("run config", FIX, error.message, "")
+        rows.append(config_row)
+        reachability = check_reachability(dht, timeout, initial_peers=initial_peers, listen_port=listen_port)
+        if reachability.reachable and reachability.checked_by == "this machine":
+            rows.append(Row("this peer reachable", WARN, reachability.detail,
+                            "nothing to do now; a swarm with a newer coordinator checks from outside"))
+        elif reachability.reachable:
+            rows.append(Row("this peer reachable", OK, reachability.detail))
+        else:
+            rows.append(Row("this peer reachable", FIX,
+                            reachability.detail + "; `swarmtrain peer` would train as a client", reachability.suggestion))
+        rows.append(_clock_row(pings))
+    finally:
+        dht.shutdown()
+    return rows, config
+
+
+def _clock_row(pings: Sequence[dict]) -> Row:
+    answered = [p for p in pings if p["ok"]]
+    if not answered:
+        return Row("clock", SKIP, "no peer answered to compare clocks with")
+    best = min(answered, key=lambda p: p["rtt"])  # the shortest round trip bounds the error best
+    offset, error = best["offset"], best["rtt"] / 2
+    detail = f"offset {offset:+.3f} s (± {error:.3f} s) against the swarm"
+    if abs(offset) - error > CLOCK_TOLERANCE_SECONDS:
+        return Row("clock", FIX, detail + f"; more than {CLOCK_TOLERANCE_SECONDS:.0f} s breaks averaging deadlines",
+                   "turn on time sync: `sudo timedatectl set-ntp true` (Linux), or sync the clock in the OS settings")
+    return Row("clock", OK, detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+
+
+def run_checks(initial_peers: List[str], device: str, config_path: Optional[str], host_maddrs: List[str],
+               announce_maddrs: List[str], listen_port: Optional[int], timeout: float) -> List[Row]:
+    rows = [_guarded("python", check_python), _guarded("torch", check_torch)]
+    device_row, resolved = _guarded_pair("device", lambda: check_device(device))
+    rows.append(device_row)
+    try:
+        swarm_rows, config = check_swarm(initial_peers, host_maddrs, announce_maddrs, listen_port, config_path, timeout)
+    except Exception as error:  # an unexpected failure becomes a row, not a traceback
+        swarm_rows, config = [Row("swarm", FIX, f"check failed: {_one_line(error)}")], None
+    needs_bnb = config is None or config.optimizer.name == "lamb" or config.optimizer.eight_bit
+    rows.append(_guarded("bitsandbytes", lambda: check_bitsandbytes(needs_bnb)))
+    rows.append(_guarded("memory", lambda: check_memory(config, resolved)))
+    rows += swarm_rows
+    rows.append(Row("access token", OK, "not required (this swarmtrain version has no access tokens)"))
+    return rows
+
+
+def _guarded(name: str, check) -> Row:
+    try:
+        return check()
+    except Exception as error:
+        return Row(name, FIX, f"check failed: {_one_line(error)}")
+
+
+def _guarded_pair(name: str, check):
+    try:
+        return check()
+    except Exception as error:
+        return Row(name, FIX, f"check failed: {_one_line(error)}"), None
+
+
+def print_table(rows: List[Row]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title="swarmtrain doctor")
+    for column in ("check", "result", "detail", "fix"):
+        table.add_column(column, overflow="fold")
+    colours = {OK: "green", FIX: "bold red", WARN: "yellow", SKIP: "dim"}
+    for row in rows:
+        table.add_row(row.check, f"[{colours[row.status]}]{row.status}[/]", row.detail, row.fix)
+    console.print(table)
+    fixes = sum(row.status == FIX for row in rows)
+    console.print("[green]all ok[/]: `swarmtrain peer` with the same flags should join" if not fixes
+                  else f"[red]{fixes} thing(s) to fix[/] before joining (see the fix column)")
+
+
+@click.command("doctor")
+@click.option("--initial-peers", multiple=True,
+              help="The coordinator's address from its join command (multiaddr with /p2p/...); repeat the flag "
+                   "or separate with spaces.")
+@click.option("--device", default="auto", show_default=True, help="The device you will train on: auto, cpu or cuda:N.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Check against this local run config instead of the one the swarm publishes.")
+@click.option("--announce-maddrs", multiple=True,
+              help="Public addresses you will announce (multiaddrs, e.g. /ip4/203.0.113.5/tcp/31337).")
+@click.option("--public-ip", default=None,
+              help="Your public IP (your router forwards --port to this machine); needs --port.")
+@click.option("--port", type=int, default=None, help="The TCP port you will listen on (default: a random one).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=15.0, show_default=True,
+              help="Seconds to wait for each network check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+def doctor(initial_peers, device, config_path, announce_maddrs, public_ip, port, timeout, as_json):
+    """Check that this machine can join the swarm: software, memory, network, clock.
+
+    Prints one line per check with what to fix; exits 0 when all are ok, 1 otherwise.
+    """
+    from swarmtrain.network import parse_initial_peers
+    from swarmtrain.reachability import host_and_announce_maddrs
+
+    peers = parse_initial_peers(initial_peers)  # malformed addresses: one line, exit 1
+    split = [item for value in announce_maddrs for item in value.replace(",", " ").split()]
+    try:
+        host_maddrs, announce = host_and_announce_maddrs(port, public_ip, announce_maddrs=split)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    try:
+        rows = run_checks(peers, device, config_path, host_maddrs, announce, port, timeout)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(130)
+    if as_json:
+        click.echo(json.dumps([asdict(row) for row in rows], indent=1))
+    else:
+        print_table(rows)
+    _quiet_exit()
+    raise click.exceptions.Exit(1 if any(row.status == FIX for row in rows) else 0)
+
+
+def _quiet_exit() -> None:
+    """hivemind's leftover futures are finalised after its loops closed and print noise at exit."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def _short_maddr(maddr: str) -> str:
+    address, _, peer_id = maddr.partition("/p2p/")
+    return f"{address}/p2p/{peer_id[:8]}…" if peer_id else address
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+if __name__ == "__main__":
+    doctor()
