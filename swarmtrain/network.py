@@ -12,6 +12,7 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -191,3 +192,17 @@ class NeighbourhoodKeeper:
         self._last = time.monotonic()
         self._pending = self.dht.run_coroutine(partial(_refresh_neighbourhood, initial_peer_ids=self.initial_peer_ids),
                                                return_future=True)
+
+
+def progress_records(dht: hivemind.DHT, run_id: str, max_age: float) -> List[LocalTrainingProgress]:
+    """The progress records hivemind's trackers publish, without dead peers' (filtered by age)."""
+    found = dht.get(f"{run_id}_progress", latest=True)
+    records: List[LocalTrainingProgress] = []
+    if found is not None and isinstance(found.value, dict):
+        for entry in found.value.values():
+            try:
+                records.append(LocalTrainingProgress.parse_obj(entry.value))
+            except Exception:
+                continue  # malformed or a goodbye (None): the schema validator lets goodbyes through
+    now = get_dht_time()
+    return [r for r in records if now - r.time < max_age]

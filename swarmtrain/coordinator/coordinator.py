@@ -16,14 +16,13 @@ from typing import List, Optional, Sequence
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
-from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgressSchema
-from hivemind.utils import get_dht_time
+from hivemind.optim.progress_tracker import TrainingProgressSchema
 
 from swarmtrain.config import RunConfig
 from swarmtrain.errors import UserError
 from swarmtrain.identity import load_or_create_identity
 from swarmtrain.monitoring import SwarmAggregator, SwarmMetrics, record_validators
-from swarmtrain.network import RUN_CONFIG_TTL, make_dht, publish_run_config
+from swarmtrain.network import RUN_CONFIG_TTL, make_dht, progress_records, publish_run_config
 from swarmtrain.peer.reporting import RECORD_TTL, serve_metrics
 from swarmtrain.reachability import serve_reachability_checks
 from swarmtrain.signals import children_ignore_interrupts, raise_if_stop_requested
@@ -41,27 +40,9 @@ class SwarmProgress:
     eta_seconds: float
 
 
-def _progress_records(dht: hivemind.DHT, run_id: str, max_age: float) -> List[LocalTrainingProgress]:
-    """The progress records hivemind's trackers publish, without dead peers' (filtered by age)."""
-    found = dht.get(f"{run_id}_progress", latest=True)
-    records: List[LocalTrainingProgress] = []
-    if found is not None and isinstance(found.value, dict):
-        for entry in found.value.values():
-            try:
-                records.append(LocalTrainingProgress.parse_obj(entry.value))
-            except Exception:
-                continue  # malformed or a goodbye (None): the schema validator lets goodbyes through
-    now = get_dht_time()
-    return [r for r in records if now - r.time < max_age]
-
-
-def read_swarm_epochs(dht: hivemind.DHT, run_id: str, max_age: float) -> List[int]:
-    return [r.epoch for r in _progress_records(dht, run_id, max_age)]
-
-
 def read_swarm_progress(dht: hivemind.DHT, run_id: str, target_batch_size: int) -> SwarmProgress:
     """Summarise the progress records hivemind's trackers publish."""
-    records = _progress_records(dht, run_id, max_age=60.0)
+    records = progress_records(dht, run_id, max_age=60.0)
     if not records:
         return SwarmProgress(0, 0, 0, 0, 0.0, float("inf"))
     epoch = max(r.epoch for r in records)

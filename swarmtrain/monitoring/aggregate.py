@@ -48,6 +48,21 @@ class PeerSummary:
     version: str
     age_seconds: float  # how old the peer's last record is
 
+    @classmethod
+    def from_record(cls, owner: str, record: PeerRecord, *, bytes_sent_per_second: float = 0.0,
+                    bytes_received_per_second: float = 0.0, age_seconds: float = 0.0) -> "PeerSummary":
+        return cls(
+            owner=owner, peer_id=record.peer_id, role=record.role, step=record.step, epoch=record.epoch,
+            loss=record.loss, samples_per_second=record.samples_per_second,
+            samples_accumulated=record.samples_accumulated, bytes_sent=record.bytes_sent,
+            bytes_received=record.bytes_received, bytes_sent_per_second=bytes_sent_per_second,
+            bytes_received_per_second=bytes_received_per_second, rounds_ok=record.rounds_ok,
+            rounds_failed=record.rounds_failed, last_round_seconds=record.last_round_seconds,
+            compression_density=record.compression_density, leakage_dcor=record.leakage_dcor,
+            device=record.device, client_mode=record.client_mode, version=record.version,
+            age_seconds=age_seconds,
+        )
+
 
 @dataclass
 class SwarmStatus:
@@ -164,27 +179,9 @@ class SwarmAggregator:
         for owner, record in sorted(alive.items(), key=lambda item: (item[1].role, item[1].peer_id)):
             counters = self._seen[owner]
             rows.append(
-                PeerSummary(
-                    owner=short_owner(owner),
-                    peer_id=record.peer_id,
-                    role=record.role,
-                    step=record.step,
-                    epoch=record.epoch,
-                    loss=record.loss,
-                    samples_per_second=record.samples_per_second,
-                    samples_accumulated=record.samples_accumulated,
-                    bytes_sent=record.bytes_sent,
-                    bytes_received=record.bytes_received,
-                    bytes_sent_per_second=counters.bytes_sent_per_second,
+                PeerSummary.from_record(
+                    short_owner(owner), record, bytes_sent_per_second=counters.bytes_sent_per_second,
                     bytes_received_per_second=counters.bytes_received_per_second,
-                    rounds_ok=record.rounds_ok,
-                    rounds_failed=record.rounds_failed,
-                    last_round_seconds=record.last_round_seconds,
-                    compression_density=record.compression_density,
-                    leakage_dcor=record.leakage_dcor,
-                    device=record.device,
-                    client_mode=record.client_mode,
-                    version=record.version,
                     age_seconds=max(now - record.time, 0.0),
                 )
             )

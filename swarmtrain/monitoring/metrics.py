@@ -199,29 +199,8 @@ class PeerMetrics:
         record = self._record
         if record is None:
             return None
-        return PeerSummary(
-            owner=short_owner(self._owner) if self._owner else "",
-            peer_id=record.peer_id,
-            role=record.role,
-            step=record.step,
-            epoch=record.epoch,
-            loss=record.loss,
-            samples_per_second=record.samples_per_second,
-            samples_accumulated=record.samples_accumulated,
-            bytes_sent=record.bytes_sent,
-            bytes_received=record.bytes_received,
-            bytes_sent_per_second=0.0,  # Prometheus computes rates from this exporter's counters
-            bytes_received_per_second=0.0,
-            rounds_ok=record.rounds_ok,
-            rounds_failed=record.rounds_failed,
-            last_round_seconds=record.last_round_seconds,
-            compression_density=record.compression_density,
-            leakage_dcor=record.leakage_dcor,
-            device=record.device,
-            client_mode=record.client_mode,
-            version=record.version,
-            age_seconds=0.0,
-        )
+        # rates stay 0 here: Prometheus computes them from this exporter's counters
+        return PeerSummary.from_record(short_owner(self._owner) if self._owner else "", record)
 
 
 class _PeerRecordCollector(Collector):

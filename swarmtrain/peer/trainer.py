@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,8 @@ from swarmtrain.data import load_corpus, peer_batches
 from swarmtrain.errors import UserError
 from swarmtrain.identity import load_or_create_identity
 from swarmtrain.models import EMBEDDED_INPUT_LAYER, build_model, compute_loss, heldout_loss
-from swarmtrain.network import WIRE_VERSION, NeighbourhoodKeeper, fetch_run_config, make_dht, peer_id_in
+from swarmtrain.network import (WIRE_VERSION, NeighbourhoodKeeper, fetch_run_config, make_dht, peer_id_in,
+                                progress_records)
 from swarmtrain.peer.display import ProgressDisplay
 from swarmtrain.peer.optimizer import make_optimizer
 from swarmtrain.peer.reporting import PeerReporter
@@ -177,7 +177,7 @@ def run_peer(options: PeerOptions) -> dict:
                 status.update(step=step, epoch=optimizer.local_epoch, loss=float(loss.item()))
 
                 if optimizer.local_epoch != last_epoch:
-                    _resync_after_failed_round(optimizer, status)
+                    _resync_if_apart(optimizer, status)
                     status["rounds"] = [asdict(record) for record in optimizer.rounds]
                     epoch = optimizer.local_epoch
                     if options.eval_every and epoch % options.eval_every == 0:
@@ -204,7 +204,7 @@ def run_peer(options: PeerOptions) -> dict:
                     _write_status(options.status_file, status)
                     last_status_write = now
         if options.max_epochs is not None:
-            _resync_after_failed_round(optimizer, status)
+            _resync_if_apart(optimizer, status)
             _linger_until_swarm_finishes(optimizer, config, options.max_epochs)
         status["phase"] = "finished"
     except StopRequested as stop:
@@ -232,7 +232,7 @@ def run_peer(options: PeerOptions) -> dict:
     return status
 
 
-def _resync_after_failed_round(optimizer, status: dict) -> None:
+def _resync_if_apart(optimizer, status: dict) -> None:
     """A peer whose averaging round failed stepped on its own gradients, and one whose parameter
     fingerprint differed from its group's had drifted before; in sync mode nothing would ever
     bring either back. Download the swarm's state instead."""
@@ -257,12 +257,10 @@ def _resync_after_failed_round(optimizer, status: dict) -> None:
 def _linger_until_swarm_finishes(optimizer, config, final_epoch: int) -> None:
     """At a planned end (--max-epochs), stay a little while others are still on their last epoch:
     a straggler whose last round failed re-synchronises by downloading the state from us."""
-    from swarmtrain.coordinator.coordinator import read_swarm_epochs
-
     deadline = time.monotonic() + config.averaging.averaging_timeout + 30
     while time.monotonic() < deadline:
         raise_if_stop_requested()
-        behind = [epoch for epoch in read_swarm_epochs(optimizer.dht, config.run_id, max_age=15.0) if epoch < final_epoch]
+        behind = [r for r in progress_records(optimizer.dht, config.run_id, max_age=15.0) if r.epoch < final_epoch]
         if not behind:
             return
         time.sleep(1.0)
