@@ -246,13 +246,23 @@ def _markov_bytes(num_sequences, length, seed):
     return tokens
 
 
-def _convergence_peer(rank, num_peers, spec, epochs, target_batch, address_queue, barrier, result_queue):
+def _make_inner_optimizer(optimizer_spec: str):
+    """"adam:0.003" or "sgd:0.3" (SGD with momentum 0.9, the optimizer of the GaussianK paper)."""
     from functools import partial
 
+    name, _, lr = optimizer_spec.partition(":")
+    if name == "sgd":
+        return partial(torch.optim.SGD, lr=float(lr or 0.3), momentum=0.9)
+    return partial(torch.optim.Adam, lr=float(lr or 3e-3))
+
+
+def _convergence_peer(rank, num_peers, spec, epochs, target_batch, address_queue, barrier, result_queue,
+                      optimizer_spec="adam:0.003"):
     import hivemind
     import transformers
 
     from swarmtrain.compression.averager import make_grad_averager_factory
+    from swarmtrain.compression.feedback import DensitySchedule
 
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
@@ -267,11 +277,19 @@ def _convergence_peer(rank, num_peers, spec, epochs, target_batch, address_queue
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=260, n_positions=128)
     model = transformers.GPT2LMHeadModel(config)
     batch = 8
+    # "gaussiank:0.01@warmup20": the spec with the density warm-up of the run config's
+    # averaging.density_warmup_epochs (from 1/64 to the target density geometrically over 20 epochs)
+    spec, _, warmup = spec.partition("@warmup")
+    schedule = None
+    if warmup:
+        density = float(spec.split(":")[1].split("+")[0])
+        schedule = DensitySchedule(density, initial=max(density, 1 / 64), warmup_epochs=int(warmup))
     optimizer = hivemind.Optimizer(
-        dht=dht, run_id=f"convergence_{spec.replace(':', '_').replace('.', 'p').replace('+', '_')}",
-        params=model.parameters(), optimizer=partial(torch.optim.Adam, lr=3e-3), target_batch_size=target_batch,
+        dht=dht, run_id=f"convergence_{spec.replace(':', '_').replace('.', 'p').replace('+', '_')}_{warmup or 0}",
+        params=model.parameters(), optimizer=_make_inner_optimizer(optimizer_spec), target_batch_size=target_batch,
         batch_size_per_step=batch, matchmaking_time=2.0, averaging_timeout=30.0, client_mode=False,
-        average_state_every=10**6, grad_averager_factory=make_grad_averager_factory(spec, request_timeout=1.0),
+        average_state_every=10**6, grad_averager_factory=make_grad_averager_factory(spec, density_schedule=schedule,
+                                                                           request_timeout=1.0),
         averager_opts=dict(request_timeout=1.0), verbose=False,
     )
     train = _markov_bytes(4096, 64, seed=100 + rank)
@@ -279,7 +297,7 @@ def _convergence_peer(rank, num_peers, spec, epochs, target_batch, address_queue
     barrier.wait(120)
     samples, step = 0, 0
     started = time.monotonic()
-    while optimizer.local_epoch < epochs and time.monotonic() - started < 900:
+    while optimizer.local_epoch < epochs and time.monotonic() - started < 3600:
         tokens = train[(step * batch) % len(train):][:batch]
         model(input_ids=tokens, labels=tokens).loss.backward()
         optimizer.step()
@@ -299,25 +317,26 @@ def _convergence_peer(rank, num_peers, spec, epochs, target_batch, address_queue
     dht.shutdown()
 
 
-def bench_convergence(specs, num_peers, epochs, target_batch):
+def bench_convergence(specs, num_peers, epochs, target_batch, optimizer_spec="adam:0.003"):
     rows = []
     for spec in specs:
         context = mp.get_context("fork")
         address_queue, result_queue = context.Queue(), context.Queue()
         barrier = context.Barrier(num_peers)
         processes = [context.Process(target=_convergence_peer, args=(rank, num_peers, spec, epochs, target_batch,
-                                                                     address_queue, barrier, result_queue))
+                                                                     address_queue, barrier, result_queue,
+                                                                     optimizer_spec))
                      for rank in range(num_peers)]
         for process in processes:
             process.start()
         try:
-            peers = sorted((result_queue.get(timeout=1200) for _ in range(num_peers)), key=lambda item: item[0])
+            peers = sorted((result_queue.get(timeout=4000) for _ in range(num_peers)), key=lambda item: item[0])
         finally:
             for process in processes:
                 process.join(timeout=60)
                 if process.is_alive():
                     process.kill()
-        row = dict(spec=spec, peers=num_peers, epochs=epochs, target_batch_size=target_batch,
+        row = dict(spec=spec, optimizer=optimizer_spec, peers=num_peers, epochs=epochs, target_batch_size=target_batch,
                    held_out_loss_per_peer=[p["held_out_loss"] for _, p in peers],
                    parameters_sha_per_peer=[p["parameters_sha"] for _, p in peers],
                    rounds_ok=[p["rounds_ok"] for _, p in peers], rounds_failed=[p["rounds_failed"] for _, p in peers],
@@ -339,6 +358,12 @@ def main():
     parser.add_argument("--skip-wire", action="store_true")
     parser.add_argument("--convergence", action="store_true",
                         help="(c) also train the tiny GPT-2 in 3 peers: fp16 vs gaussiank:0.01 (minutes)")
+    parser.add_argument("--convergence-specs", default="fp16,gaussiank:0.01",
+                        help="comma-separated specs for (c); SPEC@warmupN adds a density warm-up of N epochs")
+    parser.add_argument("--convergence-epochs", type=int, default=15, help="epochs (optimizer steps) per run in (c)")
+    parser.add_argument("--convergence-target", type=int, default=1024, help="target batch size in (c)")
+    parser.add_argument("--convergence-optimizer", default="adam:0.003",
+                        help="inner optimizer in (c): adam:LR or sgd:LR (momentum 0.9)")
     parser.add_argument("--codecs", default=None, help="comma-separated wire configurations to run (fp16 always)")
     args = parser.parse_args()
     global WIRE_CODEC_FILTER
@@ -366,9 +391,14 @@ def main():
         shapes = [(128, 128)] * 4 if args.quick else [(512, 512)] * 4
         results["wire"] = bench_wire(num_peers=4, shapes=shapes, rounds=1 if args.quick else 3, quick=args.quick)
     if args.convergence:
-        results["convergence"] = bench_convergence(
-            ["fp16", "gaussiank:0.01"], num_peers=3, epochs=3 if args.quick else 15,
-            target_batch=384 if args.quick else 1024,
+        budget = dict(epochs=args.convergence_epochs, target_batch=args.convergence_target)
+        key = "convergence" if budget == dict(epochs=15, target_batch=1024) else \
+            f"convergence_{args.convergence_epochs}x{args.convergence_target}"
+        if args.convergence_optimizer != "adam:0.003":
+            key += "_" + args.convergence_optimizer.replace(":", "_")
+        results[key] = bench_convergence(
+            args.convergence_specs.split(","), num_peers=3, epochs=3 if args.quick else budget["epochs"],
+            target_batch=384 if args.quick else budget["target_batch"], optimizer_spec=args.convergence_optimizer,
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))

@@ -77,10 +77,11 @@ def start_coordinator(workdir: Path, config_path: Path, *extra: str, port: Optio
     return process, f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}"
 
 
-def start_peer(workdir: Path, index: int, coordinator_maddr: str, *extra: str) -> subprocess.Popen:
+def start_peer(workdir: Path, index: int, coordinator_maddr: str, *extra: str,
+               command=swarmtrain_command) -> subprocess.Popen:
     log = open(workdir / f"peer-{index}.log", "a")
     return subprocess.Popen(
-        swarmtrain_command("peer", "--initial-peers", coordinator_maddr, "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+        command("peer", "--initial-peers", coordinator_maddr, "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                            "--status-file", str(workdir / f"peer-{index}.json"),
                            "--checkpoint-dir", str(workdir / f"peer-{index}"), "--no-progress", *extra),
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -15,14 +15,15 @@ from swarmtrain.demo import start_coordinator, start_peer, stop_process
 
 
 class LocalSwarm:
-    def __init__(self, workdir: Path, config_path: Path):
+    def __init__(self, workdir: Path, config_path: Path, **coordinator_options):
         self.workdir = workdir
         self.config_path = config_path
-        self.coordinator, self.maddr = start_coordinator(workdir, config_path)
+        self.coordinator, self.maddr = start_coordinator(workdir, config_path, **coordinator_options)
         self.peers: Dict[int, subprocess.Popen] = {}
 
-    def start_peer(self, index: int, *extra: str) -> subprocess.Popen:
-        self.peers[index] = start_peer(self.workdir, index, self.maddr, "--device", "cpu", *extra)
+    def start_peer(self, index: int, *extra: str, **options) -> subprocess.Popen:
+        """options: those of swarmtrain.demo.start_peer, e.g. command= for a modified peer program"""
+        self.peers[index] = start_peer(self.workdir, index, self.maddr, "--device", "cpu", *extra, **options)
         return self.peers[index]
 
     def status(self, index: int) -> dict:

@@ -44,7 +44,7 @@ from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
-from hivemind.averaging.partition import AllreduceException
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import Float16Compression, NoCompression
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
@@ -54,6 +54,7 @@ from hivemind.utils import get_logger
 from hivemind.utils.asyncio import aiter_with_timeout, anext, enter_asynchronously
 
 from swarmtrain.compression.feedback import DensitySchedule
+from swarmtrain.compression.robust import RobustPolicy, aggregate
 from swarmtrain.compression.selection import SELECTORS, target_count
 from swarmtrain.compression.spec import CompressionSpec, parse_compression_spec
 from swarmtrain.compression.stats import CompressionStats
@@ -64,6 +65,10 @@ logger = get_logger(__name__)
 CHUNK_BYTES = 2**19  # same order as hivemind's part_size_bytes: keeps single p2p messages small
 DEFAULT_MAX_SAMPLE_WEIGHT = 2.0**20  # a self-reported weight above this is clamped
 SILENT_SENDER_GRACE = 3.0  # a reducer drops senders silent for this many sender_timeouts (see below)
+
+
+class RejectedPart(AllreduceException):
+    """The reducer left a sender's part out of the average (non-finite, outsized...)."""
 
 
 def _spans(total: int, peer_fractions: Sequence[float]) -> List[tuple]:
@@ -80,11 +85,14 @@ def _spans(total: int, peer_fractions: Sequence[float]) -> List[tuple]:
 class _SpanReducer:
     """Collects the sparse parts of one span from all senders, then produces the encoded average once."""
 
-    def __init__(self, span_length: int, num_senders: int, density: float, value_format: str, max_weight: float):
+    def __init__(self, span_length: int, num_senders: int, density: float, value_format: str, max_weight: float,
+                 policy: RobustPolicy = RobustPolicy()):
         self.span_length, self.num_senders = span_length, num_senders
         self.density, self.value_format, self.max_weight = density, value_format, max_weight
+        self.policy = policy
         self.parts: Dict[int, tuple] = {}  # sender index -> (weight, SparsePart)
         self.banned: Set[int] = set()
+        self.rejected: Dict[int, str] = {}  # sender index -> why its part was left out of the average
         self.result: asyncio.Future = asyncio.get_event_loop().create_future()
         self.requantization_error: Optional[SparsePart] = None  # (applied - exact average) at kept entries
         self.total_weight = 0.0
@@ -119,15 +127,24 @@ class _SpanReducer:
         Works on the <= n·k support only (never allocates the dense span), so the reducer's cost is
         O(n·k·log(n·k)) and it stays cheap even when the span is large.
         """
-        contributions = [(weight, part) for weight, part in self.parts.values() if weight > 0]
-        self.total_weight = total_weight = sum(weight for weight, _ in contributions)
-        if total_weight <= 0:
+        senders = [index for index, (weight, _) in self.parts.items() if weight > 0]
+        if not senders:
             return encode_sparse(torch.zeros(0, dtype=torch.long), torch.zeros(0), self.span_length, self.value_format)
-        support = torch.unique(torch.cat([part.indices for _, part in contributions]))  # sorted
-        weighted_sum = torch.zeros(len(support), dtype=torch.float32)
-        for weight, part in contributions:
-            weighted_sum.index_add_(0, torch.searchsorted(support, part.indices), part.values, alpha=weight)
-        average = weighted_sum / total_weight
+        support = torch.unique(torch.cat([self.parts[index][1].indices for index in senders]))  # sorted
+        # each part as a vector over the union support: the checks and robust rules see exactly the
+        # mass each sender contributed, and nothing dense is allocated
+        vectors = []
+        for index in senders:
+            part = self.parts[index][1]
+            vector = torch.zeros(len(support), dtype=torch.float32)
+            vector[torch.searchsorted(support, part.indices)] = part.values
+            vectors.append(vector)
+        result = aggregate(vectors, [self.parts[index][0] for index in senders], self.policy)
+        self.rejected = {senders[position]: reason for position, reason in result.rejected.items()}
+        self.total_weight = result.total_weight
+        if result.total_weight <= 0:
+            return encode_sparse(torch.zeros(0, dtype=torch.long), torch.zeros(0), self.span_length, self.value_format)
+        average = result.average
         keep = min(len(support), target_count(self.span_length, self.density))
         # exact top-k is affordable here: it runs over the <= n·k support, not over the span
         chosen = torch.sort(torch.topk(average.abs(), keep, sorted=False).indices).values
@@ -166,7 +183,7 @@ class SparseAllReduceRound:
         self.reducer = None
         if end > start:
             self.reducer = _SpanReducer(end - start, len(self.sender_peer_ids), density,
-                                        averager.value_format, averager.max_sample_weight)
+                                        averager.value_format, averager.max_sample_weight, averager.robust_policy)
         self.senders_started: Set[PeerID] = {self.peer_id} if self.is_sender else set()
         # remote senders still waiting for this peer's averaged span; the round stays open until they
         # got it, or a peer that finished first could shut down before its answers left
@@ -193,9 +210,12 @@ class SparseAllReduceRound:
             part = decode_sparse(payload, expected_numel=self.reducer.span_length)
             self.reducer.add(sender_index, weight, part)  # raises on invalid weight / late / duplicate
             encoded_average = await asyncio.shield(self.reducer.result)
+            if sender_index in self.reducer.rejected:
+                raise RejectedPart(self.reducer.rejected[sender_index])
         except Exception as e:
             # a bad part or a late sender: drop this sender from the span's average, tell it so
             logger.warning(f"dropping sender {sender} from sparse all-reduce: {e!r}")
+            self.averager.stats.record_rejection(sender)
             self.reducer.ban(sender_index)
             self.answers_pending.discard(sender)
             if not self.answers_pending:
@@ -318,8 +338,12 @@ class SparseAllReduceRound:
             async def exchange(reducer_index: int) -> bytes:
                 if reducer_index == self.my_index:
                     part = decode_sparse(payloads[reducer_index], self.reducer.span_length)
-                    self.reducer.add(self.sender_peer_ids.index(self.peer_id), self.weight, part)
-                    return await asyncio.shield(self.reducer.result)
+                    own_index = self.sender_peer_ids.index(self.peer_id)
+                    self.reducer.add(own_index, self.weight, part)
+                    encoded = await asyncio.shield(self.reducer.result)
+                    if own_index in self.reducer.rejected:
+                        raise RejectedPart(f"our own part: {self.reducer.rejected[own_index]}")
+                    return encoded
                 return await self._exchange_with_reducer(self.peer_ids[reducer_index], payloads[reducer_index])
 
             averaged_payloads = await asyncio.gather(*(exchange(r) for r in self.reducer_indices))
@@ -373,12 +397,13 @@ class SparseGradientAverager(GradientAverager):
       call :meth:`set_schedule_epoch` from the training process to index it by the global epoch instead.
     :param max_sample_weight: self-reported weights (samples accumulated) are clamped to this value.
     :param stats: a CompressionStats to write measurements to (one is created otherwise); see ``stats``.
+    :param robust_policy: checks and aggregation rule for the parts this peer reduces (``robust.py``).
     """
 
     def __init__(self, parameters, *, dht, prefix: str, spec: CompressionSpec,
                  density_schedule: Optional[DensitySchedule] = None,
                  max_sample_weight: float = DEFAULT_MAX_SAMPLE_WEIGHT, stats: Optional[CompressionStats] = None,
-                 **kwargs):
+                 robust_policy: RobustPolicy = RobustPolicy(), **kwargs):
         if not spec.is_sparse:
             raise ValueError(f"SparseGradientAverager needs a sparse spec, got {spec}")
         self.spec = spec
@@ -390,6 +415,7 @@ class SparseGradientAverager(GradientAverager):
             # takes seconds, long enough for the reducers to drop this peer as silent
             decode_sparse(encode_sparse(torch.arange(4), torch.ones(4), 4, "8bit"))
         self.max_sample_weight = float(max_sample_weight)
+        self.robust_policy = robust_policy
         parameters = tuple(parameters)
         self.total_numel = sum(param.numel() for param in parameters)
         # created before super().__init__ forks the averager process, and shared, so that the child's
@@ -461,11 +487,98 @@ class SparseGradientAverager(GradientAverager):
             raise MatchmakingException(f"Unable to run sparse all-reduce: {e!r}")
 
 
-class _ByteCountingAllReduceRunner(AllReduceRunner):
-    """hivemind's own butterfly all-reduce, counting the serialized size of every message it exchanges."""
+class RobustTensorPartReducer(TensorPartReducer):
+    """hivemind's part reducer, but a part is averaged only once every sender's copy of it is in, through
+    :func:`robust.aggregate`: non-finite and outsized parts are rejected (their sender is banned from
+    the rest of the round, as hivemind bans a silent one) instead of poisoning everyone's average."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, part_shapes, num_senders: int, policy: RobustPolicy, max_weight: float,
+                 on_rejected=lambda sender_index, reason: None, local_sender_index: Optional[int] = None):
+        self.policy, self.max_weight, self.on_rejected = policy, max_weight, on_rejected
+        # this peer's own part, when rejected, is simply left out: failing here would also stop this
+        # peer from serving its span to the others, and with dense averaging nothing is owed to it
+        self.local_sender_index = local_sender_index
+        self.pending: Dict[int, tuple] = {}  # sender index -> (part, weight) for the current part
+        self.rejected: Dict[int, str] = {}
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self):
+        self.pending = {}
+        super().reset_accumulators()
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        assert 0 <= sender_index < self.num_senders and 0 <= part_index < self.num_parts
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            weight = weight if not math.isfinite(weight) else min(weight, self.max_weight)
+            self.pending[sender_index] = (tensor_part, weight)
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        average = await current_part_future
+        if sender_index in self.rejected and sender_index != self.local_sender_index:
+            raise RejectedPart(self.rejected[sender_index])
+        return average
+
+    def on_sender_failed(self, sender_index: int):
+        if sender_index in self.rejected and sender_index != self.local_sender_index:
+            return  # already out of the round since the part it was rejected for
+        super().on_sender_failed(sender_index)
+
+    def check_current_part_finished(self):
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from != self.num_current_senders:
+            return
+        senders = sorted(self.pending)
+        parts = [self.pending[index][0] for index in senders]
+        shape = self.part_shapes[self.current_part_index]
+        # a part of the wrong shape is rejected, not broadcast into the accumulator
+        parts = [part if part.shape == shape else part.reshape(-1)[:0] for part in parts]
+        result = aggregate(parts, [self.pending[index][1] for index in senders], self.policy) if parts else None
+        for position, reason in (result.rejected.items() if result else ()):
+            sender_index = senders[position]
+            if sender_index not in self.rejected:
+                self.rejected[sender_index] = reason
+                if sender_index != self.local_sender_index:
+                    # out of the rest of the round: later parts complete without waiting for it
+                    self.sender_failed_after[sender_index] = self.current_part_index + 1
+                self.on_rejected(sender_index, reason)
+        if result is None or result.total_weight <= 0:
+            average = torch.zeros(shape)
+        else:
+            average = result.average.reshape(shape)
+        self.current_part_future.set_result(average)
+        self.reset_accumulators()
+
+
+class _ByteCountingAllReduceRunner(AllReduceRunner):
+    """hivemind's own butterfly all-reduce, counting the serialized size of every message it exchanges,
+    with the robust part reducer in place of hivemind's trusting one."""
+
+    def __init__(self, *args, robust_policy: RobustPolicy = RobustPolicy(), stats: Optional[CompressionStats] = None,
+                 max_sample_weight: float = DEFAULT_MAX_SAMPLE_WEIGHT, **kwargs):
         super().__init__(*args, **kwargs)
+        shapes = self.tensor_part_reducer.part_shapes
+        self.tensor_part_reducer.finished.set()  # retire hivemind's unused reducer without its "0% received" warning
+
+        def on_rejected(sender_index: int, reason: str):
+            sender = self.sender_peer_ids[sender_index]
+            logger.warning(f"dropping sender {sender} from the all-reduce: {reason}")
+            if stats is not None:
+                stats.record_rejection(sender)
+
+        local_index = self.sender_peer_ids.index(self.peer_id) if self.peer_id in self.sender_peer_ids else None
+        self.tensor_part_reducer = RobustTensorPartReducer(shapes, len(self.sender_peer_ids), robust_policy,
+                                                           max_sample_weight, on_rejected, local_index)
         self.bytes_sent = self.bytes_received = 0
         # set once the round's stats are recorded: later messages (answers to slower groupmates) are
         # then reported straight to the stats instead of being lost
@@ -501,8 +614,10 @@ class ByteCountingMixin:
     """Gives a hivemind averager (GradientAverager, PowerSGDGradientAverager, ...) a ``stats`` object with
     the bytes its all-reduce rounds put on the wire. Mix in before the hivemind class."""
 
-    def __init__(self, *args, stats: Optional[CompressionStats] = None, **kwargs):
+    def __init__(self, *args, stats: Optional[CompressionStats] = None, robust_policy: RobustPolicy = RobustPolicy(),
+                 max_sample_weight: float = DEFAULT_MAX_SAMPLE_WEIGHT, **kwargs):
         self.stats = stats if stats is not None else CompressionStats()
+        self.robust_policy, self.max_sample_weight = robust_policy, float(max_sample_weight)
         self._round_runners = []  # lives in the averager process only: the runners of the current round
         super().__init__(*args, **kwargs)
 
@@ -512,15 +627,24 @@ class ByteCountingMixin:
         group_id = group_info.group_id if group_id is None else group_id
         runner = _ByteCountingAllReduceRunner(
             p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids, **kwargs,
+            ordered_peer_ids=group_info.peer_ids, robust_policy=self.robust_policy, stats=self.stats,
+            max_sample_weight=self.max_sample_weight, **kwargs,
         )
         self._running_groups[group_id].set_result(runner)
         self._round_runners.append(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             index = 0
             async for update in runner:
+                if not bool(torch.isfinite(update).all()):
+                    # a reducer that answers with garbage: this round must not touch our gradients
+                    raise AllreduceException("a reducer sent back a non-finite average")
                 tensors[index].add_(update, alpha=self._averaging_alpha)
                 index += 1
+            if runner.tensor_part_container.failed_size:
+                # hivemind would keep our own values for a failed reducer's span and call the round a
+                # success: peers would then apply different gradients there and drift apart
+                raise AllreduceException(f"a reducer failed: {runner.tensor_part_container.failed_size} "
+                                         f"entries were not averaged")
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
@@ -551,25 +675,32 @@ class CountingPowerSGDGradientAverager(ByteCountingMixin, PowerSGDGradientAverag
     """hivemind's PowerSGD averager with byte stats (used as a baseline in the benchmark)."""
 
 
-def make_grad_averager_factory(spec, density_schedule: Optional[DensitySchedule] = None, **averager_kwargs):
+def make_grad_averager_factory(spec, density_schedule: Optional[DensitySchedule] = None, access=None,
+                               **averager_kwargs):
     """A ``grad_averager_factory`` for ``hivemind.Optimizer`` implementing a compression spec.
 
     ``spec`` is a CompressionSpec or its text form. Dense specs map to hivemind's GradientAverager with
     NoCompression / Float16Compression; sparse ones to :class:`SparseGradientAverager`. Extra keyword
     arguments (e.g. ``max_sample_weight``, ``stats``, or hivemind averager options such as
     ``request_timeout`` that hivemind.Optimizer does not forward) are passed to the averager. Either way
-    the averager exposes ``.stats`` (:class:`CompressionStats`).
+    the averager exposes ``.stats`` (:class:`CompressionStats`). On a token-gated run (``access``, by
+    default this process's active ``swarmtrain.access.LocalAccess``) the averager refuses averaging RPCs
+    from peers without a valid access token.
     """
+    from swarmtrain.access import with_access_guard
+
     if isinstance(spec, str):
         spec = parse_compression_spec(spec)
     if spec.is_sparse:
-        return partial(SparseGradientAverager, spec=spec, density_schedule=density_schedule, **averager_kwargs)
+        return partial(with_access_guard(SparseGradientAverager, access), spec=spec, density_schedule=density_schedule,
+                       **averager_kwargs)
     if density_schedule is not None:
         raise ValueError("a density schedule only applies to sparse compression specs")
     codec = Float16Compression() if spec.method == "fp16" else NoCompression()
+    averager_class = with_access_guard(CountingGradientAverager, access)
 
     def dense_factory(*args, **kwargs):
         kwargs["compression"] = codec  # Optimizer passes its grad_compression; the spec decides
-        return CountingGradientAverager(*args, **{**kwargs, **averager_kwargs})
+        return averager_class(*args, **{**kwargs, **averager_kwargs})
 
     return dense_factory

@@ -21,11 +21,14 @@ touches the network, is not counted):
     last_round_seconds                 wall time of the last all-reduce attempt
     last_group_size                    peers in the last group
     last_round_ok                      1.0 if the last round succeeded else 0.0
+    parts_rejected_total               parts this peer, as a reducer, left out of an average (non-finite,
+                                       outsized, malformed: see robust.py); ``recent_rejections()`` names
+                                       the senders
 """
 from __future__ import annotations
 
 import multiprocessing as mp
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -42,7 +45,9 @@ STAT_FIELDS = (
     "last_round_seconds",
     "last_group_size",
     "last_round_ok",
+    "parts_rejected_total",
 )
+REJECTION_SLOTS, PEER_ID_BYTES = 8, 64
 _INDEX = {name: position for position, name in enumerate(STAT_FIELDS)}
 
 
@@ -51,6 +56,8 @@ class CompressionStats:
 
     def __init__(self):
         self._values = torch.zeros(len(STAT_FIELDS), dtype=torch.float64).share_memory_()
+        # the last few rejected senders' peer IDs (base58, zero-padded), newest last
+        self._rejected = torch.zeros(REJECTION_SLOTS, PEER_ID_BYTES, dtype=torch.uint8).share_memory_()
         self._lock = mp.Lock()
 
     def snapshot(self) -> Dict[str, float]:
@@ -85,3 +92,17 @@ class CompressionStats:
             values[_INDEX["bytes_received_total"]] += received
             values[_INDEX["last_bytes_sent"]] += sent
             values[_INDEX["last_bytes_received"]] += received
+
+    def record_rejection(self, peer_id) -> None:
+        encoded = str(peer_id).encode()[:PEER_ID_BYTES]
+        with self._lock:
+            self._values[_INDEX["parts_rejected_total"]] += 1
+            self._rejected[:-1] = self._rejected[1:].clone()
+            self._rejected[-1].zero_()
+            self._rejected[-1, : len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+
+    def recent_rejections(self) -> List[str]:
+        """Peer IDs of the senders whose parts were rejected lately (oldest first, repeats kept)."""
+        with self._lock:
+            rows = self._rejected.tolist()
+        return [bytes(row).rstrip(b"\0").decode() for row in rows if any(row)]

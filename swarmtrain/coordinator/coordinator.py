@@ -181,6 +181,7 @@ class Coordinator:
         return path
 
     def shutdown(self) -> None:
+        self.remember_peers()  # so that a restart finds the swarm again even if it changed meanwhile
         if self.metrics_server is not None:
             self.metrics_server.stop()
         if self.state is not None:

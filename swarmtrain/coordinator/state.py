@@ -15,6 +15,7 @@ import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from swarmtrain import __version__
+from swarmtrain.access import with_access_guard
 from swarmtrain.checkpoint import load_checkpoint, save_checkpoint
 from swarmtrain.config import RunConfig
 from swarmtrain.errors import UserError
@@ -42,7 +43,8 @@ class StateKeeper:
             self.model.load_state_dict(checkpoint.model_state)
         with children_ignore_interrupts():
             # same prefix, parameters and optimizer as the peers' state averagers (see hivemind.Optimizer)
-            self.averager = TrainingStateAverager(
+            # on a token-gated run a resumed coordinator serves its state to token holders only
+            self.averager = with_access_guard(TrainingStateAverager)(
                 dht=dht, prefix=f"{config.run_id}_state_averager",
                 optimizer=make_torch_optimizer_factory(config.optimizer), params=self.model.parameters(),
                 scheduler=make_scheduler_factory(config.optimizer),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time as time_module
+from collections import Counter
 from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Dict, List, Mapping, Optional
@@ -87,6 +88,8 @@ class SwarmStatus:
     bytes_received_per_second: float
     compression_density: Optional[float]  # mean over peers that compress
     leakage_dcor_max: Optional[float]  # worst (highest) leakage reported by any alive peer
+    parts_rejected_total: int = 0  # swarm-wide, only grows: parts reducers left out of averages
+    rejected_senders: Dict[str, int] = field(default_factory=dict)  # sender -> alive peers reporting it
     peers: List[PeerSummary] = field(default_factory=list)
 
     @property
@@ -137,7 +140,7 @@ class SwarmAggregator:
         self.max_age = max_age
         self.latest: Optional[SwarmStatus] = None
         self._seen: Dict[str, _PeerCounters] = {}
-        self._totals = dict(rounds_ok=0, rounds_failed=0, bytes_sent=0, bytes_received=0)
+        self._totals = dict(rounds_ok=0, rounds_failed=0, bytes_sent=0, bytes_received=0, parts_rejected=0)
 
     def poll(self, dht, now: Optional[float] = None) -> SwarmStatus:
         """Fetch the run's records from ``dht`` and update."""
@@ -208,6 +211,8 @@ class SwarmAggregator:
             bytes_received_per_second=sum(row.bytes_received_per_second for row in rows),
             compression_density=_mean(densities),
             leakage_dcor_max=max(leakages) if leakages else None,
+            parts_rejected_total=self._totals["parts_rejected"],
+            rejected_senders=dict(Counter(peer for record in alive.values() for peer in record.rejected_peers)),
             peers=rows,
         )
         self.latest = status

@@ -113,6 +113,21 @@ class SwarmStatusCollector(Collector):
             "privacy_leakage_dcor_max", "Highest distance correlation (0..1) at the cut layer among alive peers",
             status.leakage_dcor_max,
         )
+        rejected = CounterMetricFamily(
+            f"{PREFIX}_averaging_rejected_parts",
+            "Gradient parts that reducers left out of an average (non-finite, outsized or malformed)",
+        )
+        rejected.add_metric([], status.parts_rejected_total)
+        yield rejected
+        # labelled by peer on purpose: only misbehaving senders appear, so cardinality stays small,
+        # and the operator needs the name to act (revoke its token, contact its owner)
+        senders = GaugeMetricFamily(
+            f"{PREFIX}_averaging_rejected_sender_reports",
+            "Alive peers whose latest rejected parts came from this sender", labels=["peer"],
+        )
+        for peer, count in sorted(status.rejected_senders.items())[: self.max_peers]:
+            senders.add_metric([peer], count)
+        yield senders
         if self.per_peer:
             yield from peer_families(status.peers[: self.max_peers])
 

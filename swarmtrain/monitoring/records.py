@@ -64,6 +64,8 @@ class PeerRecord(pydantic.BaseModel):
     last_round_group_size: Optional[_Count]  # peers in the last averaging group
     compression_density: Optional[_Fraction]  # fraction of entries sent, None = dense
     leakage_dcor: Optional[_Fraction]  # distance correlation at the cut layer, None = no privacy head
+    parts_rejected: _Count = 0  # parts this peer, as a reducer, left out of averages (bad or outsized)
+    rejected_peers: pydantic.conlist(_ShortText, max_items=8) = []  # the senders of the latest rejected parts
     device: _ShortText
     client_mode: pydantic.StrictBool
     version: _ShortText
@@ -91,6 +93,9 @@ class PeerRecord(pydantic.BaseModel):
         coerced = {}
         for name, field in cls.__fields__.items():
             if name not in fields:
+                if not field.required and field.default is not None:
+                    coerced[name] = field.get_default()
+                    continue
                 if field.allow_none:
                     coerced[name] = None
                     continue
@@ -114,6 +119,8 @@ def _coerce(value, field):
         return None
     if field.name == "client_mode":
         return bool(value)
+    if field.name == "rejected_peers":
+        return [str(item) for item in value]
     if field.name in _TEXT_FIELDS:
         return str(value)
     if field.name in _FLOAT_FIELDS:

@@ -56,6 +56,8 @@ class PeerReporter:
             # dense averaging sends every entry (the averager only measures density when sparse)
             compression_density=(traffic.get("last_density") or 1.0) if traffic else None,
             leakage_dcor=leakage,
+            parts_rejected=int(traffic.get("parts_rejected_total", 0)) if traffic else 0,
+            rejected_peers=sorted(set(traffic.get("rejected_peers", ()))) if traffic else [],
             device=self.device, client_mode=self.client_mode, version=__version__,
         )
         self.metrics.update(record)
