@@ -24,6 +24,10 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("asyncio").addFilter(_DropHivemindCancelledStepNoise())
+    from hivemind.utils.logging import get_logger as get_hivemind_logger
+
+    for name in ("hivemind.averaging.averager", "hivemind.optim.optimizer"):
+        get_hivemind_logger(name).addFilter(_OneLineForExpectedRoundFailures())
     for noisy in ("bitsandbytes", "transformers", "urllib3", "filelock", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import transformers
@@ -48,6 +52,23 @@ class _DropHivemindCancelledStepNoise(logging.Filter):
             exc = record.args.get("exception")
         message = record.getMessage()
         return not ("Task exception was never retrieved" in message and "CANCELLED" in repr(exc) + message)
+
+
+class _OneLineForExpectedRoundFailures(logging.Filter):
+    """In a volunteer swarm a round fails whenever a groupmate leaves or never shows up; hivemind
+    logs each with a full traceback at ERROR. Keep the line (as a warning), drop the traceback;
+    unexpected errors keep theirs."""
+
+    EXPECTED = ("AllreduceException", "MatchmakingException", "TimeoutError", "CancelledError", "BannedException",
+                "RejectedPart")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__name__ in self.EXPECTED:
+            record.exc_info, record.exc_text = None, None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def _quiet_interpreter_teardown() -> None:
@@ -77,9 +98,10 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
-@main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="The run's YAML config (see configs/ for examples); published to peers through the DHT.")
+@main.group(invoke_without_command=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="The run's YAML config (see configs/ for examples); published to peers through the DHT. "
+                   "Required to run the coordinator.")
 @click.option("--identity", type=click.Path(dir_okay=False), default=None,
               help="Private key file that fixes this node's peer ID, so its multiaddr survives restarts; "
                    "created if missing. Default: ~/.swarmtrain/coordinator-<run_id>.id")
@@ -107,13 +129,20 @@ def main(verbose: bool) -> None:
 @click.option("--resume", "resume_from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Start the swarm from this checkpoint (a checkpoint directory, or a directory of them: "
                    "the newest is used); the first peers download it from the coordinator.")
-def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every, metrics_host, metrics_port,
+@click.pass_context
+def coordinator(ctx, config_path, identity, host_maddrs, announce_maddrs, log_every, metrics_host, metrics_port,
                 per_peer_metrics, checkpoint_dir, checkpoint_every, keep_checkpoints, resume_from):
     """Bootstrap the swarm, publish the run config (signed) and log the swarm's progress.
 
     Prints the command volunteers paste to join. Stop with Ctrl+C: peers keep training, and a
-    restart with the same --identity comes back at the same address.
+    restart with the same --identity comes back at the same address. For a token-gated run
+    (access.mode: token in the config) give each volunteer a token with
+    `swarmtrain coordinator issue-token`.
     """
+    if ctx.invoked_subcommand is not None:
+        return  # e.g. `swarmtrain coordinator issue-token ...`
+    if config_path is None:
+        raise click.UsageError("Missing option '--config' (the run's YAML config).")
     from swarmtrain.config import load_run_config
     from swarmtrain.coordinator.coordinator import Coordinator, join_command
     from swarmtrain.identity import default_identity_path
@@ -122,6 +151,13 @@ def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every, 
     children_die_with_this_process()
     config = load_run_config(config_path)
     identity = identity or str(default_identity_path(f"coordinator-{config.run_id}"))
+    token_gated = config.access.mode == "token"
+    if token_gated:
+        from swarmtrain.access import activate, coordinator_access
+        from swarmtrain.identity import load_or_create_identity
+
+        # the coordinator is the authority: its DHT and its checks accept the tokens its key signed
+        activate(coordinator_access(load_or_create_identity(identity)))
     raise_on_stop_signals()
     node = None
     try:
@@ -133,7 +169,12 @@ def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every, 
                            resume_from=resume_from)
         node.publish()
         maddrs = _split(announce_maddrs) or node.maddrs
-        click.echo(f"Run {config.run_id!r} is published. Volunteers join with:\n\n    {join_command(maddrs)}\n", err=False)
+        command = join_command(maddrs) + (" --token TOKEN" if token_gated else "")
+        click.echo(f"Run {config.run_id!r} is published. Volunteers join with:\n\n    {command}\n", err=False)
+        if token_gated:
+            click.echo("The run is token-gated: a volunteer sends you their peer ID (`swarmtrain identity`) and you "
+                       f"give them a TOKEN made with\n\n    swarmtrain coordinator issue-token --identity {identity} "
+                       "--name NAME --peer-id PEER_ID --expires 7d\n")
         if node.metrics_server is not None:
             click.echo(f"Metrics: {node.metrics_server.url}/metrics and {node.metrics_server.url}/status")
         sys.stdout.flush()
@@ -144,6 +185,99 @@ def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every, 
         if node is not None:
             node.shutdown()
         _quiet_interpreter_teardown()
+
+
+@coordinator.command("issue-token")
+@click.option("--identity", required=True, type=click.Path(dir_okay=False),
+              help="The coordinator's identity file (its --identity; without one it is "
+                   "~/.swarmtrain/coordinator-<run_id>.id): tokens are signed with its key.")
+@click.option("--name", required=True,
+              help="Who the token is for, shown in logs: 1-64 letters, digits or . _ @ + - (e.g. alice).")
+@click.option("--peer-id", required=True,
+              help="The volunteer's peer ID (Qm...), which they print with `swarmtrain identity`; only that peer "
+                   "can use the token.")
+@click.option("--expires", default="7d", show_default=True,
+              help="How long the token is valid (90m, 12h, 7d, 4w) or until when (a UTC date such as 2026-12-31).")
+@click.option("--initial-peers", multiple=True,
+              help="The coordinator's public address, to complete the printed join command: " + MULTIADDR_HELP)
+def issue_token_command(identity, name, peer_id, expires, initial_peers):
+    """Issue an access token for a token-gated run (access.mode: token).
+
+    Prints the token alone on stdout (for scripts) and, on stderr, what it allows and the command the
+    volunteer pastes. A token is bound to the volunteer's peer ID and expires; there is no revocation,
+    so prefer short lifetimes and issue new tokens as needed.
+    """
+    from pathlib import Path
+
+    from swarmtrain.access import TokenError, format_time, issue_token, parse_expiry
+    from swarmtrain.identity import load_or_create_identity, peer_id_of
+    from swarmtrain.network import parse_initial_peers, peer_id_in
+
+    if not Path(identity).expanduser().exists():
+        raise UserError(f"identity file {identity} does not exist; pass the coordinator's --identity file "
+                        "(tokens must be signed by the coordinator's key)")
+    key = load_or_create_identity(identity)
+    authority = peer_id_of(key.get_public_key())
+    maddrs = parse_initial_peers(initial_peers)
+    for maddr in maddrs:
+        if peer_id_in(maddr) != authority:
+            raise UserError(f"--initial-peers {maddr} is not the address of this identity (peer {authority}); "
+                            "give the coordinator's own address")
+    try:
+        token = issue_token(key, name, peer_id, parse_expiry(expires))
+    except TokenError as error:
+        raise UserError(str(error)) from None
+    text = token.to_text()
+    click.echo(text)
+    where = " ".join(maddrs) or "<the coordinator's address>"
+    click.echo(f"\nToken for {token.name} (peer {token.peer_id}), valid until {format_time(token.expires)}, "
+               f"signed by the coordinator {authority}. The volunteer joins with:\n\n"
+               f"    swarmtrain peer --initial-peers {where} --token {text}\n\n"
+               "(add --identity FILE if their peer ID comes from another file than ~/.swarmtrain/peer.id)", err=True)
+
+
+@main.command("identity")
+@click.option("--identity", type=click.Path(dir_okay=False), default=None,
+              help="Private key file of this peer (created if missing). Default: ~/.swarmtrain/peer.id, the one "
+                   "`swarmtrain peer --token` uses when --identity is not given.")
+def identity_command(identity):
+    """Print this peer's ID, creating its identity file if missing.
+
+    A token-gated run's organiser needs it to issue you an access token; prints the peer ID alone
+    on stdout.
+    """
+    from swarmtrain.identity import default_identity_path, load_or_create_identity, peer_id_of
+
+    path = identity or str(default_identity_path("peer"))
+    click.echo(str(peer_id_of(load_or_create_identity(path).get_public_key())))
+    click.echo(f"(the peer ID of {path}; send it to the organiser to get an access token)", err=True)
+
+
+def _activate_peer_token(token: str | None, token_file: str | None, identity: str | None, initial_peers) -> str | None:
+    """Check a volunteer's token before joining (one line if it would not let us in) and make it this
+    process's access; returns the identity file to use."""
+    if token is None and token_file is None:
+        return identity
+    if token is not None and token_file is not None:
+        raise UserError("give the token once: --token or --token-file, not both")
+    if token_file is not None:
+        try:
+            with open(token_file) as handle:
+                token = handle.read()
+        except OSError as error:
+            raise UserError(f"--token-file {token_file}: cannot read it ({error.strerror})") from None
+    from swarmtrain.access import TokenError, activate, peer_access
+    from swarmtrain.identity import default_identity_path, load_or_create_identity
+    from swarmtrain.network import peer_id_in
+
+    identity = identity or str(default_identity_path("peer"))
+    try:
+        access = peer_access(token, load_or_create_identity(identity), [peer_id_in(m) for m in initial_peers],
+                             identity_hint=f" ({identity})")
+    except TokenError as error:
+        raise UserError(str(error)) from None
+    activate(access)
+    return identity
 
 
 @main.command()
@@ -160,7 +294,7 @@ def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every, 
                    "of text files, or a Hugging Face dataset saved with save_to_disk.")
 @click.option("--identity", type=click.Path(dir_okay=False), default=None,
               help="Private key file for a stable peer ID across restarts (created if missing). "
-                   "Default: a new ID each start.")
+                   "Default: a new ID each start; with --token, ~/.swarmtrain/peer.id.")
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=None,
               help="Listen on this TCP port on every interface (default: a free port). Fix it when your "
                    "router forwards a port to this machine.")
@@ -187,9 +321,27 @@ def coordinator(config_path, identity, host_maddrs, announce_maddrs, log_every, 
               help="Live progress bar (default: when writing to a terminal) or one log line per epoch.")
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
               help="Serve this peer's own Prometheus /metrics on this port (0.0.0.0). Default: off.")
+@click.option("--max-upload-mbps", type=click.FloatRange(min=0.1), default=None,
+              help="Your upload speed in Mbit/s (default: assume 100). Averaging gives a peer a share of "
+                   "the reduction work in proportion to it, so a slow uplink sends less; your own "
+                   "(compressed) gradient still goes out each round.")
+@click.option("--token", default=None,
+              help="Access token from the organiser, for a token-gated run (bound to your peer ID: "
+                   "`swarmtrain identity` prints it).")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="Read the access token from this file instead of --token.")
+@click.option("--role", type=click.Choice(["trainer", "trunk", "data-owner"]), default="trainer", show_default=True,
+              help="On a split run (privacy.split in the run config): trunk hosts the layers after the cut for "
+                   "data owners (the default role there); data-owner trains its own layers through a trunk host, "
+                   "sending only the cut activations Z and labels.")
+@click.option("--data-owner-data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="--role data-owner: an .npz with x [N, 64] and y [N] (default: the embedded sklearn digits).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="--role data-owner: leave after this many steps (default: train until stopped).")
 def peer(initial_peers, run_id, device, batch_size, data, identity, port, public_ip, host_maddrs, announce_maddrs,
          client_mode,
-         checkpoint_dir, checkpoint_every, max_epochs, eval_every, status_file, progress, metrics_port):
+         checkpoint_dir, checkpoint_every, max_epochs, eval_every, status_file, progress, metrics_port,
+         max_upload_mbps, token, token_file, role, data_owner_data, max_steps):
     """Join a swarm and train: the run's config and current model come from the swarm.
 
     Ctrl+C leaves cleanly (state saved when --checkpoint-dir is set).
@@ -201,17 +353,20 @@ def peer(initial_peers, run_id, device, batch_size, data, identity, port, public
     from swarmtrain.reachability import host_and_announce_maddrs
 
     children_die_with_this_process()
+    initial_peers = parse_initial_peers(initial_peers)
+    identity = _activate_peer_token(token, token_file, identity, initial_peers)
     try:
         hosts, announces = host_and_announce_maddrs(port, public_ip, host_maddrs=_split(host_maddrs),
                                                     announce_maddrs=_split(announce_maddrs))
     except ValueError as error:
         raise UserError(str(error)) from None
     options = PeerOptions(
-        initial_peers=parse_initial_peers(initial_peers), run_id=run_id, device=device, batch_size=batch_size,
+        initial_peers=initial_peers, run_id=run_id, device=device, batch_size=batch_size,
         data=data, identity=identity, host_maddrs=hosts or ["/ip4/0.0.0.0/tcp/0"], announce_maddrs=announces,
         client_mode=client_mode, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         max_epochs=max_epochs, eval_every=eval_every, status_file=status_file, show_progress=progress,
-        metrics_port=metrics_port, port=port,
+        metrics_port=metrics_port, port=port, upload_mbps=max_upload_mbps,
+        role=role, data_owner_data=data_owner_data, max_steps=max_steps,
     )
     status = run_peer(options)
     _quiet_interpreter_teardown()

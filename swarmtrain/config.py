@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from swarmtrain.compression.spec import parse_compression_spec
 from swarmtrain.errors import UserError
+from swarmtrain.peer.schedule import check_local_averaging_fields, check_round_budget, parse_schedule
 from swarmtrain.privacy.config import PrivacyConfig
 
 
@@ -82,10 +83,26 @@ class AveragingConfig(_Section):
     density_warmup_epochs: int = Field(0, ge=0)
     matchmaking_time: float = Field(3.0, gt=0)
     averaging_timeout: float = Field(60.0, gt=0)
-    request_timeout: float = Field(3.0, gt=0)
+    request_timeout: float = Field(1.0, gt=0)  # below matchmaking_time (see the check below)
     # parameters are averaged every this many epochs as a safety net against drift (e.g. a peer
     # that stepped on local gradients when its group failed); 0 disables it
     state_averaging_every: int = Field(0, ge=0)
+    # what a reducer does with the parts it receives (swarmtrain/compression/robust.py): non-finite
+    # parts are always dropped; a part whose norm exceeds max_norm_ratio x the group's median is
+    # dropped too (0 turns that off); `clip` / `centered_clip` bound any one sender's pull on the
+    # average, for swarms of strangers (at the price of exact error-feedback conservation)
+    aggregation: Literal["mean", "clip", "centered_clip"] = "mean"
+    max_norm_ratio: float = Field(10.0, ge=0)
+    # mode: local only (swarmtrain/peer/local.py): at each averaging point the peers average their model
+    # delta since the last one and apply it with an outer step, anchor + outer_lr * (avg delta [+ Nesterov
+    # momentum]); outer_lr 1 and outer_momentum 0 is plain averaging (DiLoCo: 0.7 and 0.9)
+    outer_lr: float = Field(1.0, gt=0)
+    outer_momentum: float = Field(0.0, ge=0, lt=1)
+    # schedule: adaptive only (swarmtrain/peer/schedule.py): averaging rounds planned over
+    # optimizer.total_epochs (default total_epochs // 8), and the bounds of the period, in epochs
+    round_budget: Optional[int] = Field(None, ge=1)
+    min_period: int = Field(1, ge=1)
+    max_period: int = Field(32, ge=1)
 
     @field_validator("compression")
     @classmethod
@@ -93,17 +110,29 @@ class AveragingConfig(_Section):
         parse_compression_spec(value)  # raises ValueError naming the accepted forms
         return value
 
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            parse_schedule(value)  # raises ValueError naming the accepted forms
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "AveragingConfig":
         if self.mode == "sync" and self.schedule is not None:
             raise ValueError("averaging.schedule applies to mode: local only; remove it or set mode: local")
-        if self.mode == "local":
-            raise ValueError("averaging.mode 'local' is not available in this version; use mode: sync")
+        check_local_averaging_fields(self)  # local-only fields and their consistency
         if self.request_timeout >= self.matchmaking_time:
             raise ValueError(
                 "averaging.request_timeout must be below averaging.matchmaking_time, or groups split"
             )
         return self
+
+
+class AccessConfig(_Section):
+    # open: anyone with the coordinator's address may join; token: only peers holding an unexpired
+    # token issued by the coordinator (`swarmtrain coordinator issue-token`) reach the DHT and averaging
+    mode: Literal["open", "token"] = "open"
 
 
 class RunConfig(_Section):
@@ -115,6 +144,12 @@ class RunConfig(_Section):
     target_batch_size: int = Field(gt=0, description="samples the swarm accumulates per optimizer step")
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    access: AccessConfig = Field(default_factory=AccessConfig)
+
+    @model_validator(mode="after")
+    def _round_budget(self) -> "RunConfig":
+        check_round_budget(self)  # mode: local, adaptive: averaging.round_budget vs optimizer.total_epochs
+        return self
 
     @field_validator("run_id")
     @classmethod

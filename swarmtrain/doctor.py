@@ -217,10 +217,62 @@ async def _ping_each(_dht, node, peer_ids: list, timeout: float) -> list:
     return results
 
 
+def check_token(token_text: Optional[str], identity: Optional[str],
+                initial_peers: List[str]) -> Tuple[Optional[Row], object]:
+    """The access token row and the access it gives (None when there is no usable token); no row
+    when no token was given (that verdict needs the run config: see token_row_without_token)."""
+    if token_text is None:
+        return None, None
+    from swarmtrain.access import TokenError, format_time, peer_access
+    from swarmtrain.identity import default_identity_path, load_or_create_identity
+    from swarmtrain.network import peer_id_in
+
+    identity = identity or str(default_identity_path("peer"))
+    try:
+        access = peer_access(token_text, load_or_create_identity(identity), [peer_id_in(m) for m in initial_peers],
+                             identity_hint=f" ({identity})")
+    except TokenError as error:
+        text = str(error)
+        if "expired" in text:
+            fix = "ask the organiser for a new token"
+        elif "issued for peer" in text:
+            fix = ("pass --identity with the key file whose peer ID you gave the organiser "
+                   "(`swarmtrain identity --identity FILE` prints it)")
+        elif "issued by" in text:
+            fix = "pass --initial-peers with the coordinator address that came with the token"
+        else:
+            fix = "copy the whole token again, or ask the organiser for a new one"
+        return Row("access token", FIX, text, fix), None
+    import time
+
+    token = access.token
+    left = token.expires - time.time()
+    detail = (f"valid: issued to {token.name} (peer {token.peer_id}) by {token.authority_id}, "
+              f"until {format_time(token.expires)}")
+    if left < 24 * 3600:
+        return Row("access token", WARN, detail + f" (in {left / 3600:.1f} h)",
+                   "ask the organiser for a longer one soon"), access
+    return Row("access token", OK, detail), access
+
+
+def token_row_without_token(config) -> Row:
+    if config is None:
+        return Row("access token", WARN, "none given; the run config could not be read to tell whether the run "
+                   "needs one (a token-gated run does not answer peers without a token)",
+                   "if the organiser gave you a token, pass it with --token")
+    if config.access.mode == "token":
+        return Row("access token", FIX, "this run is token-gated and no token was given",
+                   "send the organiser your peer ID (`swarmtrain identity`), then pass the token they give you "
+                   "with --token")
+    return Row("access token", OK, "not required (the run is open)")
+
+
 def check_swarm(initial_peers: List[str], host_maddrs: List[str], announce_maddrs: List[str],
-                listen_port: Optional[int], config_path: Optional[str], timeout: float) -> Tuple[List[Row], object]:
+                listen_port: Optional[int], config_path: Optional[str], timeout: float,
+                access=None) -> Tuple[List[Row], object]:
     """Rows for: each initial peer, the run config, this peer's reachability, the clock. Returns
-    the rows and the run config (None if unknown)."""
+    the rows and the run config (None if unknown). With `access` (a checked token) this node's DHT
+    requests carry the token, as the peer's would."""
     from swarmtrain.config import load_run_config
     from swarmtrain.network import fetch_run_config, make_dht, peer_id_in
     from swarmtrain.reachability import check_reachability
@@ -244,12 +296,18 @@ def check_swarm(initial_peers: List[str], host_maddrs: List[str], announce_maddr
     try:
         # the run config is a signed record: without the validator hivemind cannot even read it
         dht = make_dht(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                       client_mode=False, signature_validator=RSASignatureValidator(), startup_timeout=timeout)
+                       client_mode=False, signature_validator=RSASignatureValidator(), startup_timeout=timeout,
+                       authorizer=access.authorizer() if access is not None else None)
     except UserError as error:
         if error.message.startswith("could not reach any initial peer"):
             for maddr in initial_peers:
                 rows.append(Row(f"initial peer {_short_maddr(maddr)}", FIX, error.message,
                                 "check the address (copy the coordinator's join command) and that the coordinator runs"))
+        elif error.message.startswith("the initial peer(s)"):  # they answered, but refused us into the DHT
+            for maddr in initial_peers:
+                rows.append(Row(f"initial peer {_short_maddr(maddr)}", FIX, error.message,
+                                "see the access token row" if access is not None else
+                                "a token-gated run answers only peers with a token: pass --token"))
         else:  # our own side: a port in use, a bad announce address, the daemon did not start
             rows.append(Row("network", FIX, error.message, "change the flag it names"))
         rows.append(config_row or Row("run config", SKIP, "needs a reachable initial peer (or --config)"))
@@ -262,7 +320,8 @@ def check_swarm(initial_peers: List[str], host_maddrs: List[str], announce_maddr
                 rows.append(Row(f"initial peer {_short_maddr(maddr)}", OK, f"answers in {ping['rtt'] * 1000:.0f} ms"))
             else:
                 rows.append(Row(f"initial peer {_short_maddr(maddr)}", FIX, f"does not answer: {ping['error']}",
-                                "check the address (copy the coordinator's join command) and that it runs"))
+                                "check the address (copy the coordinator's join command) and that it runs"
+                                + ("" if access is not None else "; a token-gated run answers only peers with --token")))
         if config_row is None:
             try:
                 published = fetch_run_config(dht, trusted=[peer_id_in(m) for m in initial_peers], timeout=timeout)
@@ -305,19 +364,22 @@ def _clock_row(pings: Sequence[dict]) -> Row:
 
 
 def run_checks(initial_peers: List[str], device: str, config_path: Optional[str], host_maddrs: List[str],
-               announce_maddrs: List[str], listen_port: Optional[int], timeout: float) -> List[Row]:
+               announce_maddrs: List[str], listen_port: Optional[int], timeout: float,
+               token: Optional[str] = None, identity: Optional[str] = None) -> List[Row]:
     rows = [_guarded("python", check_python), _guarded("torch", check_torch)]
     device_row, resolved = _guarded_pair("device", lambda: check_device(device))
     rows.append(device_row)
+    token_row, access = _guarded_pair("access token", lambda: check_token(token, identity, initial_peers))
     try:
-        swarm_rows, config = check_swarm(initial_peers, host_maddrs, announce_maddrs, listen_port, config_path, timeout)
+        swarm_rows, config = check_swarm(initial_peers, host_maddrs, announce_maddrs, listen_port, config_path, timeout,
+                                         access=access)
     except Exception as error:  # an unexpected failure becomes a row, not a traceback
         swarm_rows, config = [Row("swarm", FIX, f"check failed: {_one_line(error)}")], None
     needs_bnb = config is None or config.optimizer.name == "lamb" or config.optimizer.eight_bit
     rows.append(_guarded("bitsandbytes", lambda: check_bitsandbytes(needs_bnb)))
     rows.append(_guarded("memory", lambda: check_memory(config, resolved)))
     rows += swarm_rows
-    rows.append(Row("access token", OK, "not required (this swarmtrain version has no access tokens)"))
+    rows.append(token_row or token_row_without_token(config))
     return rows
 
 
@@ -367,7 +429,14 @@ def print_table(rows: List[Row]) -> None:
 @click.option("--timeout", type=click.FloatRange(min=1), default=15.0, show_default=True,
               help="Seconds to wait for each network check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
-def doctor(initial_peers, device, config_path, announce_maddrs, public_ip, port, timeout, as_json):
+@click.option("--token", default=None, help="Your access token for a token-gated run: checked, then used to reach the swarm.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="Read the access token from this file instead of --token.")
+@click.option("--identity", type=click.Path(dir_okay=False), default=None,
+              help="The identity file you will join with (the token is bound to its peer ID). "
+                   "Default with a token: ~/.swarmtrain/peer.id.")
+def doctor(initial_peers, device, config_path, announce_maddrs, public_ip, port, timeout, as_json, token, token_file,
+           identity):
     """Check that this machine can join the swarm: software, memory, network, clock.
 
     Prints one line per check with what to fix; exits 0 when all are ok, 1 otherwise.
@@ -381,8 +450,16 @@ def doctor(initial_peers, device, config_path, announce_maddrs, public_ip, port,
         host_maddrs, announce = host_and_announce_maddrs(port, public_ip, announce_maddrs=split)
     except ValueError as error:
         raise UserError(str(error)) from None
+    if token is not None and token_file is not None:
+        raise UserError("give the token once: --token or --token-file, not both")
+    if token_file is not None:
+        try:
+            with open(token_file) as handle:
+                token = handle.read()
+        except OSError as error:
+            raise UserError(f"--token-file {token_file}: cannot read it ({error.strerror})") from None
     try:
-        rows = run_checks(peers, device, config_path, host_maddrs, announce, port, timeout)
+        rows = run_checks(peers, device, config_path, host_maddrs, announce, port, timeout, token, identity)
     except KeyboardInterrupt:
         raise click.exceptions.Exit(130)
     if as_json:

@@ -58,9 +58,17 @@ def make_dht(
     client_mode: bool = False,
     signature_validator: Optional[RSASignatureValidator] = None,
     startup_timeout: float = 30.0,
+    authorizer=None,
 ) -> hivemind.DHT:
-    """Start this node's DHT; unreachable or malformed addresses become one-line UserErrors."""
+    """Start this node's DHT; unreachable or malformed addresses become one-line UserErrors.
+
+    On a token-gated run (an access activated with ``swarmtrain.access.activate``) the DHT signs its
+    requests with the access's token and refuses peers without one; `authorizer` overrides that."""
+    from swarmtrain.access import active_access
+
     validators = [signature_validator] if signature_validator is not None else []
+    if authorizer is None and active_access() is not None:
+        authorizer = active_access().authorizer()
     try:
         return hivemind.DHT(
             initial_peers=list(initial_peers),
@@ -70,8 +78,23 @@ def make_dht(
             client_mode=client_mode,
             record_validators=validators,
             startup_timeout=startup_timeout,
+            authorizer=authorizer,
             start=True,
         )
+    except RuntimeError as error:
+        if "bootstrap failed" not in str(error):
+            raise
+        if authorizer is None:
+            raise UserError(
+                f"the initial peer(s) ({', '.join(initial_peers)}) did not let this node into the swarm's DHT: "
+                "the run may need an access token (ask the organiser for one and pass --token), or the "
+                "coordinator is overloaded (try again)"
+            ) from None
+        raise UserError(
+            f"the initial peer(s) ({', '.join(initial_peers)}) refused this node's access token: check that the "
+            "run is token-gated and the token is for this coordinator, and that this machine's clock is right "
+            "(`swarmtrain doctor --token ...` checks both)"
+        ) from None
     except P2PDaemonError as error:
         text = str(error)
         if "failed to connect to bootstrap peers" in text:
@@ -101,7 +124,11 @@ def publish_run_config(dht: hivemind.DHT, config: RunConfig, signature_validator
     """Store the config under our own `[owner:<key>]` subkey: the DHT signs it with our key and
     every node rejects a record under that subkey that we did not sign, so nobody else can
     replace it."""
-    value = json.dumps({"config": config.model_dump(mode="json"), "wire_version": WIRE_VERSION,
+    # an open run's config leaves the access section out, so peers from before it existed still read it
+    exclude = {"access": True} if config.access.mode == "open" else {}
+    if config.privacy.split is None:  # likewise privacy.split, for peers from before split runs
+        exclude["privacy"] = {"split"}
+    value = json.dumps({"config": config.model_dump(mode="json", exclude=exclude), "wire_version": WIRE_VERSION,
                         "initial_epoch": initial_epoch})
     return bool(
         dht.store(
@@ -143,9 +170,12 @@ def fetch_run_config(dht: hivemind.DHT, trusted: Sequence[PeerID], timeout: floa
             hint = (
                 f" ({others_seen} config(s) signed by other peers were ignored)" if others_seen else ""
             )
+            from swarmtrain.access import active_access
+
+            token_hint = "" if active_access() is not None else " (a token-gated run also needs --token)"
             raise UserError(
                 "no run config signed by the initial peer(s) was found in the swarm" + hint + "; pass the "
-                "coordinator's address (the join command it prints) as --initial-peers"
+                "coordinator's address (the join command it prints) as --initial-peers" + token_hint
             )
         time.sleep(1.0)
 

@@ -127,3 +127,74 @@ def test_privacy_head_attaches_at_the_named_layer_of_a_built_model():
     loss = compute_loss(model, torch.randint(0, 256, (8, config.data.seq_len)), "gpt2")
     total = head.add_penalty(loss)
     assert total.item() > loss.item() and 0.0 < head.last_leakage <= 1.0
+
+
+# --- averaging.mode: local ----------------------------------------------------------------------
+
+
+def _local(**averaging):
+    data = _tiny()
+    data["averaging"].update(mode="local", **averaging)
+    return data
+
+
+@pytest.mark.parametrize("schedule", ["constant:1", "constant:8", "adaptive"])
+def test_local_mode_with_a_schedule_is_valid(schedule):
+    config = parse_run_config(_local(schedule=schedule, compression="gaussiank:0.01"))
+    assert config.averaging.mode == "local" and config.averaging.outer_lr == 1.0
+
+
+def test_local_mode_needs_a_schedule():
+    message = _error(_local())
+    assert "averaging.schedule is required with mode: local" in message
+    assert "constant:H" in message and "adaptive" in message
+
+
+@pytest.mark.parametrize("schedule", ["constant", "constant:0", "constant:2.5", "every 4", "adaptive:3"])
+def test_bad_schedule_names_the_field_and_the_forms(schedule):
+    message = _error(_local(schedule=schedule))
+    assert message.startswith("config: averaging.schedule") and "constant:H" in message and "adaptive" in message
+
+
+@pytest.mark.parametrize("field, value", [("outer_lr", 0.7), ("outer_momentum", 0.9), ("round_budget", 10),
+                                          ("min_period", 2), ("max_period", 8)])
+def test_local_only_fields_are_refused_in_sync_mode(field, value):
+    data = _tiny()
+    data["averaging"][field] = value
+    assert f"averaging.{field} applies to mode: local only" in _error(data)
+
+
+@pytest.mark.parametrize("field, value", [("round_budget", 10), ("min_period", 2), ("max_period", 8)])
+def test_adaptive_only_fields_are_refused_with_a_constant_schedule(field, value):
+    assert f"averaging.{field} applies to schedule: adaptive only" in _error(_local(schedule="constant:4", **{field: value}))
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(schedule="adaptive", min_period=8, max_period=4), "averaging.min_period (8) must not exceed"),
+    (dict(schedule="adaptive", round_budget=0), "averaging.round_budget"),
+    (dict(schedule="constant:4", outer_momentum=1.0), "averaging.outer_momentum"),
+    (dict(schedule="constant:4", outer_lr=0), "averaging.outer_lr"),
+    (dict(schedule="constant:4", state_averaging_every=5), "averaging.state_averaging_every applies to mode: sync"),
+    (dict(schedule="adaptive", round_budget=10, max_period=4), "averaging.round_budget (10) x averaging.max_period (4) "
+                                                               "must cover optimizer.total_epochs (200)"),
+    (dict(schedule="adaptive", round_budget=150, min_period=2), "exceeds optimizer.total_epochs (200)"),
+])
+def test_local_mode_field_values_are_checked(fields, expected):
+    assert expected in _error(_local(**fields))
+
+
+def test_a_published_local_config_parses_again():
+    from swarmtrain.config import dump_run_config
+
+    for schedule in ("constant:4", "adaptive"):
+        config = parse_run_config(_local(schedule=schedule, outer_lr=0.7, outer_momentum=0.9))
+        assert parse_run_config(yaml.safe_load(dump_run_config(config))) == config
+    sync = parse_run_config(_tiny())
+    assert parse_run_config(yaml.safe_load(dump_run_config(sync))) == sync
+
+
+def test_a_minimal_config_is_valid_with_every_default():
+    from swarmtrain.config import parse_run_config
+
+    config = parse_run_config({"run_id": "minimal", "model": {"kind": "gpt2"}, "target_batch_size": 64})
+    assert config.averaging.request_timeout < config.averaging.matchmaking_time
