@@ -6,6 +6,27 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+class SplitConfig(BaseModel):
+    """A split run (`privacy.split`): data owners keep the layers up to the cut, trunk peers host the rest.
+
+    The model is the digits split task of swarmtrain.privacy.digits (64 inputs, 10 classes); the
+    run config's `model` section is not used by a split run. See swarmtrain.privacy.swarm.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Literal["digits"] = Field(default="digits", description="the split task (digits: sklearn's 8x8 digits)")
+    cut_width: int = Field(default=32, ge=1, le=4096, description="width of Z, the activations sent to the trunk")
+    hidden: int = Field(default=256, ge=1, le=65536, description="hidden width of the owner's bottom layers")
+    trunk_hidden: int = Field(default=256, ge=1, le=65536, description="hidden width of the trunk")
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False, description="Adam learning rate, both sides")
+    batch_size: int = Field(default=64, ge=2, le=1024, description="samples per data-owner step")
+    average_every: float = Field(default=30.0, gt=0, allow_inf_nan=False,
+                                 description="seconds between averaging rounds of the trunk hosts")
+    averaging_timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False,
+                                     description="give up an averaging round of the trunk after this many seconds")
+
+
 class PrivacyConfig(BaseModel):
     """NoPeek privacy head settings; see swarmtrain.privacy.head."""
 
@@ -23,6 +44,8 @@ class PrivacyConfig(BaseModel):
         default="u",
         description="estimator of the *reported* leakage: 'u' = bias-corrected U-statistic (comparable across "
                     "batch sizes), 'v' = V-statistic (biased toward 1 at small batches)")
+    split: Optional[SplitConfig] = Field(
+        default=None, description="a split run: data owners send only Z to trunk peers (swarmtrain.privacy.swarm)")
 
     @field_validator("cut_layer")
     @classmethod
@@ -33,6 +56,11 @@ class PrivacyConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cut_layer_required_when_enabled(self) -> "PrivacyConfig":
+        if self.split is not None:
+            if self.cut_layer is not None:
+                raise ValueError("privacy.cut_layer: a split run cuts where privacy.split puts the cut; remove "
+                                 "privacy.cut_layer")
+            return self
         if self.enabled and not self.cut_layer:
             raise ValueError("privacy.cut_layer is required when privacy.enabled is true "
                              "(a dotted module path such as 'features.2' or 'transformer.h.0')")
