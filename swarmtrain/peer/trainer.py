@@ -50,6 +50,10 @@ class PeerOptions:
     show_progress: Optional[bool] = None  # None: a live bar when stderr is a terminal
     metrics_port: Optional[int] = None  # serve this peer's own /metrics here
     port: Optional[int] = None  # the fixed listen port, when given (for the reachability advice)
+    upload_mbps: Optional[float] = None  # this machine's uplink, for averaging's load balancing
+    role: str = "trainer"  # trainer, trunk or data-owner (split runs: swarmtrain/privacy/swarm.py)
+    data_owner_data: Optional[str] = None  # data-owner: an .npz with x and y (default: embedded digits)
+    max_steps: Optional[int] = None  # data-owner: leave after this many steps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,6 +113,11 @@ def run_peer(options: PeerOptions) -> dict:
         if published.wire_version != WIRE_VERSION:
             raise UserError(f"the run needs swarmtrain wire version {published.wire_version}, this is {WIRE_VERSION}; upgrade swarmtrain")
         status.update(run_id=config.run_id, peer_id=str(dht.peer_id), device=str(device), client_mode=client_mode)
+        if config.privacy.split is not None or options.role != "trainer":  # a split run's roles
+            from swarmtrain.privacy import swarm as split_swarm
+
+            serve = split_swarm.run_data_owner_peer if options.role == "data-owner" else split_swarm.serve_trunk
+            return serve(dht, config, signature_validator, options, status, client_mode=client_mode)
         logger.info(f"joined run {config.run_id!r} as {dht.peer_id} on {device}")
 
         neighbourhood = NeighbourhoodKeeper(dht, options.initial_peers)
@@ -129,7 +138,8 @@ def run_peer(options: PeerOptions) -> dict:
 
         with children_ignore_interrupts():
             optimizer = make_optimizer(config, model, dht, batch_size=options.batch_size,
-                                       client_mode=client_mode, private_key=private_key)
+                                       client_mode=client_mode, private_key=private_key,
+                                       upload_mbps=options.upload_mbps)
         if resumed is not None and resumed.optimizer_state is not None:
             optimizer.load_state_dict(resumed.optimizer_state)
         swarm_epoch = max(optimizer.tracker.global_progress.epoch, published.initial_epoch)
@@ -138,9 +148,9 @@ def run_peer(options: PeerOptions) -> dict:
             status["phase"] = "loading state"
             _write_status(options.status_file, status)
             logger.info(f"the swarm is at epoch {swarm_epoch}; downloading the current state from peers")
-            optimizer.load_state_from_peers()
+            if optimizer.load_state_from_peers():
+                logger.info(f"loaded the state of epoch {optimizer.local_epoch}")
             status["loaded_state_epoch"] = optimizer.local_epoch
-            logger.info(f"loaded the state of epoch {optimizer.local_epoch}")
 
         reporter = PeerReporter(dht, config.run_id, signature_validator, role="trainer", device=str(device),
                                 client_mode=client_mode, metrics_port=options.metrics_port)
@@ -177,9 +187,15 @@ def run_peer(options: PeerOptions) -> dict:
                 status.update(step=step, epoch=optimizer.local_epoch, loss=float(loss.item()))
 
                 if optimizer.local_epoch != last_epoch:
-                    _resync_if_apart(optimizer, status)
+                    _resync_if_apart(optimizer, status, model, options.checkpoint_dir)
                     status["rounds"] = [asdict(record) for record in optimizer.rounds]
+                    status["traffic"] = {k: v for k, v in optimizer.traffic.items() if k != "rejected_peers"}
                     epoch = optimizer.local_epoch
+                    # what this peer holds at the start of each epoch: tools compare peers with it
+                    fingerprints = status.setdefault("fingerprints", {})
+                    fingerprints[str(epoch)] = optimizer.parameter_fingerprint()[:8]
+                    for old in list(fingerprints)[:-64]:
+                        del fingerprints[old]
                     if options.eval_every and epoch % options.eval_every == 0:
                         status["heldout_loss"].append([epoch, heldout_loss(model, heldout, config.model.kind)])
                     if options.checkpoint_dir and options.checkpoint_every and epoch % options.checkpoint_every == 0:
@@ -232,23 +248,31 @@ def run_peer(options: PeerOptions) -> dict:
     return status
 
 
-def _resync_if_apart(optimizer, status: dict) -> None:
+def _resync_if_apart(optimizer, status: dict, model=None, checkpoint_dir: Optional[str] = None) -> None:
     """A peer whose averaging round failed stepped on its own gradients, and one whose parameter
     fingerprint differed from its group's had drifted before; in sync mode nothing would ever
-    bring either back. Download the swarm's state instead."""
+    bring either back. Download the swarm's state instead. A peer whose parameters went
+    non-finite does the same (or, alone, goes back to its last checkpoint)."""
     last = optimizer.rounds[-1] if optimizer.rounds else None
-    if last is None or status.get("resynced_after") == len(optimizer.rounds):
+    if not optimizer.state_is_finite():
+        reason = "its parameters or optimizer statistics are not finite"
+    elif last is None or status.get("resynced_after") == len(optimizer.rounds):
         return
-    if last.ok and optimizer.diverged:
+    elif last.ok and optimizer.diverged:
         reason = "its parameters differ from the rest of its group"
-    elif not last.ok and last.note != "no other peers":
+    elif not last.ok and last.note != "no other peers" and getattr(optimizer, "resync_after_failed_round", True):
         reason = f"its averaging round failed ({last.note})"
     else:
         return
     status["resynced_after"] = len(optimizer.rounds)
     if optimizer.tracker.global_progress.num_peers <= 1:
+        if reason.startswith("its parameters or") and checkpoint_dir and latest_checkpoint_path(checkpoint_dir):
+            restored = load_checkpoint(checkpoint_dir)
+            logger.error(f"{reason}, and no peer to download from: back to {restored.path}")
+            optimizer.restore_checkpoint(model, restored.model_state, restored.optimizer_state)
+            status["restores"] = status.get("restores", 0) + 1
         return
-    logger.warning(f"epoch {last.epoch}: {reason}; downloading the swarm's state")
+    logger.warning(f"epoch {last.epoch if last else optimizer.local_epoch}: {reason}; downloading the swarm's state")
     optimizer.load_state_from_peers()
     optimizer.resynchronised()
     status["resyncs"] = status.get("resyncs", 0) + 1

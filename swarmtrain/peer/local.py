@@ -1,0 +1,603 @@
+"""`averaging.mode: local`: every peer steps on its own; at averaging points the peers average the
+model delta since the last point (a pseudo-gradient) and apply it with an outer step.
+
+How a round goes (for every peer, at the epoch the schedule names -- epochs are hivemind's swarm-wide
+counter of `target_batch_size` samples, so all peers reach them together)::
+
+    Δ_i      = θ_i − anchor                      anchor: the last averaged model, the same on every peer
+    Δ̄        = average of the Δ_i, weights = samples each trained on since the anchor, through the
+               gradient path's compression (none / fp16 dense, or sparse GaussianK & co. with error
+               feedback: what a peer's sparse selection leaves out stays in its residual for next time)
+    m        = μ·m + Δ̄                            outer momentum buffer (only when outer_momentum μ > 0)
+    anchor  += outer_lr · (Δ̄ + μ·m)              Nesterov; outer_lr 1, μ 0: plain averaging, anchor + Δ̄
+    θ_i      = anchor
+
+What is averaged, and what is not:
+
+* the model delta only. The inner optimizer's state (Adam/LAMB moments) stays local, as in DiLoCo:
+  averaging it would triple the bytes of every round (two moment tensors per parameter, which do
+  not sparsify), and moments only rescale each peer's own steps. The outer momentum buffer is
+  never sent either: it is a function of the averaged deltas alone, identical on every peer.
+  The error-feedback residual is by definition each peer's own.
+* the schedule's state (next point, rounds spent, divergence level) travels in the round's gather
+  (see schedule.py), so the group agrees on the next point without another message.
+
+A peer joining (or re-synchronising) downloads the state from a peer: this module's state averager
+serves the *last averaged model* (anchor) as the parameters, not the donor's half-trained local
+model, together with the outer momentum and the schedule's state, so the newcomer starts from the
+model everyone's next delta refers to. A coordinator downloading state for a checkpoint (a plain
+hivemind TrainingStateAverager) thereby saves the averaged model as well and ignores the rest.
+
+A member whose averaged model does not match its group's (its last round failed while the others
+averaged, or its state download was one round stale) contributes with weight 0 -- its delta is from
+another origin -- and re-synchronises by downloading the state (the trainer does it when
+``optimizer.diverged``). Nothing waits forever: a pre-scheduled round whose group has not formed
+shortly after its scheduled time is cancelled and the peer trains on, retrying at the next epoch;
+the all-reduce itself is bounded by ``averaging_timeout``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.compression import CompressionInfo, NoCompression, TensorRole
+from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state, load_optimizer_state
+from hivemind.utils import get_dht_time
+
+from swarmtrain.compression.averager import CountingGradientAverager, SparseGradientAverager
+from swarmtrain.compression.feedback import DensitySchedule
+from swarmtrain.compression.robust import robust_policy_from_config
+from swarmtrain.compression.spec import parse_compression_spec
+from swarmtrain.peer.optimizer import (RoundRecord, SwarmOptimizer, make_scheduler_factory,
+                                       make_torch_optimizer_factory)
+from swarmtrain.peer.schedule import (ControllerSettings, ControllerState, MemberRecord, decide_after_round,
+                                      fingerprint, fingerprint_positions, first_round_epoch, in_step_with,
+                                      parse_records, reference_member, state_after_failure)
+
+logger = logging.getLogger("swarmtrain.peer")
+ANCHOR_TOLERANCE_LR = 0.5  # averaged models "match" when they agree within this many learning rates
+
+
+@dataclass
+class LocalRoundRecord(RoundRecord):
+    """A local-mode averaging round (RoundRecord's fields plus what the schedule decided)."""
+
+    next_epoch: int = 0  # the next averaging point the group agreed on
+    round_index: int = 0  # the swarm's count of rounds after this one: the same for every member
+    period: int = 0
+    in_step: bool = True  # our averaged model matched the group's (False: we re-synchronise)
+    members_in_step: int = 0
+    divergence: Optional[float] = None  # sketched variance of the deltas / squared norm of their mean
+    kappa: Optional[float] = None  # adaptive: divergence level v / (lr²)^s of this round
+    exponent: Optional[float] = None  # adaptive: the fitted s
+    correction: Optional[float] = None  # adaptive: the factor the measurement applied to the planned period
+    anchor_sum: Optional[float] = None  # float64 sum of the new averaged model (compare peers)
+    anchor_digest: str = ""  # SHA-256 prefix of its bytes (bit-identical peers share it)
+    finished_at: float = 0.0  # unix time
+    weight: float = 0.0  # samples this peer contributed
+
+
+# ------------------------------------------------------------------------------------------------
+# the averager of model deltas (the gradient path's averagers, plus the in-step check)
+# ------------------------------------------------------------------------------------------------
+
+
+class _InStepWeightMixin:
+    """Runs in the averager's process, once the group and its gathered records are known: a member
+    whose last averaged model differs from the group's reference sends its delta with weight 0."""
+
+    def __init__(self, *args, anchor_tolerance: float, **kwargs):
+        self.anchor_tolerance = float(anchor_tolerance)
+        # 1.0 when the last round found us out of step: shared, so the training process learns it
+        # even when the round then failed (an out-of-step delta can also be rejected as an outlier)
+        self.out_of_step = torch.zeros(1).share_memory_()
+        super().__init__(*args, **kwargs)
+
+    async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
+        try:
+            gathered = {}
+            for peer_id, raw in zip(group_info.peer_ids, group_info.gathered):
+                gathered[peer_id] = self.serializer.loads(self.serializer.loads(raw)[2])
+            records = parse_records(gathered)
+            reference = reference_member(records, self.anchor_tolerance)
+            if self.peer_id not in records or self.peer_id not in in_step_with(records, reference,
+                                                                                 self.anchor_tolerance):
+                kwargs["weight"] = 0.0
+                self.out_of_step.fill_(1.0)
+        except Exception as error:  # malformed gathers: average as asked, the host process sorts it out
+            logger.debug(f"could not check the group's averaged models: {error!r}")
+        return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+
+
+class LocalDeltaSparseAverager(_InStepWeightMixin, SparseGradientAverager):
+    """Sparse (GaussianK / top-k / random-k, error feedback) averaging of model deltas."""
+
+
+class LocalDeltaDenseAverager(_InStepWeightMixin, CountingGradientAverager):
+    """Dense (none / fp16) averaging of model deltas, with byte stats."""
+
+
+def make_delta_averager_factory(spec, *, anchor_tolerance: float, density_schedule: Optional[DensitySchedule] = None,
+                                **averager_kwargs):
+    """Like compression.averager.make_grad_averager_factory (same codecs, same access guard), for
+    the averagers above."""
+    from swarmtrain.access import with_access_guard
+
+    if isinstance(spec, str):
+        spec = parse_compression_spec(spec)
+    if spec.is_sparse:
+        return partial(with_access_guard(LocalDeltaSparseAverager), spec=spec, density_schedule=density_schedule,
+                       anchor_tolerance=anchor_tolerance, **averager_kwargs)
+    if density_schedule is not None:
+        raise ValueError("a density schedule only applies to sparse compression specs")
+    from hivemind.compression import Float16Compression
+
+    codec = Float16Compression() if spec.method == "fp16" else NoCompression()
+    return partial(with_access_guard(LocalDeltaDenseAverager), compression=codec, anchor_tolerance=anchor_tolerance,
+                   **averager_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# the state averager: serves and loads the averaged model
+# ------------------------------------------------------------------------------------------------
+
+
+class LocalStateAverager(TrainingStateAverager):
+    """hivemind's TrainingStateAverager whose state (for joiners and checkpoints) is the last averaged
+    model, the optimizer state, then the outer momentum buffers, with the schedule's state in the
+    metadata (``local_sgd``). A plain TrainingStateAverager reading it takes the averaged model as the
+    parameters and ignores the rest. The owner sets ``local_anchor`` / ``local_momentum`` /
+    ``local_schedule`` after construction and changes them under ``lock_averaged_tensors``."""
+
+    local_anchor: Optional[List[torch.Tensor]] = None
+    local_momentum: Optional[List[torch.Tensor]] = None
+    local_schedule: Optional[dict] = None
+    local_state_loaded: Optional[dict] = None  # set by a successful download: {"schedule": dict or None}
+
+    def get_current_state(self):
+        if self.local_anchor is None:
+            return super().get_current_state()
+        with torch.no_grad(), self.lock_averaged_tensors:
+            parameters = tuple(tensor.detach().clone() for tensor in self.local_anchor)
+            optimizer_metadata, optimizer_tensors = dump_optimizer_state(self.optimizer)
+            optimizer_tensors = [tensor.clone() for tensor in optimizer_tensors]
+            momentum = tuple(tensor.detach().clone() for tensor in self.local_momentum or ())
+            schedule = dict(self.local_schedule or {})
+            epoch = self.local_epoch
+        infos = [CompressionInfo.from_tensor(tensor, key=key, role=TensorRole.PARAMETER)
+                 for tensor, key in zip(parameters, self.parameter_names)]
+        infos += [CompressionInfo.from_tensor(tensor, key=i, role=TensorRole.OPTIMIZER)
+                  for i, tensor in enumerate(optimizer_tensors)]
+        infos += [CompressionInfo.from_tensor(tensor, key=f"outer_momentum_{i}", role=TensorRole.UNSPECIFIED)
+                  for i, tensor in enumerate(momentum)]
+        metadata = dict(epoch=epoch, group_bits=self.get_group_bits(), optimizer_metadata=optimizer_metadata,
+                        local_sgd=dict(schedule=schedule, momentum_tensors=len(momentum)))
+        return metadata, [*parameters, *optimizer_tensors, *momentum], infos
+
+    def load_state_from_peers(self, **kwargs):
+        if self.local_anchor is None:
+            return super().load_state_from_peers(**kwargs)
+        loaded = DecentralizedAverager.load_state_from_peers(self, **kwargs)
+        if loaded is None:
+            return
+        metadata, flat_tensors = loaded
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) \
+                or metadata["epoch"] < self.local_epoch:
+            logger.warning("refusing a downloaded state: it is older than ours or malformed")
+            return
+        local = metadata.get("local_sgd") if isinstance(metadata.get("local_sgd"), dict) else {}
+        num_momentum = local.get("momentum_tensors", 0)
+        parameters = [param for group in self.optimizer.param_groups for param in group["params"]]
+        if not isinstance(num_momentum, int) or num_momentum < 0 or len(flat_tensors) < len(parameters) + num_momentum:
+            logger.warning("refusing a downloaded state: it has too few tensors")
+            return
+        loaded_parameters = flat_tensors[: len(parameters)]
+        optimizer_tensors = flat_tensors[len(parameters): len(flat_tensors) - num_momentum]
+        momentum = flat_tensors[len(flat_tensors) - num_momentum:] if num_momentum else []
+        if any(mine.shape != theirs.shape for mine, theirs in zip(parameters, loaded_parameters)):
+            logger.warning("refusing a downloaded state: its parameters have other shapes")
+            return
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in [*loaded_parameters, *momentum]
+                   if tensor.is_floating_point()):
+            logger.warning("refusing a downloaded state: it has non-finite values")
+            return
+        with torch.no_grad(), self.lock_averaged_tensors:
+            try:
+                load_optimizer_state(self.optimizer, metadata["optimizer_metadata"], optimizer_tensors)
+            except (StopIteration, IndexError, KeyError, TypeError, ValueError, RuntimeError) as error:
+                logger.warning(f"refusing a downloaded state: its optimizer state does not fit ({error!r})")
+                return
+            for param, anchor, value in zip(parameters, self.local_anchor, loaded_parameters):
+                param.copy_(value)
+                anchor.copy_(value)
+            if self.local_momentum is not None:
+                usable = len(momentum) == len(self.local_momentum) and all(
+                    a.shape == b.shape for a, b in zip(momentum, self.local_momentum))
+                for buffer, value in zip(self.local_momentum, momentum if usable else self.local_momentum):
+                    if usable:
+                        buffer.copy_(value)
+                    else:
+                        buffer.zero_()
+            schedule = local.get("schedule") if isinstance(local.get("schedule"), dict) else None
+            self.local_state_loaded = dict(schedule=schedule)
+        if not self.reuse_tensors:
+            self._load_local_tensors_into_averager_()
+        self.local_epoch = metadata["epoch"]
+        self._update_scheduler()
+
+
+# the RPC handlers of an averager are named after its class: keep hivemind's name, so that peers and
+# the coordinator (a plain TrainingStateAverager) reach each other's state
+LocalStateAverager.__name__ = LocalStateAverager.__qualname__ = "TrainingStateAverager"
+
+
+# ------------------------------------------------------------------------------------------------
+# the optimizer
+# ------------------------------------------------------------------------------------------------
+
+
+class LocalSwarmOptimizer(SwarmOptimizer):
+    """hivemind.Optimizer with local updates (every step is a local optimizer step; epochs are still
+    counted swarm-wide, and the learning rate follows them), plus averaging rounds of the model delta
+    at the points the schedule picks. See the module docstring."""
+
+    @property
+    def resync_after_failed_round(self) -> bool:
+        """For the trainer: a failed round is retried at the next epoch, unless it showed that our
+        averaged model is not the swarm's (then we download the state)."""
+        return self._failed_out_of_step
+
+    def __init__(self, *, settings: ControllerSettings, delta_averager_factory, outer_lr: float = 1.0,
+                 outer_momentum: float = 0.0, anchor_tolerance: float, **kwargs):
+        self.settings = settings
+        self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
+        self.anchor_tolerance = float(anchor_tolerance)
+        self._scheduled: Optional[StepControl] = None
+        self._samples_since_anchor = 0
+        self._fresh = False  # state just downloaded: tag along in the next round (weight 0, zero delta)
+        self._failed_out_of_step = False
+        self._control_bytes = 0
+        super().__init__(use_local_updates=True, average_state_every=10**9, delay_state_averaging=False, **kwargs)
+        parameters = self._optimized_parameters()
+        with torch.no_grad():
+            # taken after hivemind's optimizer initialisation (a zero-gradient step): the same on every peer
+            self.anchor = [param.detach().to("cpu", torch.float32, copy=True) for param in parameters]
+            self.momentum = [torch.zeros_like(a) for a in self.anchor] if self.outer_momentum > 0 else None
+        self._positions = fingerprint_positions([param.numel() for param in parameters])
+        self.schedule_state = ControllerState(first_round_epoch(settings, self.local_epoch), 0, self.local_epoch)
+        averaged_deltas = tuple(torch.zeros_like(a).share_memory_() for a in self.anchor)  # shared before the fork
+        self.delta_averager = delta_averager_factory(
+            dht=self.dht, prefix=f"{self.run_id}_grad_averager",  # the pseudo-gradient's averager
+            parameters=parameters, averaged_grads=averaged_deltas, reuse_grad_buffers=True, warn=False,
+            min_matchmaking_time=self.matchmaking_time, allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, allow_state_sharing=False, start=True,
+        )
+        averager = self.state_averager
+        with averager.lock_averaged_tensors:
+            averager.local_momentum = self.momentum
+            averager.local_schedule = self.schedule_state.to_dict()
+            averager.local_anchor = self.anchor
+
+    # -------------------------------------------------------------- hivemind seams
+    def _make_state_averager(self, **kwargs):
+        from swarmtrain.access import active_access, guarded_class
+
+        access = active_access()  # a token-gated run guards the state averager's RPCs (swarmtrain.access)
+        cls = LocalStateAverager if access is None else partial(guarded_class(LocalStateAverager), access=access)
+        return cls(
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
+        )
+
+    def step(self, closure=None, batch_size: Optional[int] = None, grad_scaler=None):
+        if not self.auxiliary:
+            self._samples_since_anchor += batch_size if batch_size is not None else (self.batch_size_per_step or 0)
+            self._maybe_preschedule_round()
+        return super().step(closure=closure, batch_size=batch_size, grad_scaler=grad_scaler)
+
+    def _update_global_epoch(self, grad_scaler) -> None:
+        if not self.auxiliary and self.local_epoch + 1 >= self.schedule_state.next_epoch:
+            # the round comes before the transition, as a gradient round does in sync mode: while it
+            # runs this peer still reports the old epoch, so nobody counts its idle time as samples
+            # of the new one (hivemind extrapolates each peer's samples/s since its last report)
+            epoch, started = self.local_epoch + 1, time.perf_counter()
+            control = self._group_for_round(epoch, started)  # the tracker runs: we see who moved on
+            if control is not None:
+                with self.tracker.pause_updates():
+                    self._average_in_group(control, epoch, started)
+        super()._update_global_epoch(grad_scaler)
+        if self.local_epoch < self.tracker.global_epoch:
+            self._catch_up_epoch()
+
+    def _should_load_state_from_peers(self) -> bool:
+        """hivemind downloads the state whenever a peer's epoch counter is off the swarm's. In mode
+        local a peer an epoch or more behind (a slow machine, a long round) still holds a good
+        model -- whether it does is what the next round's comparison of averaged models tells, and
+        a peer found out of step downloads then. So: never here; _update_global_epoch catches the
+        counter up instead."""
+        return False
+
+    def _catch_up_epoch(self) -> None:
+        with self.tracker.pause_updates():
+            self.state_averager.local_epoch = self.tracker.global_epoch
+            self.state_averager._update_scheduler()
+            self.tracker.update_epoch(new_epoch=self.local_epoch)
+        if not self.client_mode:
+            self.state_averager.state_sharing_priority = self.local_epoch
+
+    def load_state_from_peers(self, **kwargs):
+        self._abandon_scheduled_round()
+        self.state_averager.local_state_loaded = None
+        loaded = super().load_state_from_peers(**kwargs)
+        got = self.state_averager.local_state_loaded
+        if got is not None:
+            # params and anchor are the downloaded averaged model now (LocalStateAverager did it)
+            state = ControllerState.from_dict(got["schedule"]) if got["schedule"] else None
+            if state is None:  # a donor without local-mode state (the coordinator resuming a run)
+                state = ControllerState(first_round_epoch(self.settings, self.local_epoch), 0, self.local_epoch)
+            self._set_schedule_state(state)
+            self._samples_since_anchor = 0
+            residual = getattr(self.delta_averager, "residual", None)
+            if residual is not None:
+                residual.zero_()  # our unsent delta referred to the model we just replaced
+            # our first round: tag along (weight 0, zero delta). A few steps' delta next to the others'
+            # full periods would look like an outlier to the reducers' median rules, and drag the average
+            self._fresh = True
+            self.diverged = self._failed_out_of_step = False
+            self.delta_averager.out_of_step.zero_()
+            anchor_sum, digest = _describe_model(self.anchor)
+            logger.info(f"took the swarm's averaged model of epoch {state.anchor_epoch} at epoch {self.local_epoch} "
+                        f"({state.rounds_done} rounds so far; digest {digest}, sum {anchor_sum:.6f}); next "
+                        f"averaging at epoch {state.next_epoch}")
+        return loaded
+
+    def state_is_finite(self) -> bool:
+        return super().state_is_finite() and all(bool(torch.isfinite(anchor).all()) for anchor in self.anchor)
+
+    def restore_checkpoint(self, model, model_state: dict, optimizer_state: Optional[dict]) -> None:
+        super().restore_checkpoint(model, model_state, optimizer_state)
+        with torch.no_grad(), self.state_averager.lock_averaged_tensors:
+            for anchor, param in zip(self.anchor, self._optimized_parameters()):
+                anchor.copy_(param.detach().to("cpu", torch.float32))
+            for buffer in self.momentum or ():
+                buffer.zero_()
+        self._samples_since_anchor = 0
+        residual = getattr(self.delta_averager, "residual", None)
+        if residual is not None:
+            residual.zero_()
+
+    def shutdown(self):
+        self._abandon_scheduled_round()
+        super().shutdown()
+        self.delta_averager.shutdown()
+
+    @property
+    def traffic(self) -> dict:
+        stats = self.delta_averager.stats
+        return {**stats.snapshot(), "rejected_peers": stats.recent_rejections(),
+                "control_bytes_total": float(self._control_bytes)}
+
+    # -------------------------------------------------------------- rounds
+    def _member_record(self, round_epoch: int) -> MemberRecord:
+        from swarmtrain.peer.schedule import count_sketch
+
+        parameters = self._optimized_parameters()
+        with torch.no_grad():
+            delta = torch.cat([(param.detach().to("cpu", torch.float32) - anchor).reshape(-1)
+                               for param, anchor in zip(parameters, self.anchor)])
+        state = self.schedule_state
+        return MemberRecord(
+            round_epoch=round_epoch, anchor_epoch=state.anchor_epoch, rounds_done=state.rounds_done,
+            fit=state.fit, anchor_fingerprint=tuple(fingerprint(self.anchor, self._positions)),
+            sketch=tuple(count_sketch(delta).tolist()), weight=0.0 if self._fresh else float(self._samples_since_anchor),
+            peers_seen=int(self.tracker.global_progress.num_peers),
+        )
+
+    def _schedule_round(self, scheduled_time: float, round_epoch: int) -> StepControl:
+        gather = self._member_record(round_epoch).to_wire()
+        self._control_bytes += len(self.delta_averager.serializer.dumps(gather))
+        # no retries inside the step: a second group found later could be the others' *next* round;
+        # a failed round is retried at the next epoch instead, with a fresh record
+        return self.delta_averager.schedule_step(scheduled_time=scheduled_time, gather=gather,
+                                                 timeout=self.averaging_timeout, allow_retries=False)
+
+    def _maybe_preschedule_round(self) -> None:
+        """Start matchmaking for the round at the end of this epoch, when that end is near (as
+        hivemind pre-schedules gradient rounds): the group forms while we still train."""
+        if self._scheduled is not None:
+            if self._scheduled.done():  # its matchmaking gave up in the background
+                self._scheduled = None
+            return
+        if self.local_epoch + 1 < self.schedule_state.next_epoch or self.tracker.global_progress.num_peers <= 1:
+            return
+        if self.local_epoch < self.tracker.global_epoch:
+            return  # behind the swarm: hivemind downloads the state first
+        eta = self.tracker.estimated_next_update_time - get_dht_time()
+        if eta <= self.matchmaking_time:
+            start = get_dht_time() + max(eta, self.matchmaking_time / 2)
+            try:
+                self._scheduled = self._schedule_round(start, self.local_epoch + 1)
+            except Exception as error:
+                logger.warning(f"could not start matchmaking for an averaging round: {error!r}")
+
+    def _abandon_scheduled_round(self) -> None:
+        control, self._scheduled = self._scheduled, None
+        if control is None or control.done():
+            return
+        if control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+            control.cancel()
+        else:
+            self._tag_along_with_zero_weight(control)  # the group formed: do not leave it waiting
+
+    def _group_for_round(self, epoch: int, started: float) -> Optional[StepControl]:
+        """The group for the round leading into `epoch` (pre-scheduled, or looked for now), or None
+        (recorded as a failed round). Nothing waits for ever: we stop looking as soon as another
+        peer is past this averaging point (its round is over, or it had none), or after
+        averaging_timeout."""
+        control, self._scheduled = self._scheduled, None
+        if control is not None and control.done():
+            control = None  # its matchmaking failed in the background
+        if control is None:
+            if self.tracker.global_progress.num_peers <= 1:
+                self.rounds.append(LocalRoundRecord(epoch, 0, False, 0.0, "no other peers",
+                                                    next_epoch=self.schedule_state.next_epoch))
+                return None  # still due: we try again at the next epoch
+            control = self._schedule_round(get_dht_time() + self.matchmaking_time, epoch)
+        give_up_at, reason = max(control.scheduled_time, get_dht_time()) + self.averaging_timeout, None
+        while control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) and not control.done():
+            stale = self.tracker.global_epoch >= epoch and get_dht_time() > control.scheduled_time
+            if stale:  # they averaged without us, or had no round here: either way their state heals us
+                reason = "the others went past this averaging point without us"
+            elif get_dht_time() > give_up_at:
+                reason = "no group formed in time"
+            if reason:
+                control.cancel()
+                self._round_failed(epoch, started, reason, stale=stale)
+                return None
+            time.sleep(0.02)
+        if control.done():  # matchmaking failed just now
+            try:
+                error = control.exception(timeout=0)
+            except BaseException as cancelled:
+                error = cancelled
+            self._round_failed(epoch, started, repr(error)[:200])
+            return None
+        return control
+
+    def _average_in_group(self, control: StepControl, epoch: int, started: float) -> None:
+        parameters = self._optimized_parameters()
+        weight = 0.0 if self._fresh else float(self._samples_since_anchor)
+        with torch.no_grad(), self.delta_averager.get_tensors() as buffers:
+            for buffer, param, anchor in zip(buffers, parameters, self.anchor):
+                if self._fresh:
+                    buffer.zero_()
+                else:
+                    buffer.copy_(param.detach().to("cpu", torch.float32)).sub_(anchor)
+        self.delta_averager.out_of_step.zero_()
+        if hasattr(self.delta_averager, "set_schedule_epoch"):
+            self.delta_averager.set_schedule_epoch(epoch)  # a density warm-up counts epochs, not rounds
+        control.weight = weight
+        control.allow_allreduce()
+        try:
+            gathered = control.result(timeout=self.averaging_timeout)
+        except BaseException as error:
+            if not control.done():
+                control.cancel()
+            return self._round_failed(epoch, started, repr(error)[:200])
+        with torch.no_grad(), self.delta_averager.get_tensors() as buffers:
+            averaged = [buffer.clone() for buffer in buffers]
+        self._apply_round(epoch, started, gathered, averaged, weight)
+
+    def _round_failed(self, epoch: int, started: float, note: str, stale: bool = False) -> None:
+        self._set_schedule_state(state_after_failure(self.settings, self.schedule_state, epoch))
+        if stale or bool(self.delta_averager.out_of_step.item()):
+            self._failed_out_of_step = True
+            note = f"our averaged model is not the swarm's; {note}"
+        self.delta_averager.out_of_step.zero_()
+        self.rounds.append(LocalRoundRecord(epoch, 0, False, time.perf_counter() - started, note,
+                                            next_epoch=self.schedule_state.next_epoch, finished_at=time.time()))
+        logger.info(f"epoch {epoch}: averaging round failed ({note}); training on, next attempt at epoch "
+                    f"{self.schedule_state.next_epoch}")
+
+    def _apply_round(self, epoch: int, started: float, gathered: Dict, averaged: List[torch.Tensor],
+                     weight: float) -> None:
+        records = parse_records(gathered)
+        reference = reference_member(records, self.anchor_tolerance)
+        mine = self.dht.peer_id
+        if reference is None or mine not in records:
+            return self._round_failed(epoch, started, "the group's records are malformed")
+        in_step = in_step_with(records, reference, self.anchor_tolerance)
+        decision = decide_after_round(self.settings, records[reference], [records[p] for p in in_step],
+                                      group_size=len(gathered))
+        self._control_bytes += sum(len(self.delta_averager.serializer.dumps(data)) for peer, data in gathered.items()
+                                   if peer != mine)
+        parameters = self._optimized_parameters()
+        with torch.no_grad(), self.state_averager.lock_averaged_tensors:
+            if mine in in_step:
+                for index, (anchor, update) in enumerate(zip(self.anchor, averaged)):
+                    if self.momentum is not None:
+                        # Nesterov: m = μm + Δ̄, step = Δ̄ + μm
+                        self.momentum[index].mul_(self.outer_momentum).add_(update)
+                        update = update.add(self.momentum[index], alpha=self.outer_momentum)
+                    anchor.add_(update, alpha=self.outer_lr)
+            else:
+                # our averaged model was not the group's: the trainer downloads the state (diverged)
+                self.diverged = True
+            for param, anchor in zip(parameters, self.anchor):
+                param.copy_(anchor.to(param.device, param.dtype))
+        self._samples_since_anchor = 0
+        self._fresh = self._failed_out_of_step = False
+        self._set_schedule_state(decision.state)
+        self._synced_epochs += 1
+        anchor_sum, digest = _describe_model(self.anchor)
+        self.rounds.append(LocalRoundRecord(
+            epoch, len(gathered), True, time.perf_counter() - started,
+            decision.reason if mine in in_step else "our averaged model differed from the group's; re-synchronising",
+            next_epoch=decision.state.next_epoch, round_index=decision.state.rounds_done, period=decision.period,
+            in_step=mine in in_step,
+            members_in_step=len(in_step), divergence=decision.relative_divergence, kappa=decision.kappa,
+            exponent=decision.exponent if self.settings.schedule.kind == "adaptive" else None,
+            correction=decision.correction if self.settings.schedule.kind == "adaptive" else None,
+            anchor_sum=anchor_sum, anchor_digest=digest,
+            finished_at=time.time(), weight=weight,
+        ))
+
+    def _set_schedule_state(self, state: ControllerState) -> None:
+        self.schedule_state = state
+        with self.state_averager.lock_averaged_tensors:
+            self.state_averager.local_schedule = state.to_dict()
+
+
+def _describe_model(tensors: List[torch.Tensor]) -> tuple:
+    """(float64 sum, SHA-256 prefix of the bytes) of a model: equal sums within float noise for dense
+    averaging, equal digests for bit-identical models."""
+    flat = torch.cat([tensor.detach().reshape(-1).cpu().float() for tensor in tensors])
+    return float(flat.double().sum()), hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
+
+
+def make_local_optimizer(config, model: torch.nn.Module, dht, *, batch_size: int, client_mode: bool,
+                         private_key) -> LocalSwarmOptimizer:
+    averaging = config.averaging
+    spec = parse_compression_spec(averaging.compression)
+    density_schedule = None
+    if spec.is_sparse and averaging.density_warmup_epochs:
+        density_schedule = DensitySchedule(spec.density, initial=max(spec.density, 1 / 64),
+                                           warmup_epochs=averaging.density_warmup_epochs)
+    tolerance = ANCHOR_TOLERANCE_LR * config.optimizer.lr
+    factory = make_delta_averager_factory(spec, anchor_tolerance=tolerance, density_schedule=density_schedule,
+                                          request_timeout=averaging.request_timeout,
+                                          robust_policy=robust_policy_from_config(averaging))
+    return LocalSwarmOptimizer(
+        settings=ControllerSettings.from_config(config),
+        delta_averager_factory=factory,
+        outer_lr=averaging.outer_lr,
+        outer_momentum=averaging.outer_momentum,
+        anchor_tolerance=tolerance,
+        dht=dht,
+        run_id=config.run_id,
+        target_batch_size=config.target_batch_size,
+        batch_size_per_step=batch_size,
+        optimizer=make_torch_optimizer_factory(config.optimizer),
+        params=model.parameters(),
+        scheduler=make_scheduler_factory(config.optimizer),
+        matchmaking_time=averaging.matchmaking_time,
+        averaging_timeout=averaging.averaging_timeout,
+        state_averaging_compression=NoCompression(),
+        load_state_compression=NoCompression(),
+        averager_opts=dict(request_timeout=averaging.request_timeout),
+        fingerprint_tolerance=tolerance,
+        tracker_opts=dict(private_key=private_key, min_refresh_period=0.5, default_refresh_period=1.0),
+        client_mode=client_mode,
+        verbose=False,
+    )

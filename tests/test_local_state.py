@@ -1,0 +1,76 @@
+"""What a local-mode peer serves to joiners and checkpointers (swarmtrain/peer/local.py), with two
+real hivemind state averagers in one process: the last averaged model, not the half-trained one."""
+import time
+
+import hivemind
+import pytest
+import torch
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from swarmtrain.peer.local import LocalStateAverager
+
+PREFIX = "localstate_state_averager"
+
+
+def _averager(cls, dht, model, **kwargs):
+    return cls(dht=dht, prefix=PREFIX, optimizer=lambda params: torch.optim.AdamW(params, lr=0.1),
+               params=model.parameters(), min_matchmaking_time=1.0, request_timeout=0.5, start=True, **kwargs)
+
+
+@pytest.fixture
+def two_dhts():
+    first = hivemind.DHT(start=True)
+    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), start=True)
+    yield first, second
+    second.shutdown()
+    first.shutdown()
+
+
+def _load(averager, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # the donor declares itself in the DHT a moment after it starts
+        averager.load_state_from_peers(timeout=5)
+        if averager.local_epoch == 5:
+            return
+        time.sleep(0.5)
+    raise AssertionError("no state downloaded")
+
+
+def test_the_averaged_model_is_served_and_loaded(two_dhts):
+    donor_dht, joiner_dht = two_dhts
+    donor_model = torch.nn.Linear(4, 3)
+    donor = _averager(LocalStateAverager, donor_dht, donor_model)
+    averagers = [donor]
+    try:
+        with torch.no_grad():
+            for param in donor_model.parameters():
+                param.fill_(-1.0)  # the donor's half-trained local model: must not be served
+        donor.local_anchor = [torch.full_like(p, 7.0) for p in donor_model.parameters()]
+        donor.local_momentum = [torch.full_like(p, 0.5) for p in donor_model.parameters()]
+        donor.local_schedule = dict(next_epoch=8, rounds_done=3, anchor_epoch=4, log_kappa_ref=-1.0)
+        donor.local_epoch = 5
+        donor.state_sharing_priority = 5
+
+        joiner_model = torch.nn.Linear(4, 3)
+        joiner = _averager(LocalStateAverager, joiner_dht, joiner_model)
+        averagers.append(joiner)
+        joiner.local_anchor = [torch.zeros_like(p) for p in joiner_model.parameters()]
+        joiner.local_momentum = [torch.zeros_like(p) for p in joiner_model.parameters()]
+        _load(joiner)
+        assert all(bool((p == 7.0).all()) for p in joiner_model.parameters())
+        assert all(bool((a == 7.0).all()) for a in joiner.local_anchor)
+        assert all(bool((m == 0.5).all()) for m in joiner.local_momentum)
+        assert joiner.local_state_loaded["schedule"]["next_epoch"] == 8
+        # the donor's optimizer state came along (AdamW's step count and moments)
+        assert joiner.optimizer.state_dict()["state"][0]["exp_avg"].shape == (3, 4)
+
+        # a plain hivemind state averager (the coordinator's, for checkpoints) takes the averaged
+        # model as the parameters and ignores the outer momentum after the optimizer state
+        plain_model = torch.nn.Linear(4, 3)
+        plain = _averager(TrainingStateAverager, joiner_dht, plain_model, client_mode=True)
+        averagers.append(plain)
+        _load(plain)
+        assert all(bool((p == 7.0).all()) for p in plain_model.parameters())
+    finally:
+        for averager in averagers:
+            averager.shutdown()

@@ -1,0 +1,118 @@
+"""`averaging.mode: local` on a real loopback swarm: coordinator + peer processes.
+
+- after every full averaging round (plain averaging) all peers hold the same parameters;
+- a peer that joins mid-run starts from the swarm's current averaged model.
+
+Rounds are matched across peers by ``round_index`` (the swarm's round count, which every member of a
+round computes from the same gathered data), not by epoch label: a peer an epoch behind labels the
+same round one lower.
+"""
+import re
+from collections import defaultdict
+
+import pytest
+import yaml
+
+from swarmtrain.demo import stop_process
+from tests.conftest import TINY_CONFIG
+from tests.swarm_helpers import LocalSwarm, assert_no_tracebacks, max_parameter_difference
+
+
+def _local_swarm(tmp_path, total_epochs=None, **averaging) -> LocalSwarm:
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["averaging"].update(mode="local", **averaging)
+    # 4x the tiny run's batch: a peer alone runs through tiny epochs in about a second, faster than
+    # the peers' start-up times differ on a loaded machine; this way they meet early
+    config["target_batch_size"] *= 4
+    if total_epochs is not None:
+        config["optimizer"]["total_epochs"] = total_epochs
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return LocalSwarm(tmp_path, path)
+
+
+@pytest.fixture
+def cleanup():
+    swarms = []
+    yield swarms.append
+    for swarm in swarms:
+        swarm.close()
+
+
+def _rounds_by_index(swarm, peers):
+    """round_index -> {peer: record} of the successful rounds."""
+    rounds = defaultdict(dict)
+    for index in peers:
+        for record in swarm.rounds(index):
+            if record["ok"]:
+                rounds[record["round_index"]][index] = record
+    return rounds
+
+
+def _check_members_agree(swarm, peers, dense: bool) -> list:
+    """In every round, the members that were in step hold the same model afterwards, and agree on
+    the next averaging point. Returns the indices of the full rounds (all `peers`, all in step)."""
+    full = []
+    for index, records in sorted(_rounds_by_index(swarm, peers).items()):
+        in_step = [r for r in records.values() if r["in_step"]]
+        if dense:  # each peer adds its own float delta: ~1e-8 apart
+            sums = [r["anchor_sum"] for r in in_step]
+            assert max(sums) - min(sums) <= 1e-3, (index, records)
+        else:  # sparse: every member decodes the same bytes: bit-identical
+            assert len({r["anchor_digest"] for r in in_step}) == 1, (index, records)
+        assert len({r["next_epoch"] for r in records.values()}) == 1, (index, records)
+        if len(in_step) == len(peers) and all(r["group_size"] == len(peers) for r in in_step):
+            full.append(index)
+    return full
+
+
+def test_one_averaged_model_after_every_round_and_a_joiner_starts_from_it(tmp_path, cleanup):
+    swarm = _local_swarm(tmp_path, schedule="adaptive", compression="gaussiank:0.05", round_budget=30,
+                         max_period=3, total_epochs=60)
+    cleanup(swarm)
+    common = ("--max-epochs", "60", "--eval-every", "0", "--checkpoint-every", "0")
+    for index in range(2):
+        swarm.start_peer(index, *common)
+    swarm.wait_until(lambda: min(sum(r["ok"] and r["group_size"] == 2 for r in swarm.rounds(i)) for i in range(2)) >= 2,
+                     300, "two averaging rounds of the first two peers")
+    swarm.start_peer(2, *common)
+    swarm.wait_until(lambda: sum(r["ok"] and r["in_step"] and r["group_size"] == 3 for r in swarm.rounds(2)) >= 2,
+                     300, "two rounds of all three peers")
+    for index in (2, 1, 0):  # Ctrl+C: each writes its final status
+        stop_process(swarm.peers[index])
+
+    # acceptance 4: every state the joiner took was the swarm's newest averaged model of that time --
+    # the one the veterans' latest round produced (same bytes), not the initial model nor a donor's
+    # half-trained local one
+    veteran = {r["epoch"]: r for r in swarm.rounds(0) if r["ok"]}
+    loads = re.findall(r"took the swarm's averaged model of epoch (\d+) at epoch (\d+) .*digest (\w+),", swarm.log(2))
+    assert loads and swarm.status(2).get("loaded_state_epoch", 0) >= 2, swarm.log(2)[-3000:]
+    for anchor_epoch, at_epoch, digest in loads:
+        newest = max(epoch for epoch in veteran if epoch <= int(at_epoch))
+        assert int(anchor_epoch) == newest and veteran[newest]["anchor_digest"] == digest, (loads, veteran)
+    # acceptance 3: after every round its members in step hold one model (bit-identical: sparse),
+    # before and after the joiner came; at least two full rounds of all three
+    assert len(_check_members_agree(swarm, [0, 1, 2], dense=False)) >= 2, _rounds_by_index(swarm, [0, 1, 2])
+    assert_no_tracebacks(swarm, [0, 1, 2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compression", ["none", "gaussiank:0.05"])
+def test_three_peers_hold_the_same_model_after_every_full_round(tmp_path, cleanup, compression):
+    swarm = _local_swarm(tmp_path, schedule="constant:2", compression=compression)
+    cleanup(swarm)
+    epochs = 16
+    for index in range(3):
+        swarm.start_peer(index, "--max-epochs", str(epochs), "--eval-every", "0", "--checkpoint-every", "0")
+    swarm.wait_for_exit([0, 1, 2], timeout=600)
+
+    full = _check_members_agree(swarm, [0, 1, 2], dense=compression == "none")
+    print(compression, "full rounds", full)
+    assert len(full) >= 3, _rounds_by_index(swarm, [0, 1, 2])
+    # the peers whose last round (at the last epoch) succeeded end with the same parameters
+    finished = [i for i in range(3) if swarm.rounds(i)[-1]["ok"] and swarm.rounds(i)[-1]["epoch"] == epochs]
+    assert len(finished) >= 2, [swarm.rounds(i)[-1] for i in range(3)]
+    states = [swarm.final_parameters(i) for i in finished]
+    assert max_parameter_difference(states) <= (1e-6 if compression == "none" else 0.0)
+    heldout = swarm.status(0)["heldout_loss"]
+    assert heldout[-1][1] < heldout[0][1] - 0.3
