@@ -24,6 +24,7 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("asyncio").addFilter(_DropHivemindCancelledStepNoise())
+    _ignore_orphaned_step_controls()
     from hivemind.utils.logging import get_logger as get_hivemind_logger
 
     for name in ("hivemind.averaging.averager", "hivemind.optim.optimizer"):
@@ -69,6 +70,21 @@ class _OneLineForExpectedRoundFailures(logging.Filter):
             if record.levelno > logging.WARNING:
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
+
+
+def _ignore_orphaned_step_controls() -> None:
+    """A stop signal that lands while hivemind creates a StepControl leaves one without a trigger;
+    its __del__ then asserts and Python prints the traceback as an 'Exception ignored'. Nothing is
+    lost (the round it belonged to is abandoned anyway): drop exactly that one."""
+    default_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        origin = getattr(unraisable.object, "__qualname__", "")
+        if origin == "StepControl.__del__" and isinstance(unraisable.exc_value, AssertionError):
+            return
+        default_hook(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _quiet_interpreter_teardown() -> None:

@@ -386,5 +386,7 @@ def make_optimizer(
         fingerprint_tolerance=0.05 * config.optimizer.lr,
         tracker_opts=dict(private_key=private_key, min_refresh_period=0.5, default_refresh_period=1.0),
         client_mode=client_mode,
+        # per averager process (gradients, state): the whole peer must be out within ~10 s of Ctrl+C
+        shutdown_timeout=3.0,
         verbose=False,
     )
