@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from concurrent.futures import InvalidStateError
 from dataclasses import dataclass
 from functools import partial
 from typing import List, Optional
@@ -164,9 +165,11 @@ class SwarmOptimizer(hivemind.Optimizer):
         ask another donor, and in the end keep our own. Loading the gradient averager's buffers is
         skipped on purpose: they are overwritten by the next round before anyone reads them."""
         if self.scheduled_grads is not None and not self.scheduled_grads.done():
-            # tag along with zero weight: cancelling would restart everyone's matchmaking
-            self._tag_along_with_zero_weight(self.scheduled_grads)
-            self.scheduled_grads = None
+            # tag along with zero weight: cancelling would restart everyone's matchmaking. Forget
+            # the round first: a stop request during the wait must not leave it for shutdown() to
+            # cancel a second time (hivemind raises InvalidStateError on that)
+            scheduled, self.scheduled_grads = self.scheduled_grads, None
+            self._tag_along_with_zero_weight(scheduled)
         self.state_averager.step(wait_for_delayed_updates=True)
         max_wait = self._state_wait() if max_wait is None else max_wait
         deadline = time.monotonic() + max_wait
@@ -256,7 +259,10 @@ class SwarmOptimizer(hivemind.Optimizer):
                 time.sleep(0.1)
         finally:
             if not control.done():
-                control.cancel()
+                try:
+                    control.cancel()
+                except InvalidStateError:
+                    pass  # finished between the check and the cancel
 
     def _state_wait(self) -> float:
         # a donor is at most one averaging round away from serving the newest epoch

@@ -241,7 +241,10 @@ def run_peer(options: PeerOptions) -> dict:
                 _write_status(options.status_file, status)
                 if reporter is not None:
                     reporter.close()
-                optimizer.shutdown()
+                try:
+                    optimizer.shutdown()
+                except Exception as error:  # the state is saved; a hivemind hiccup on the way out is not the user's problem
+                    logger.debug(f"optimizer shutdown: {error!r}")
         finally:
             if dht is not None:
                 dht.shutdown()
