@@ -63,6 +63,7 @@ from swarmtrain.peer.schedule import (ControllerSettings, ControllerState, Membe
 
 logger = logging.getLogger("swarmtrain.peer")
 ANCHOR_TOLERANCE_LR = 0.5  # averaged models "match" when they agree within this many learning rates
+ROUND_MATCHMAKING_FACTOR = 2.0  # a round's matchmaking window, in units of averaging.matchmaking_time
 
 
 @dataclass
@@ -265,6 +266,10 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         self._failed_out_of_step = False
         self._control_bytes = 0
         super().__init__(use_local_updates=True, average_state_every=10**9, delay_state_averaging=False, **kwargs)
+        # rounds are rare here, and a peer left out of one must download the state: give matchmaking
+        # twice the run's window (it starts that much before the epoch's expected end, so it overlaps
+        # training), so that a peer whose estimate of the epoch's end lags still finds the group
+        self.round_matchmaking_time = ROUND_MATCHMAKING_FACTOR * self.matchmaking_time
         parameters = self._optimized_parameters()
         with torch.no_grad():
             # taken after hivemind's optimizer initialisation (a zero-gradient step): the same on every peer
@@ -276,7 +281,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         self.delta_averager = delta_averager_factory(
             dht=self.dht, prefix=f"{self.run_id}_grad_averager",  # the pseudo-gradient's averager
             parameters=parameters, averaged_grads=averaged_deltas, reuse_grad_buffers=True, warn=False,
-            min_matchmaking_time=self.matchmaking_time, allreduce_timeout=self.allreduce_timeout,
+            min_matchmaking_time=self.round_matchmaking_time, allreduce_timeout=self.allreduce_timeout,
             shutdown_timeout=self.shutdown_timeout, next_chunk_timeout=self.next_chunk_timeout,
             client_mode=self.client_mode, auxiliary=self.auxiliary, allow_state_sharing=False, start=True,
         )
@@ -424,8 +429,8 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         if self.local_epoch < self.tracker.global_epoch:
             return  # behind the swarm: hivemind downloads the state first
         eta = self.tracker.estimated_next_update_time - get_dht_time()
-        if eta <= self.matchmaking_time:
-            start = get_dht_time() + max(eta, self.matchmaking_time / 2)
+        if eta <= self.round_matchmaking_time:
+            start = get_dht_time() + max(eta, self.round_matchmaking_time / 2)
             try:
                 self._scheduled = self._schedule_round(start, self.local_epoch + 1)
             except Exception as error:
@@ -453,7 +458,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
                 self.rounds.append(LocalRoundRecord(epoch, 0, False, 0.0, "no other peers",
                                                     next_epoch=self.schedule_state.next_epoch))
                 return None  # still due: we try again at the next epoch
-            control = self._schedule_round(get_dht_time() + self.matchmaking_time, epoch)
+            control = self._schedule_round(get_dht_time() + self.round_matchmaking_time, epoch)
         give_up_at, reason = max(control.scheduled_time, get_dht_time()) + self.averaging_timeout, None
         while control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) and not control.done():
             stale = self.tracker.global_epoch >= epoch and get_dht_time() > control.scheduled_time
@@ -576,7 +581,7 @@ def make_local_optimizer(config, model: torch.nn.Module, dht, *, batch_size: int
                                            warmup_epochs=averaging.density_warmup_epochs)
     tolerance = ANCHOR_TOLERANCE_LR * config.optimizer.lr
     factory = make_delta_averager_factory(spec, anchor_tolerance=tolerance, density_schedule=density_schedule,
-                                          request_timeout=averaging.request_timeout,
+                                          request_timeout=ROUND_MATCHMAKING_FACTOR * averaging.request_timeout,
                                           robust_policy=robust_policy_from_config(averaging))
     return LocalSwarmOptimizer(
         settings=ControllerSettings.from_config(config),
