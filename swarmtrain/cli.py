@@ -17,6 +17,39 @@ from swarmtrain.errors import UserError
 MULTIADDR_HELP = "multiaddr(s), e.g. /ip4/0.0.0.0/tcp/31337; repeat the flag or separate with spaces"
 
 
+class _BatchSizeType(click.ParamType):
+    """A positive integer, or auto (None: sized to memory)."""
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto":
+            return None
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is neither a positive number of samples nor 'auto'", param, ctx)
+        return number
+
+
+class _MemorySizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        from swarmtrain.peer.resources import parse_memory_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_memory_size(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+BATCH_SIZE, MEMORY_SIZE = _BatchSizeType(), _MemorySizeType()
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -27,7 +60,7 @@ def _setup_logging(verbose: bool) -> None:
     _ignore_orphaned_step_controls()
     from hivemind.utils.logging import get_logger as get_hivemind_logger
 
-    for name in ("hivemind.averaging.averager", "hivemind.optim.optimizer"):
+    for name in ("hivemind.averaging.averager", "hivemind.optim.optimizer", "hivemind.dht.dht"):
         get_hivemind_logger(name).addFilter(_OneLineForExpectedRoundFailures())
     for noisy in ("bitsandbytes", "transformers", "urllib3", "filelock", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -65,11 +98,30 @@ class _OneLineForExpectedRoundFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _request_from_an_exited_process(record, exc):
+            # a DHT request sent by a process that exited before the DHT read it (an averager shut
+            # down mid-matchmaking): nobody waits for its answer
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "dropped a DHT request from a process that has already exited", None, None, None)
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         if exc is not None and type(exc).__name__ in self.EXPECTED:
             record.exc_info, record.exc_text = None, None
             if record.levelno > logging.WARNING:
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
+
+
+def _request_from_an_exited_process(record: logging.LogRecord, exc: BaseException) -> bool:
+    """hivemind's DHT process unpickling a request whose reply pipe belongs to a process that is gone."""
+    if not record.name.startswith("hivemind.dht") or not isinstance(exc, (FileNotFoundError, ConnectionError)):
+        return False
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name == "rebuild_connection":
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _ignore_orphaned_step_controls() -> None:
@@ -302,9 +354,16 @@ def _activate_peer_token(token: str | None, token_file: str | None, identity: st
 @click.option("--run-id", default=None, help="Refuse to train unless the swarm's run has this id.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (a GPU when there is one), cpu, or cuda:N.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Samples per local step on this machine (lower it if memory runs out); the swarm's "
-                   "batch per optimizer step is the run's target_batch_size regardless.")
+@click.option("--batch-size", type=BATCH_SIZE, default="auto", show_default=True,
+              help="Samples per local step on this machine, or auto: the largest power of two whose step fits "
+                   "the memory (on a GPU 90% of it, or --max-memory; on a CPU 8 unless --max-memory is given). "
+                   "The swarm's batch per optimizer step is the run's target_batch_size regardless.")
+@click.option("--max-memory", type=MEMORY_SIZE, default=None,
+              help="Memory this peer may use for training, e.g. 6GB or 5.5GiB (GPU memory on a GPU, RAM on a "
+                   "CPU), model and optimizer included; --batch-size auto sizes the batch to it.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on GPUs that support it (Ampere or newer), fp32 otherwise. Weights, "
+                   "gradients and averaging stay fp32 either way.")
 @click.option("--data", type=click.Path(exists=True), default=None,
               help="Train on this local data instead of the run's default source: a text file, a directory "
                    "of text files, or a Hugging Face dataset saved with save_to_disk.")
@@ -354,7 +413,7 @@ def _activate_peer_token(token: str | None, token_file: str | None, identity: st
               help="--role data-owner: an .npz with x [N, 64] and y [N] (default: the embedded sklearn digits).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="--role data-owner: leave after this many steps (default: train until stopped).")
-def peer(initial_peers, run_id, device, batch_size, data, identity, port, public_ip, host_maddrs, announce_maddrs,
+def peer(initial_peers, run_id, device, batch_size, max_memory, precision, data, identity, port, public_ip, host_maddrs, announce_maddrs,
          client_mode,
          checkpoint_dir, checkpoint_every, max_epochs, eval_every, status_file, progress, metrics_port,
          max_upload_mbps, token, token_file, role, data_owner_data, max_steps):
@@ -378,7 +437,7 @@ def peer(initial_peers, run_id, device, batch_size, data, identity, port, public
         raise UserError(str(error)) from None
     options = PeerOptions(
         initial_peers=initial_peers, run_id=run_id, device=device, batch_size=batch_size,
-        data=data, identity=identity, host_maddrs=hosts or ["/ip4/0.0.0.0/tcp/0"], announce_maddrs=announces,
+        max_memory=max_memory, precision=precision, data=data, identity=identity, host_maddrs=hosts or ["/ip4/0.0.0.0/tcp/0"], announce_maddrs=announces,
         client_mode=client_mode, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         max_epochs=max_epochs, eval_every=eval_every, status_file=status_file, show_progress=progress,
         metrics_port=metrics_port, port=port, upload_mbps=max_upload_mbps,

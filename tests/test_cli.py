@@ -79,3 +79,33 @@ def test_cuda_on_a_machine_without_it():
 def test_bad_flag_value():
     result = run_cli("demo", "--peers", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--peers" in result.stderr
+
+
+def test_a_dht_request_from_an_exited_process_is_not_a_traceback():
+    """hivemind's DHT process logs, with a traceback, a request whose reply pipe belongs to a process
+    that exited meanwhile (an averager stopped mid-matchmaking): at shutdown that is expected."""
+    import logging
+    import sys
+
+    from swarmtrain.cli import _OneLineForExpectedRoundFailures
+
+    def rebuild_connection():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    def record_of(raiser, name="hivemind.dht.dht"):
+        try:
+            raiser()
+        except Exception:
+            return logging.LogRecord(name, logging.ERROR, __file__, 1, "[Errno 2] No such file or directory",
+                                     None, sys.exc_info(), func="_run")
+
+    record = record_of(rebuild_connection)
+    _OneLineForExpectedRoundFailures().filter(record)
+    assert record.exc_info is None and record.levelno == logging.DEBUG and "exited" in record.getMessage()
+
+    def open_a_file():  # the same error from anywhere else keeps its traceback
+        raise FileNotFoundError(2, "No such file or directory")
+
+    other = record_of(open_a_file)
+    assert _OneLineForExpectedRoundFailures().filter(other) and other.exc_info is not None
+    assert other.levelno == logging.ERROR

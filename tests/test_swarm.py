@@ -21,6 +21,9 @@ def swarm(tmp_path):
 def swarm_with_compression(request, tmp_path):
     config = yaml.safe_load(TINY_CONFIG.read_text())
     config["averaging"]["compression"] = request.param
+    # 2x the tiny run's batch: alone, a peer runs through a tiny epoch in half a second, faster than
+    # peer start-up times differ on a loaded machine; this way all three meet in the first epochs
+    config["target_batch_size"] *= 2
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     swarm = LocalSwarm(tmp_path, path)
@@ -33,9 +36,11 @@ def test_three_peers_average_every_round_and_stay_identical(swarm_with_compressi
     swarm = swarm_with_compression
     epochs = 16
     for index in range(3):
-        # peer 2 has a slow uplink: load balancing gives it a small share of the reduction
-        upload = ("--max-upload-mbps", "2") if index == 2 else ()
-        swarm.start_peer(index, "--max-epochs", str(epochs), "--eval-every", "0", "--checkpoint-every", "0", *upload)
+        # peer 2 has a slow uplink: load balancing gives it a small share of the reduction; peer 1
+        # computes in bf16 with its batch sized to a memory limit (volunteers' machines differ)
+        limits = {1: ("--precision", "bf16", "--batch-size", "auto", "--max-memory", "24MB"),
+                  2: ("--max-upload-mbps", "2")}.get(index, ())
+        swarm.start_peer(index, "--max-epochs", str(epochs), "--eval-every", "0", "--checkpoint-every", "0", *limits)
     swarm.wait_for_exit([0, 1, 2], timeout=400)
 
     # warm-up: until the first round that all three took part in (peers that start together may
@@ -58,6 +63,11 @@ def test_three_peers_average_every_round_and_stay_identical(swarm_with_compressi
     # per round instead of 1.5 for its groupmates
     sent = [swarm.status(i)["traffic"]["bytes_sent_total"] / swarm.status(i)["traffic"]["rounds_ok"] for i in range(3)]
     assert sent[2] < 0.85 * min(sent[:2]), sent
+
+    # the bf16 peer's averaged model is the same model; its batch is the probe's choice, not the default 8
+    assert swarm.status(1)["precision"] == "bf16" and swarm.status(0)["precision"] == "fp32"
+    assert swarm.status(1)["batch_size"] != swarm.status(0)["batch_size"] == 8
+    assert f"memory: batch size {swarm.status(1)['batch_size']} per step" in swarm.log(1)
 
     heldout = swarm.status(0)["heldout_loss"]
     start, end = heldout[0][1], heldout[-1][1]

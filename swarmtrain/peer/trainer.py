@@ -23,6 +23,8 @@ from swarmtrain.network import (WIRE_VERSION, NeighbourhoodKeeper, fetch_run_con
 from swarmtrain.peer.display import ProgressDisplay
 from swarmtrain.peer.optimizer import make_optimizer
 from swarmtrain.peer.reporting import PeerReporter
+from swarmtrain.peer.resources import (halved_after_out_of_memory, is_out_of_memory, pick_batch_size,
+                                       resolve_precision)
 from swarmtrain.privacy import attach_privacy_head
 from swarmtrain.reachability import start_dht_checking_reachability
 from swarmtrain.signals import (StopRequested, children_ignore_interrupts, raise_if_stop_requested,
@@ -36,7 +38,9 @@ class PeerOptions:
     initial_peers: List[str]
     run_id: Optional[str] = None  # when given, refuse to train any other run
     device: str = "auto"
-    batch_size: int = 8
+    batch_size: Optional[int] = 8  # None: sized to memory (swarmtrain/peer/resources.py)
+    max_memory: Optional[int] = None  # bytes this peer may use for training (with batch_size None)
+    precision: str = "auto"  # auto (bf16 on GPUs that have it), fp32 or bf16
     data: Optional[str] = None
     identity: Optional[str] = None
     host_maddrs: List[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
@@ -80,8 +84,11 @@ def _write_status(path: Optional[str], status: dict) -> None:
 def run_peer(options: PeerOptions) -> dict:
     """Train until max_epochs or a stop signal; returns the final status (also in status_file)."""
     device = resolve_device(options.device)
-    if options.batch_size < 1:
+    if options.batch_size is not None and options.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if options.batch_size is not None and options.max_memory is not None:
+        raise UserError("--max-memory sizes the batch per step: use it with --batch-size auto, not a fixed size")
+    precision = resolve_precision(options.precision, device)
     private_key = load_or_create_identity(options.identity)
     from hivemind.dht.crypto import RSASignatureValidator
 
@@ -130,6 +137,18 @@ def run_peer(options: PeerOptions) -> dict:
             privacy_head = attach_privacy_head(model, config.privacy, input_layer=EMBEDDED_INPUT_LAYER[config.model.kind])
         except (AttributeError, KeyError, ValueError) as error:
             raise UserError(f"privacy.cut_layer {config.privacy.cut_layer!r}: {error}") from None
+        probe_generator = torch.Generator().manual_seed(0)
+
+        def probe_loss(batch_size: int) -> torch.Tensor:
+            with precision.autocast():
+                return compute_loss(model, corpus.train[:batch_size].clone().to(device), config.model.kind, probe_generator)
+
+        batch_size = pick_batch_size(options.batch_size, options.max_memory, model, probe_loss, device,
+                                     eight_bit=config.optimizer.eight_bit,
+                                     target_batch_size=min(config.target_batch_size, corpus.train.shape[0]))
+        status.update(batch_size=batch_size, precision=precision.name)
+        if precision.name != "fp32":
+            logger.info(f"mixed precision: {precision.name} autocast (weights, gradients and averaging stay fp32)")
         resumed = None
         if options.checkpoint_dir and latest_checkpoint_path(options.checkpoint_dir) is not None:
             resumed = load_checkpoint(options.checkpoint_dir)
@@ -137,7 +156,7 @@ def run_peer(options: PeerOptions) -> dict:
             logger.info(f"resuming from {resumed.path} (epoch {resumed.epoch})")
 
         with children_ignore_interrupts():
-            optimizer = make_optimizer(config, model, dht, batch_size=options.batch_size,
+            optimizer = make_optimizer(config, model, dht, batch_size=batch_size,
                                        client_mode=client_mode, private_key=private_key,
                                        upload_mbps=options.upload_mbps)
         if resumed is not None and resumed.optimizer_state is not None:
@@ -155,7 +174,7 @@ def run_peer(options: PeerOptions) -> dict:
         reporter = PeerReporter(dht, config.run_id, signature_validator, role="trainer", device=str(device),
                                 client_mode=client_mode, metrics_port=options.metrics_port)
         peer_seed = int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8], "little")
-        batches = peer_batches(corpus, config.data.num_shards, options.batch_size, peer_seed)
+        batches = peer_batches(corpus, config.data.num_shards, batch_size, peer_seed)
         mask_generator = torch.Generator().manual_seed(peer_seed)
         display = ProgressDisplay(config.target_batch_size, enabled=options.show_progress)
         status["heldout_loss"].append([optimizer.local_epoch, heldout_loss(model, heldout, config.model.kind)])
@@ -167,19 +186,33 @@ def run_peer(options: PeerOptions) -> dict:
             while options.max_epochs is None or optimizer.local_epoch < options.max_epochs:
                 raise_if_stop_requested()
                 batch = next(batches).to(device)
-                loss = compute_loss(model, batch, config.model.kind, mask_generator)
-                if not torch.isfinite(loss):
-                    # never hand a non-finite gradient to the swarm: skip this batch
-                    logger.warning(f"non-finite loss at step {step}; batch skipped")
+                try:
+                    with precision.autocast():
+                        loss = compute_loss(model, batch, config.model.kind, mask_generator)
+                    if not torch.isfinite(loss):
+                        # never hand a non-finite gradient to the swarm: skip this batch
+                        logger.warning(f"non-finite loss at step {step}; batch skipped")
+                        optimizer.zero_grad()
+                        continue
+                    (privacy_head.add_penalty(loss) if privacy_head is not None else loss).backward()
+                except Exception as error:
+                    if device.type != "cuda" or not is_out_of_memory(error):
+                        raise
+                    # another program took GPU memory: this micro-batch's partial gradient goes, the
+                    # accumulated ones stay (hivemind keeps them in its own buffers)
+                    del error
                     optimizer.zero_grad()
+                    batch_size = halved_after_out_of_memory(batch_size)
+                    optimizer.batch_size_per_step = batch_size
+                    batches = peer_batches(corpus, config.data.num_shards, batch_size, peer_seed)
+                    status["batch_size"] = batch_size
                     continue
-                (privacy_head.add_penalty(loss) if privacy_head is not None else loss).backward()
                 if config.optimizer.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
                 step += 1
-                window_samples += options.batch_size
+                window_samples += batch_size
                 now = time.perf_counter()
                 if now - window_start > 5.0:
                     status["samples_per_second"] = window_samples / (now - window_start)
