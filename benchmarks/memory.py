@@ -9,6 +9,12 @@ use, with only `name` and `eight_bit` changed. After one step the bytes of every
 their per-block scales / quantization maps count too). The step uses random gradients: the state's
 size does not depend on the values, and it keeps the run to seconds on a CPU. The figures are what
 `swarmtrain doctor` budgets per parameter (8 bytes fp32, ~2 bytes 8-bit).
+
+It also measures what one training step holds per sample, in fp32 and under bf16 autocast, the way
+`swarmtrain peer --batch-size auto` probes it on a CPU (swarmtrain.peer.resources.measure_step_bytes:
+weights, gradients and the tensors autograd saves for backward), and from that the batch per step
+the probe would pick on 8 and 12 GB GPUs (an extrapolation: a GPU probe reads the allocator's peak,
+which adds temporaries).
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from swarmtrain.config import load_run_config  # noqa: E402
-from swarmtrain.models import build_model  # noqa: E402
+from swarmtrain.models import build_model, compute_loss  # noqa: E402
+from swarmtrain.peer.resources import (GPU_MEMORY_SHARE, MAX_AUTO_BATCH, Precision,  # noqa: E402
+                                       measure_step_bytes, optimizer_extra_bytes)
 from swarmtrain.peer.optimizer import make_torch_optimizer_factory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +66,7 @@ def measure(config_path: Path) -> dict:
         results.append(dict(optimizer=name, eight_bit=eight_bit, cls=type(optimizer).__name__, state_bytes=size,
                             bytes_per_param=round(size / num_params, 3), step_seconds=round(seconds, 3)))
         del optimizer
+    activations = measure_activations(config, model, num_params)
     reference = results[0]["state_bytes"]
     for result in results:
         result["ratio_to_fp32_adamw"] = round(result["state_bytes"] / reference, 4)
@@ -66,9 +75,40 @@ def measure(config_path: Path) -> dict:
     return dict(
         config=str(config_path.relative_to(REPO)) if config_path.is_relative_to(REPO) else str(config_path),
         model=config.model.kind, num_params=num_params, param_bytes_fp32=num_params * 4, results=results,
+        activations=activations,
         torch=torch.__version__, bitsandbytes=bitsandbytes.__version__, python=platform.python_version(),
         machine=platform.machine(), command="python benchmarks/memory.py",
     )
+
+
+def measure_activations(config, model: torch.nn.Module, num_params: int) -> dict:
+    """Step bytes at batch 1 and 2 (seq_len tokens each), per precision; the auto batch on 8/12 GB GPUs."""
+    model.train()
+    cpu = torch.device("cpu")
+    tokens = torch.randint(0, 256, (2, config.data.seq_len), generator=torch.Generator().manual_seed(0))
+    out = dict(seq_len=config.data.seq_len, precisions={})
+    for name in ("fp32", "bf16"):
+        precision = Precision(name, "cpu")
+
+        def loss_of(batch_size: int) -> torch.Tensor:
+            with precision.autocast():
+                return compute_loss(model, tokens[:batch_size].clone(), config.model.kind, torch.Generator().manual_seed(0))
+
+        one, two = (measure_step_bytes(model, loss_of, b, cpu) for b in (1, 2))
+        per_sample, fixed = two - one, 2 * one - two
+        picks = {}
+        for gib in (8, 12):
+            for eight_bit in (False, True):
+                budget = GPU_MEMORY_SHARE * gib * 2**30 - optimizer_extra_bytes(num_params, eight_bit, torch.device("cuda"))
+                batch = 1
+                while batch * 2 <= MAX_AUTO_BATCH and fixed + per_sample * batch * 2 <= budget:
+                    batch *= 2
+                picks[f"{gib}GB_{'8bit' if eight_bit else 'fp32'}_state"] = batch if fixed + per_sample <= budget else 0
+        out["precisions"][name] = dict(step_bytes_batch1=one, step_bytes_batch2=two, bytes_per_sample=per_sample,
+                                       fixed_bytes=fixed, auto_batch_size=picks)
+    out["bf16_vs_fp32_bytes_per_sample"] = round(out["precisions"]["bf16"]["bytes_per_sample"]
+                                                 / out["precisions"]["fp32"]["bytes_per_sample"], 3)
+    return out
 
 
 def main() -> None:
@@ -89,6 +129,10 @@ def main() -> None:
         print(f"  {result['optimizer']:5s} {'8-bit' if result['eight_bit'] else 'fp32 '} {result['cls']:10s} "
               f"{result['state_bytes'] / 2**20:8.1f} MiB  {result['bytes_per_param']:6.3f} B/param  "
               f"x{result['ratio_to_fp32_adamw']:.3f}")
+    activations = report["activations"]
+    for name, row in activations["precisions"].items():
+        print(f"  step {name}: {row['bytes_per_sample'] / 2**20:.1f} MiB per sample of {activations['seq_len']} tokens "
+              f"(+{row['fixed_bytes'] / 2**20:.1f} MiB); --batch-size auto would pick {row['auto_batch_size']}")
     print(f"-> {args.out}")
 
 
