@@ -138,13 +138,27 @@ class AccessConfig(_Section):
 class RunConfig(_Section):
     run_id: str = Field(description="names the run in the DHT; letters, digits, '-' and '_'")
     seed: int = 0
-    model: ModelConfig
+    # required, except on a split run (privacy.split): its models are the split task's, not this one
+    model: Optional[ModelConfig] = Field(description="the model to train (gpt2 or albert)")
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     target_batch_size: int = Field(gt=0, description="samples the swarm accumulates per optimizer step")
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     access: AccessConfig = Field(default_factory=AccessConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_model_on_a_split_run(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        privacy = data.get("privacy")
+        split = privacy.get("split") if isinstance(privacy, dict) else getattr(privacy, "split", None)
+        if split is not None:
+            return {"model": None, **data}  # a split run needs no model section (one given is ignored)
+        if "model" in data and data["model"] is None:  # reported like a missing one: "model: required field ..."
+            return {key: value for key, value in data.items() if key != "model"}
+        return data
 
     @model_validator(mode="after")
     def _round_budget(self) -> "RunConfig":

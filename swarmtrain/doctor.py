@@ -155,6 +155,8 @@ def memory_needed(num_params: int, eight_bit: bool, device: str) -> Tuple[int, i
 def check_memory(config, device: Optional[str]) -> Row:
     if config is None:
         return Row("memory", SKIP, "needs the run config")
+    if config.model is None:  # a split run (privacy.split): its digits models are well under 1 MB
+        return Row("memory", OK, "a split run: its small models need no more than a few MB")
     num_params = count_parameters(config)
     eight_bit = config.optimizer.eight_bit
     optimizer = f"{config.optimizer.name}{' 8-bit' if eight_bit else ' fp32'}"

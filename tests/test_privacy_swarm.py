@@ -37,7 +37,6 @@ RECORDER = Path(__file__).parent / "recording_peer.py"
 CONFIG = {
     "run_id": RUN_ID,
     "seed": 0,
-    "model": {"kind": "gpt2"},  # required by every run config; a split run does not use it
     "target_batch_size": BATCH,
     "averaging": {"matchmaking_time": 2.0, "request_timeout": 1.0},
     "privacy": {"enabled": True, "alpha": 0.3,
@@ -150,12 +149,45 @@ def test_split_config_errors_are_one_line_naming_the_field(privacy, message):
 
 
 def test_a_split_run_config_round_trips_and_a_plain_one_publishes_without_split():
-    from swarmtrain.config import parse_run_config
+    from swarmtrain.config import dump_run_config, parse_run_config
 
-    config = parse_run_config(CONFIG)
+    config = parse_run_config(CONFIG)  # no model section: a split run needs none
     assert config.privacy.split.cut_width == CUT_WIDTH and config.privacy.split.average_every == 3.0
-    plain = parse_run_config({key: value for key, value in CONFIG.items() if key != "privacy"})
+    assert config.model is None and parse_run_config(yaml.safe_load(dump_run_config(config))) == config
+    assert parse_run_config({**CONFIG, "model": {"kind": "gpt2"}}).model.kind == "gpt2"  # one given is ignored
+    plain = parse_run_config({**{key: value for key, value in CONFIG.items() if key != "privacy"},
+                              "model": {"kind": "gpt2"}})
     assert plain.privacy.split is None
+
+
+@pytest.mark.parametrize("model", ["absent", None])
+def test_a_run_that_is_not_split_still_needs_a_model(model):
+    from swarmtrain.config import parse_run_config
+    from swarmtrain.errors import UserError
+
+    data = {key: value for key, value in CONFIG.items() if key != "privacy"}
+    if model != "absent":
+        data["model"] = model
+    with pytest.raises(UserError) as error:
+        parse_run_config(data)
+    assert str(error.value) == "config: model: required field is missing"
+
+
+def test_the_example_split_config_has_no_model_section():
+    from swarmtrain.config import load_run_config
+
+    path = Path(__file__).resolve().parent.parent / "swarmtrain" / "configs" / "split-digits.yaml"
+    assert "model" not in yaml.safe_load(path.read_text())
+    config = load_run_config(path)
+    assert config.model is None and config.privacy.split is not None
+    # the places that build the run's model say what a split run does instead of failing on the missing model
+    from swarmtrain.coordinator.state import StateKeeper
+    from swarmtrain.doctor import OK, check_memory
+    from swarmtrain.errors import UserError
+
+    assert check_memory(config, "cpu").status == OK
+    with pytest.raises(UserError, match="a split run .* has no coordinator checkpoints"):
+        StateKeeper(config, dht=None)
 
 
 def test_owner_data_file_is_checked(tmp_path):

@@ -29,6 +29,9 @@ logger = logging.getLogger("swarmtrain.coordinator")
 class StateKeeper:
     def __init__(self, config: RunConfig, dht: hivemind.DHT, resume_from: Optional[str] = None):
         self.config = config
+        if config.model is None:  # a split run: the trunk lives on its hosts, the bottoms with the data owners
+            raise UserError("--checkpoint-dir / --resume: a split run (privacy.split) has no coordinator checkpoints; "
+                            "start the coordinator without them")
         self.model = build_model(config.model, config.data.seq_len, config.seed)
         self.resumed_epoch = 0
         checkpoint = None

@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Awaitable, Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,7 @@ class TrunkHostStats:
     steps: int = 0              # optimizer steps taken on the trunk
     samples: int = 0
     rejected: int = 0           # requests refused by validation
+    unauthorized: int = 0       # requests refused because the caller may not use this trunk (no valid access token)
     evaluations: int = 0
     last_loss: Optional[float] = None
     last_reject_reason: Optional[str] = None
@@ -122,13 +123,18 @@ class TrunkHost:
     activation_shape: per-sample shape of Z (the only shape accepted); labels are int64 class ids
     in [0, num_classes). Steps are serialized by a lock (one optimizer, many owners) and run in a
     worker thread so the P2P event loop keeps serving while the trunk computes.
+
+    authorize: optional `async (caller's peer ID, what) -> bool`, asked before a request is even
+    parsed; a caller it refuses gets an error and nothing else (a token-gated run passes the
+    averagers' token check, see swarmtrain.privacy.swarm).
     """
 
     def __init__(self, trunk: nn.Module, optimizer: torch.optim.Optimizer, *, activation_shape: Sequence[int],
                  num_classes: int, run_id: str = "swarmtrain", max_batch_size: int = 1024,
                  max_abs_activation: float = DEFAULT_MAX_ABS_VALUE,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
-        self.trunk, self.optimizer, self.loss_fn = trunk, optimizer, loss_fn
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+                 authorize: Optional[Callable[[PeerID, str], Awaitable[bool]]] = None):
+        self.trunk, self.optimizer, self.loss_fn, self.authorize = trunk, optimizer, loss_fn, authorize
         self.activation_shape = tuple(int(d) for d in activation_shape)
         self.num_classes, self.max_batch_size, self.max_abs_activation = num_classes, max_batch_size, max_abs_activation
         self.train_handler, self.eval_handler = handler_names(run_id)
@@ -169,6 +175,11 @@ class TrunkHost:
                                value_range=(0, self.num_classes), what="labels")
         return z, y
 
+    async def _check_caller(self, context: P2PContext, what: str) -> None:
+        if self.authorize is not None and not await self.authorize(context.remote_id, what):
+            self.stats.unauthorized += 1  # the check logs the refusal (once a minute per peer)
+            raise PermissionError(f"peer {context.remote_id} has no valid access token for this run")
+
     def _reject(self, error: Exception, context: P2PContext):
         self.stats.rejected += 1
         self.stats.last_reject_reason = str(error)
@@ -191,6 +202,7 @@ class TrunkHost:
         return self.trunk(z).float()
 
     async def _handle_train(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        await self._check_caller(context, "a split training step")
         try:
             z, y = self._parse_request(request, with_labels=True)
         except InvalidTensor as e:
@@ -208,6 +220,7 @@ class TrunkHost:
         return runtime_pb2.ExpertResponse(tensors=[_serialize(grad_z)], metadata=MSGPackSerializer.dumps(meta))
 
     async def _handle_eval(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        await self._check_caller(context, "a split evaluation")
         try:
             z, _ = self._parse_request(request, with_labels=False)
         except InvalidTensor as e:

@@ -10,10 +10,19 @@ swarmtrain.privacy.digits):
   `privacy.split.average_every` seconds they average the trunk's parameters with
   hivemind.averaging.DecentralizedAverager (prefix f"{run_id}_trunk"); updates made by data owners
   while a round runs are kept (new = current + (average - snapshot)).
+  A trunk host that finds other trunk hosts announced when it starts first downloads the current
+  trunk from one of them (the averager's state sharing), checks it (shapes, finite values), and only
+  then serves and averages; if no host sends one, it says so in one line and starts from the
+  seeded initial trunk. A host shares its trunk only once it has trained, loaded or averaged away
+  from the initial weights, so a newcomer never receives the initial weights from another newcomer.
 - data owners (`--role data-owner`) join the DHT, find a trunk host from the announcements, and
   train their bottom layers plus the privacy head through it with split.DataOwnerClient: only Z
   (float32 [batch, cut_width]) and the labels leave the machine. They print progress, and at the
   end the held-out accuracy and the leakage (dCor between X and Z).
+
+On a token-gated run (access.mode: token) every node publishes its token, the trunk averager is an
+AccessGuardedAverager (swarmtrain.access: averaging and state downloads refused to callers without a
+valid token), and the trunk's own RPCs ask the same check before they look at a request.
 """
 from __future__ import annotations
 
@@ -24,15 +33,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from hivemind.averaging import DecentralizedAverager
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
+from swarmtrain.access import AccessGuardedAverager, LocalAccess, access_record_key, active_access, guarded_class
 from swarmtrain.errors import UserError
 
 from .config import PrivacyConfig, SplitConfig
@@ -46,6 +57,9 @@ ANNOUNCE_TTL = 45.0        # a trunk host's announcement expires this long after
 ANNOUNCE_PERIOD = 10.0
 OWNER_BOTTOM_CUT = "3"     # in DigitsNet.features (the bottom): the second ReLU, whose output is Z
 SWITCH_AFTER_DROPS = 3     # a data owner looks for another trunk host after this many failed steps in a row
+TRUNK_STATE_FORMAT = "swarmtrain.split.trunk/1"  # marks a downloaded trunk state (metadata["format"])
+LOAD_ATTEMPTS = 3          # a late trunk host tries this many times to download the current trunk...
+LOAD_RETRY_DELAY = 3.0     # ...this many seconds apart (a host that has just trained may not have declared yet)
 
 
 def trunks_key(run_id: str) -> str:
@@ -158,32 +172,172 @@ def find_trunks(dht, run_id: str, exclude: Optional[PeerID] = None) -> List[Peer
     return result
 
 
+class _AccessGate(AccessGuardedAverager):
+    """The averagers' token check (swarmtrain.access.AccessGuardedAverager), for the trunk's own RPCs.
+
+    The same table of tokens published under f"{run_id}_access", refreshed the same way, with the same
+    refusal log line; creating it also keeps this node's own token published (data owners need that
+    for the trunk hosts to accept their calls). Its check runs in the event loop that serves the RPCs.
+    """
+
+    def __init__(self, dht, access: LocalAccess, run_id: str):
+        self.dht = dht  # what the mixin reads the tokens with and publishes ours through
+        super().__init__(access=access, access_key=access_record_key(run_id))  # next in the MRO: object
+
+    async def allows(self, peer_id: PeerID, what: str) -> bool:
+        return await self._access_allows(peer_id, what)
+
+    def shutdown(self) -> None:  # no averager behind it: only stop publishing
+        if self._access_publisher is not None:
+            self._access_publisher.release()
+            self._access_publisher = None
+
+
+def _access_gate(dht, config) -> Optional[_AccessGate]:
+    """The token check of a token-gated run (None on an open run)."""
+    access = active_access()
+    if config.access.mode != "token":
+        return None
+    if access is None:  # normally unreachable: without a token the swarm's DHT would not have let us in
+        raise UserError(f"run {config.run_id!r} is token-gated: join with --token (ask the organiser for one)")
+    return _AccessGate(dht, access, config.run_id)
+
+
+class TrunkStateAverager(DecentralizedAverager):
+    """The trunk hosts' averager. A newcomer's load_state_from_peers downloads the *live* trunk (copied
+    under the params lock), not the averaging buffer, which is only filled at each round."""
+
+    def __init__(self, averaged_tensors, dht, *, trunk: torch.nn.Module, params_lock: threading.Lock,
+                 steps: Callable[[], int], **kwargs):
+        self._trunk, self._params_lock, self._steps = trunk, params_lock, steps  # used in this (host) process
+        super().__init__(averaged_tensors, dht, **kwargs)
+
+    def get_current_state(self):
+        with self._params_lock, torch.no_grad():
+            tensors = [p.detach().clone() for p in self._trunk.parameters()]
+        return {"format": TRUNK_STATE_FORMAT, "steps": int(self._steps())}, tensors, None
+
+
+def validate_trunk_state(state: Any, reference: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], int]:
+    """(tensors, donor's steps) of a downloaded trunk state if it fits `reference` (the trunk's
+    parameters): the format marker, as many tensors, each of the same shape, floating point and
+    finite. Raises ValueError naming the first problem."""
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise ValueError("not a (metadata, tensors) pair")
+    metadata, tensors = state
+    if not isinstance(metadata, dict) or metadata.get("format") != TRUNK_STATE_FORMAT:
+        raise ValueError(f"not a trunk state (format {metadata.get('format') if isinstance(metadata, dict) else None!r}, "
+                         f"expected {TRUNK_STATE_FORMAT!r})")
+    if not isinstance(tensors, (tuple, list)) or len(tensors) != len(reference):
+        raise ValueError(f"{len(tensors) if isinstance(tensors, (tuple, list)) else 'no'} tensors, expected {len(reference)}")
+    checked = []
+    for index, (tensor, param) in enumerate(zip(tensors, reference)):
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise ValueError(f"tensor {index} is not a floating-point tensor")
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"tensor {index} has shape {list(tensor.shape)}, expected {list(param.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"tensor {index} contains NaN or Inf")
+        checked.append(tensor.detach().to(dtype=param.dtype, device=param.device))
+    steps = metadata.get("steps")
+    return checked, steps if isinstance(steps, int) and steps >= 0 else 0
+
+
 class TrunkAverager:
-    """Averages the trunk's parameters with the other trunk hosts every `period` seconds (a thread)."""
+    """Averages the trunk's parameters with the other trunk hosts every `period` seconds (a thread,
+    started by start() once the trunk is loaded), and shares the trunk with later hosts once it holds
+    more than the initial weights."""
 
     def __init__(self, trunk: torch.nn.Module, dht, run_id: str, split: SplitConfig, params_lock: threading.Lock,
-                 *, client_mode: bool, matchmaking_time: float, request_timeout: float):
-        from hivemind.averaging import DecentralizedAverager
-
+                 *, client_mode: bool, matchmaking_time: float, request_timeout: float,
+                 steps: Callable[[], int] = lambda: 0):
         self.trunk, self.dht, self.run_id, self.split, self.lock = trunk, dht, run_id, split, params_lock
+        self.steps = steps  # optimizer steps this host took on the trunk
         self.rounds: List[AveragingRound] = []
         # set by the serving loop from the DHT's announcements (this thread makes no DHT calls: the
         # DHT's pipe to its process is not meant for concurrent senders)
         self.others_present = False
-        self.averager = DecentralizedAverager(
+        self.loaded = False  # the trunk came from another host (load_from_peers)
+        self.averaged_away = False  # an averaging round moved the trunk off the initial weights
+        with torch.no_grad():
+            self.initial = [p.detach().clone() for p in trunk.parameters()]
+        access = active_access()
+        averager_class, guard = TrunkStateAverager, {}
+        if access is not None:  # a token-gated run: the same guard as the training averagers
+            averager_class = guarded_class(TrunkStateAverager)
+            guard = dict(access=access, access_key=access_record_key(run_id))
+        self.averager = averager_class(
             [p.detach().clone() for p in trunk.parameters()], dht, prefix=f"{run_id}_trunk", start=True,
-            client_mode=client_mode, min_matchmaking_time=matchmaking_time, request_timeout=request_timeout)
+            client_mode=client_mode, min_matchmaking_time=matchmaking_time, request_timeout=request_timeout,
+            allow_state_sharing=False, trunk=trunk, params_lock=params_lock, steps=steps, **guard)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="trunk-averaging", daemon=True)
+
+    @property
+    def sharing(self) -> bool:
+        return self.averager.allow_state_sharing
+
+    def start(self) -> None:
         self._thread.start()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.split.average_every):
+    def load_from_peers(self, attempts: int = LOAD_ATTEMPTS, retry_delay: float = LOAD_RETRY_DELAY) -> bool:
+        """Replace the trunk with the current trunk of another host (downloaded, then checked); on
+        failure, one log line, and the trunk stays as it was. Call before start()."""
+        params = list(self.trunk.parameters())
+        reason = "no trunk host sent its trunk"
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(retry_delay)
             try:
-                if not self.others_present:
-                    continue  # alone: nothing to average with
-                self.average_once()
+                state = self.averager.load_state_from_peers(timeout=self.split.averaging_timeout)
+            except Exception as error:  # a timeout, the averager going away
+                reason = f"{type(error).__name__}: {error}"
+                continue
+            if state is None:
+                reason = "no trunk host sent its trunk (none has trained yet, or none answered)"
+                continue
+            try:
+                tensors, donor_steps = validate_trunk_state(state, params)
+            except ValueError as error:
+                reason = f"refused a downloaded trunk: {error}"
+                continue
+            with self.lock, torch.no_grad():
+                for param, tensor in zip(params, tensors):
+                    param.copy_(tensor)
+            self.loaded = True
+            self.averager.allow_state_sharing = True  # it holds the swarm's trunk now: later hosts may load it
+            logger.info(f"loaded the current trunk from another trunk host (it had taken {donor_steps} step(s))")
+            return True
+        logger.warning(f"could not load the current trunk from the other trunk hosts ({reason}; {attempts} "
+                       "attempt(s)): starting from the initial trunk weights")
+        return False
+
+    def _moved_from_initial(self) -> bool:
+        with self.lock, torch.no_grad():
+            return any((p - i).abs().max() > 1e-6 for p, i in zip(self.trunk.parameters(), self.initial))
+
+    def share_if_trained(self) -> bool:
+        """Let later hosts download the trunk once it holds more than the initial weights (it trained,
+        was loaded, or averaged with a trained trunk): a newcomer must not get the initial weights
+        from another newcomer."""
+        if not self.sharing and (self.loaded or self.steps() > 0 or self.averaged_away):
+            self.averager.allow_state_sharing = True
+            logger.info("the trunk has trained: sharing it with trunk hosts that join later")
+        return self.sharing
+
+    def _loop(self) -> None:
+        tick = min(1.0, self.split.average_every)
+        next_round = time.monotonic() + self.split.average_every
+        while not self._stop.wait(tick):
+            try:
+                self.share_if_trained()  # the averager's calls stay in this thread
+                if time.monotonic() < next_round:
+                    continue
+                if self.others_present:  # alone: nothing to average with
+                    self.average_once()
+                next_round = time.monotonic() + self.split.average_every
             except Exception as error:  # a failed round must not end the host
+                next_round = time.monotonic() + self.split.average_every
                 logger.warning(f"trunk averaging failed: {type(error).__name__}: {error}")
 
     def average_once(self) -> AveragingRound:
@@ -203,6 +357,7 @@ class TrunkAverager:
             with self.lock, torch.no_grad(), self.averager.get_tensors() as tensors:
                 for tensor, param, before in zip(tensors, params, snapshot):
                     param.add_(tensor - before)  # keep the steps taken while the round ran
+            self.averaged_away = self.averaged_away or self._moved_from_initial()
         record = AveragingRound(epoch=len(self.rounds), group_size=len(gathered) if ok else 0, ok=ok,
                                 seconds=time.monotonic() - started, note="" if ok else "no group")
         self.rounds.append(record)
@@ -212,9 +367,12 @@ class TrunkAverager:
 
     def shutdown(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=1.0)  # a round in flight fails when the averager stops: do not wait for it
+        started = self._thread.ident is not None
+        if started:
+            self._thread.join(timeout=1.0)  # a round in flight fails when the averager stops: do not wait for it
         self.averager.shutdown()
-        self._thread.join(timeout=5.0)
+        if started:
+            self._thread.join(timeout=5.0)
 
 
 def serve_trunk(dht, config, signer: RSASignatureValidator, options, status: dict, *, client_mode: bool) -> dict:
@@ -229,16 +387,18 @@ def serve_trunk(dht, config, signer: RSASignatureValidator, options, status: dic
                         "client mode; forward a port (--port, --public-ip) or join as a data owner")
     trunk = split_models(split, config.seed).classifier
     lock = threading.Lock()
+    gate = _access_gate(dht, config)
     host = _LockedTrunkHost(trunk, torch.optim.Adam(trunk.parameters(), lr=split.lr),
                             activation_shape=(split.cut_width,), num_classes=NUM_CLASSES, run_id=config.run_id,
-                            max_batch_size=max(1024, split.batch_size), params_lock=lock)
+                            max_batch_size=max(1024, split.batch_size), params_lock=lock,
+                            authorize=gate.allows if gate is not None else None)
     with children_ignore_interrupts():
         averager = TrunkAverager(trunk, dht, config.run_id, split, lock, client_mode=client_mode,
                                  matchmaking_time=config.averaging.matchmaking_time,
-                                 request_timeout=config.averaging.request_timeout)
+                                 request_timeout=config.averaging.request_timeout, steps=lambda: host.stats.steps)
     reporter = PeerReporter(dht, config.run_id, signer, role="trunk", device="cpu", client_mode=client_mode,
                             metrics_port=options.metrics_port)
-    status.update(phase="hosting trunk", role="trunk", initial_trunk_norm=_norm(trunk))
+    status.update(phase="loading trunk", role="trunk", initial_trunk_norm=_norm(trunk), loaded_trunk=False)
 
     async def serve(stop: threading.Event) -> None:
         p2p = await dht.replicate_p2p()
@@ -259,8 +419,9 @@ def serve_trunk(dht, config, signer: RSASignatureValidator, options, status: dic
                 if now - last_status > 1.0:
                     stats = host.stats
                     status.update(step=stats.steps, samples=stats.samples, rejected=stats.rejected,
-                                  loss=stats.last_loss, rounds=[vars(r) for r in averager.rounds],
-                                  trunk_norm=_norm(trunk),
+                                  unauthorized=stats.unauthorized, loss=stats.last_loss,
+                                  rounds=[vars(r) for r in averager.rounds], trunk_norm=_norm(trunk),
+                                  sharing_trunk=averager.sharing,
                                   samples_per_second=stats.samples / max(now - started, 1e-6))
                     _write_status(options.status_file, status)
                     reporter.maybe_publish(step=stats.steps, epoch=len(averager.rounds), loss=stats.last_loss,
@@ -273,16 +434,28 @@ def serve_trunk(dht, config, signer: RSASignatureValidator, options, status: dic
             del pending
 
     try:
+        # a late host starts from the swarm's trunk, not the seeded initial one: averaging the initial
+        # trunk in with full weight would pull the trained trunk back
+        others = find_trunks(dht, config.run_id, exclude=dht.peer_id)
+        if others:
+            _write_status(options.status_file, status)
+            logger.info(f"{len(others)} other trunk host(s) announced: loading the current trunk first")
+            if averager.load_from_peers():
+                status.update(loaded_trunk=True, loaded_trunk_norm=_norm(trunk))
+        averager.start()
+        status["phase"] = "hosting trunk"
         _run_in_loop_thread(serve, threading.Event(), "trunk-host")
     except KeyboardInterrupt:
         status["phase"] = "stopped"
         raise
     finally:
-        status.update(step=host.stats.steps, rejected=host.stats.rejected, rounds=[vars(r) for r in averager.rounds],
-                      trunk_norm=_norm(trunk))
+        status.update(step=host.stats.steps, rejected=host.stats.rejected, unauthorized=host.stats.unauthorized,
+                      rounds=[vars(r) for r in averager.rounds], trunk_norm=_norm(trunk))
         _write_status(options.status_file, status)
         reporter.close()
         averager.shutdown()
+        if gate is not None:
+            gate.shutdown()
     status["phase"] = "finished"
     return status
 
@@ -341,6 +514,7 @@ def run_data_owner_peer(dht, config, signer: RSASignatureValidator, options, sta
     head = PrivacyHead(bottom, PrivacyConfig(enabled=True, cut_layer=OWNER_BOTTOM_CUT, alpha=alpha,
                                              leakage_statistic=config.privacy.leakage_statistic))
     optimizer = torch.optim.Adam(bottom.parameters(), lr=split.lr)
+    gate = _access_gate(dht, config)  # token-gated run: publishes our token, which the trunk hosts check
     reporter = PeerReporter(dht, config.run_id, signer, role="data-owner", device="cpu", client_mode=client_mode,
                             metrics_port=options.metrics_port)
     batches = _batches(train_x, train_y, split.batch_size, torch.Generator().manual_seed(config.seed))
@@ -422,4 +596,6 @@ def run_data_owner_peer(dht, config, signer: RSASignatureValidator, options, sta
     finally:
         _write_status(options.status_file, status)
         reporter.close()
+        if gate is not None:
+            gate.shutdown()
     return status
