@@ -34,8 +34,9 @@ _make_optimizer = trainer.make_optimizer
 class _ThrottledEvent(threading.Event):
     """hivemind's tracker publishes this peer's progress to the DHT (a signed record, stored on
     several nodes) every time the event is set, i.e. after every local step; with the tiny model's
-    ~20 ms steps that is most of what crosses a peer's link. Diagnostic (``--progress-every``):
-    publish at most once per `period` seconds."""
+    ~20 ms steps that was most of what crossed a peer's link, so swarmtrain's tracker now publishes
+    at most once per second (swarmtrain.peer.optimizer.PROGRESS_REPORT_PERIOD). Diagnostic
+    (``--progress-every``): replace that with this event, which drops the reports within `period`."""
 
     def __init__(self, period: float):
         super().__init__()

@@ -115,3 +115,24 @@ def test_late_joiner_and_killed_peer(swarm):
     assert max_parameter_difference(states) <= 1e-6
     # (no check for tracebacks here: hivemind logs one, for instance, when it first tries to
     # download the state from the killed peer, whose offer lingers in the DHT)
+
+
+def test_progress_reports_are_throttled_but_never_lost():
+    """hivemind's tracker publishes a peer's progress after every step; ours at most once per period,
+    deferring (not dropping) what comes sooner, and an epoch change at once."""
+    import time
+
+    from swarmtrain.peer.optimizer import _AtMostEvery
+
+    event = _AtMostEvery(0.3)
+    event.set()
+    assert event.is_set()
+    event.clear()
+    for _ in range(50):  # 50 steps within the period: one deferred report, not 50 and not none
+        event.set()
+    assert not event.is_set()
+    assert event.wait(1.0)
+    event.clear()
+    assert not event.wait(0.5)  # nothing new: nothing sent
+    event.set_now()
+    assert event.is_set()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from concurrent.futures import InvalidStateError
 from dataclasses import dataclass
@@ -66,14 +67,68 @@ class RoundRecord:
     note: str = ""
 
 
+PROGRESS_REPORT_PERIOD = 1.0  # seconds between a peer's progress records (hivemind: after every step)
+
+
+class _AtMostEvery(threading.Event):
+    """An Event whose set() takes effect at most once per `period` seconds: a set() that comes sooner
+    is deferred to the end of the period (not dropped, so the latest progress always goes out)."""
+
+    def __init__(self, period: float):
+        super().__init__()
+        self.period, self._last, self._timer = period, -float("inf"), None
+        self._lock = threading.Lock()
+
+    def set(self) -> None:
+        with self._lock:
+            wait = self._last + self.period - time.monotonic()
+            if wait <= 0:
+                self._set_locked()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self._deferred)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def set_now(self) -> None:
+        with self._lock:
+            self._set_locked()
+
+    def _deferred(self) -> None:
+        with self._lock:
+            self._timer = None
+            self._set_locked()
+
+    def _set_locked(self) -> None:
+        self._last = time.monotonic()
+        super().set()
+
+
 class _ProgressTrackerWithBlockingGoodbye(ProgressTracker):
-    """hivemind's tracker drops the future of its goodbye record on shutdown; when that future is
-    garbage-collected before the DHT process reads the request, the DHT process logs a traceback
-    and stalls its own shutdown. Same goodbye, but we wait for it."""
+    """hivemind's ProgressTracker with two changes.
+
+    - It publishes this peer's progress (a signed record stored on several DHT nodes) after every
+      local step; with small steps that chatter was most of what crossed a home link (about
+      300 KB/s per peer with the tiny model, see benchmarks/wan.py). Reports now go out at most
+      once per PROGRESS_REPORT_PERIOD, and at once when the epoch changes; the swarm's ETA
+      extrapolates between reports from each peer's reported throughput anyway.
+    - It drops the future of its goodbye record on shutdown; when that future is garbage-collected
+      before the DHT process reads the request, the DHT process logs a traceback and stalls its own
+      shutdown. Same goodbye, but we wait for it."""
+
+    def __init__(self, *args, start: bool, report_period: float = PROGRESS_REPORT_PERIOD, **kwargs):
+        super().__init__(*args, start=False, **kwargs)
+        self.should_report_progress = _AtMostEvery(report_period)
+        if start:
+            self.start()
+
+    def update_epoch(self, new_epoch: Optional[int] = None) -> int:
+        epoch = super().update_epoch(new_epoch)
+        self.should_report_progress.set_now()  # a new epoch is news the swarm's matchmaking waits for
+        return epoch
 
     def shutdown(self, timeout: Optional[float] = None):
         self.shutdown_triggered.set()
-        self.should_report_progress.set()
+        self.should_report_progress.set_now()
         self.global_state_updated.set()
         self.shutdown_complete.wait(timeout)
         try:
