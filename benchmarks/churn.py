@@ -27,6 +27,7 @@ import tempfile
 import time
 from itertools import combinations
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -38,6 +39,7 @@ from swarmtrain.demo import stop_process  # noqa: E402
 from swarmtrain.identity import load_or_create_identity, peer_id_of  # noqa: E402
 
 HUB, SUBNET, PORT = "chaos-hub", "10.78.0", 4300
+EVAL_EVERY = 5  # epochs between held-out measurements: the runs are compared at equal epochs too
 FINGERPRINT_TOLERANCE = 1e-5  # dense averaging: peers in sync differ by float rounding (~1e-8)
 
 
@@ -121,7 +123,7 @@ class ChaosSwarm:
         self._start(node, "peer", "--initial-peers", self.coordinator_maddr,
                     "--host-maddrs", f"/ip4/{self.lab.address[node]}/tcp/0", "--device", "cpu", "--no-progress",
                     "--identity", str(self.workdir / f"{node}.id"), "--checkpoint-dir", str(self.workdir / node),
-                    "--checkpoint-every", "5", "--eval-every", "0", "--status-file", str(self.status_path(node)))
+                    "--checkpoint-every", "5", "--eval-every", str(EVAL_EVERY), "--status-file", str(self.status_path(node)))
 
     def status_path(self, node: str) -> Path:
         return self.workdir / f"{node}.json"
@@ -157,13 +159,24 @@ def _fingerprints_agree(a, b) -> bool:
 
 
 def summarize(swarm: ChaosSwarm) -> dict:
+    """Per peer: rounds, state downloads, restarts, held-out loss. Sync, two ways:
+
+    - within rounds (the acceptance criterion): the members of each successful round -- the same
+      epoch and the same group id (a hash of the members' peer IDs, RoundRecord.group) -- must hold
+      the same parameters at the start of the next epoch (their status files' fingerprints);
+    - across the swarm: the epochs where successful rounds of *different* groups ended with different
+      parameters (the swarm was split in two, e.g. by a partition, until one side re-downloads).
+    """
     peers = {}
-    by_epoch: dict[str, dict[str, list]] = {}
+    groups: dict[tuple, dict[str, list]] = {}  # (epoch, group) -> node -> fingerprint after the round
+    by_epoch: dict[int, dict[str, list]] = {}
+    curves = {}
     for node in swarm.peer_names:
         statuses = [json.loads(p.read_text()) for p in sorted(swarm.workdir.glob(f"{node}.*.json"))]
         statuses.append(swarm.status(node))
         rounds = [r for s in statuses for r in s.get("rounds", [])]
         heldout = [entry for s in statuses for entry in s.get("heldout_loss", [])]
+        curves[node] = sorted((int(e), float(l)) for e, l in heldout)
         peers[node] = dict(
             rounds_attempted=len(rounds), rounds_ok=sum(r["ok"] for r in rounds),
             rounds_failed_alone=sum((not r["ok"]) and r["note"] == "no other peers" for r in rounds),
@@ -171,35 +184,48 @@ def summarize(swarm: ChaosSwarm) -> dict:
             restarts=len(statuses) - 1, final_epoch=swarm.status(node).get("epoch"),
             final_heldout_loss=heldout[-1][1] if heldout else None,
         )
-        averaged = {r["epoch"] for r in rounds if r["ok"] and r["group_size"] >= 2}
         for status in statuses:
+            group_of = {r["epoch"]: r.get("group", "") for r in status.get("rounds", []) if r["ok"] and r["group_size"] >= 2}
             for epoch, fingerprint in status.get("fingerprints", {}).items():
-                # the parameters at the start of an epoch are the result of the previous epoch's
-                # round: compare the peers that took part in a successful round then (a peer cut off
-                # or just restarted steps alone, and is expected to differ until it resyncs)
-                if int(epoch) - 1 in averaged:
-                    by_epoch.setdefault(epoch, {})[node] = fingerprint
-    compared = agreed = 0
-    disagreements = []
-    for epoch, members in sorted(by_epoch.items(), key=lambda item: int(item[0])):
+                # the parameters at the start of an epoch are the result of the previous epoch's round
+                previous = int(epoch) - 1
+                if previous in group_of:
+                    groups.setdefault((previous, group_of[previous]), {})[node] = fingerprint
+                    by_epoch.setdefault(int(epoch), {})[node] = fingerprint
+    rounds_compared, rounds_in_sync, rounds_apart = 0, 0, []
+    for (epoch, group), members in sorted(groups.items()):
         if len(members) < 2:
             continue
-        pairs = list(combinations(sorted(members), 2))
-        compared += 1
-        if all(_fingerprints_agree(members[a], members[b]) for a, b in pairs):
-            agreed += 1
+        rounds_compared += 1
+        if all(_fingerprints_agree(members[a], members[b]) for a, b in combinations(sorted(members), 2)):
+            rounds_in_sync += 1
         else:
-            disagreements.append(int(epoch))
+            rounds_apart.append(dict(epoch=epoch, members=sorted(members)))
+    split_epochs = [epoch for epoch, members in sorted(by_epoch.items()) if len(members) >= 2 and not all(
+        _fingerprints_agree(members[a], members[b]) for a, b in combinations(sorted(members), 2))]
     # peers at the swarm's final epoch (one restarted in the last seconds has not caught up yet)
     last_epoch = max((p["final_epoch"] or 0) for p in peers.values())
     losses = [p["final_heldout_loss"] for p in peers.values()
               if p["final_heldout_loss"] is not None and (p["final_epoch"] or 0) >= last_epoch - 1]
-    return dict(peers=peers, epochs_compared=compared, epochs_all_in_sync=agreed,
-                epochs_out_of_sync=disagreements[:50],
+    return dict(peers=peers, rounds_compared=rounds_compared, rounds_members_in_sync=rounds_in_sync,
+                rounds_members_apart=rounds_apart[:50], epochs_compared=len(by_epoch),
+                epochs_swarm_split=split_epochs[:80],
                 rounds_attempted=sum(p["rounds_attempted"] for p in peers.values()),
                 rounds_ok=sum(p["rounds_ok"] for p in peers.values()),
                 mean_final_heldout_loss=sum(losses) / len(losses) if losses else None,
-                final_epoch=last_epoch)
+                final_epoch=last_epoch, heldout_curves=curves)
+
+
+def loss_at_epoch(curves: dict, epoch: int) -> Optional[float]:
+    """Mean over peers of the held-out loss at `epoch` (linear between a peer's measurements)."""
+    values = []
+    for curve in curves.values():
+        below = [(e, l) for e, l in curve if e <= epoch]
+        above = [(e, l) for e, l in curve if e >= epoch]
+        if below and above:
+            (e0, l0), (e1, l1) = below[-1], above[0]
+            values.append(l0 if e1 == e0 else l0 + (l1 - l0) * (epoch - e0) / (e1 - e0))
+    return sum(values) / len(values) if values else None
 
 
 def run(args, churn: bool, use_namespaces: bool, workdir: Path) -> dict:
@@ -272,8 +298,15 @@ def main():
         with tempfile.TemporaryDirectory(prefix=f"swarmtrain-{name}-") as workdir:
             print(f"[churn] {name}: {args.peers} peers for {args.duration:.0f} s ...", flush=True)
             results[name] = run(args, churn, use_namespaces, Path(workdir))
-            summary = {k: v for k, v in results[name].items() if k not in ("peers", "events")}
+            summary = {k: v for k, v in results[name].items() if k not in ("peers", "events", "heldout_curves")}
             print(f"[churn] {name}: {json.dumps(summary)}", flush=True)
+    if "no_churn" in results:
+        # the same number of optimizer steps: churn costs wall time (restarts, downloads) and, if it
+        # hurts the model, loss at an equal epoch
+        epoch = results["churn"]["final_epoch"]
+        results["equal_epochs"] = dict(epoch=epoch, churn=loss_at_epoch(results["churn"]["heldout_curves"], epoch),
+                                       no_churn=loss_at_epoch(results["no_churn"]["heldout_curves"], epoch))
+        print(f"[churn] at epoch {epoch}: {json.dumps(results['equal_epochs'])}", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.output}")

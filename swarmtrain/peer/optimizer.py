@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import threading
 import time
@@ -65,6 +66,11 @@ class RoundRecord:
     ok: bool
     seconds: float
     note: str = ""
+    group: str = ""  # the members' short id (same members, same id): tools compare a round's members
+
+
+def group_id(peer_ids) -> str:
+    return hashlib.sha256(b"".join(sorted(peer.to_bytes() for peer in peer_ids))).hexdigest()[:12]
 
 
 PROGRESS_REPORT_PERIOD = 1.0  # seconds between a peer's progress records (hivemind: after every step)
@@ -362,7 +368,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             return
         try:
             group = maybe_step_control.result(timeout=0)
-            self.rounds.append(RoundRecord(epoch, len(group), True, seconds))
+            self.rounds.append(RoundRecord(epoch, len(group), True, seconds, group=group_id(group)))
             self._synced_epochs += 1
             self._check_fingerprints(group)
         except BaseException as error:  # the round failed; hivemind already fell back to local gradients
