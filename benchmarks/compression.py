@@ -247,13 +247,37 @@ def _markov_bytes(num_sequences, length, seed):
 
 
 def _make_inner_optimizer(optimizer_spec: str):
-    """"adam:0.003" or "sgd:0.3" (SGD with momentum 0.9, the optimizer of the GaussianK paper)."""
+    """"adam:0.003", "sgd:0.3" (SGD with momentum 0.9, the optimizer of the GaussianK paper) or
+    "frozenadam:0.003:20" (swarmtrain.peer.frozen_adam: Adam, no weight decay like "adam", whose variance
+    is updated by the first 20 epochs' gradients and then frozen)."""
     from functools import partial
 
-    name, _, lr = optimizer_spec.partition(":")
+    name, _, rest = optimizer_spec.partition(":")
+    lr, _, freeze = rest.partition(":")
     if name == "sgd":
         return partial(torch.optim.SGD, lr=float(lr or 0.3), momentum=0.9)
+    if name == "frozenadam":
+        from swarmtrain.peer.frozen_adam import FrozenVarianceAdamW
+
+        if not freeze:
+            raise SystemExit("--convergence-optimizer frozenadam:LR:W needs W, the epochs before the freeze")
+        # +1: hivemind.Optimizer's zero-gradient initialisation step counts (as in make_torch_optimizer_factory)
+        return partial(FrozenVarianceAdamW, lr=float(lr or 3e-3), eps=1e-8, weight_decay=0.0,
+                       freeze_variance_after=int(freeze) + 1)
+    if name != "adam":
+        raise SystemExit(f"unknown --convergence-optimizer {optimizer_spec!r}: adam:LR, sgd:LR or frozenadam:LR:W")
     return partial(torch.optim.Adam, lr=float(lr or 3e-3))
+
+
+class _DenseThenSparse:
+    """Density 1 (every entry sent: dense averaging through the sparse codec) for the first
+    ``dense_epochs`` rounds, then the spec's density: the dense warm-up of the 1-bit Adam recipe."""
+
+    def __init__(self, density: float, dense_epochs: int):
+        self.density, self.dense_epochs = density, dense_epochs
+
+    def __call__(self, epoch: int) -> float:
+        return 1.0 if epoch < self.dense_epochs else self.density
 
 
 def _convergence_peer(rank, num_peers, spec, epochs, target_batch, address_queue, barrier, result_queue,
@@ -278,12 +302,17 @@ def _convergence_peer(rank, num_peers, spec, epochs, target_batch, address_queue
     model = transformers.GPT2LMHeadModel(config)
     batch = 8
     # "gaussiank:0.01@warmup20": the spec with the density warm-up of the run config's
-    # averaging.density_warmup_epochs (from 1/64 to the target density geometrically over 20 epochs)
+    # averaging.density_warmup_epochs (from 1/64 to the target density geometrically over 20 epochs);
+    # "gaussiank:0.01@dense20": density 1 for 20 epochs, then 0.01 (the 1-bit Adam recipe's dense warm-up)
+    spec, _, dense = spec.partition("@dense")
     spec, _, warmup = spec.partition("@warmup")
     schedule = None
     if warmup:
         density = float(spec.split(":")[1].split("+")[0])
         schedule = DensitySchedule(density, initial=max(density, 1 / 64), warmup_epochs=int(warmup))
+    elif dense:
+        schedule = _DenseThenSparse(float(spec.split(":")[1].split("+")[0]), int(dense))
+        warmup = f"dense{dense}"
     optimizer = hivemind.Optimizer(
         dht=dht, run_id=f"convergence_{spec.replace(':', '_').replace('.', 'p').replace('+', '_')}_{warmup or 0}",
         params=model.parameters(), optimizer=_make_inner_optimizer(optimizer_spec), target_batch_size=target_batch,
@@ -359,11 +388,13 @@ def main():
     parser.add_argument("--convergence", action="store_true",
                         help="(c) also train the tiny GPT-2 in 3 peers: fp16 vs gaussiank:0.01 (minutes)")
     parser.add_argument("--convergence-specs", default="fp16,gaussiank:0.01",
-                        help="comma-separated specs for (c); SPEC@warmupN adds a density warm-up of N epochs")
+                        help="comma-separated specs for (c); SPEC@warmupN adds a density warm-up of N epochs, "
+                             "SPEC@denseN averages densely for N epochs first")
     parser.add_argument("--convergence-epochs", type=int, default=15, help="epochs (optimizer steps) per run in (c)")
     parser.add_argument("--convergence-target", type=int, default=1024, help="target batch size in (c)")
     parser.add_argument("--convergence-optimizer", default="adam:0.003",
-                        help="inner optimizer in (c): adam:LR or sgd:LR (momentum 0.9)")
+                        help="inner optimizer in (c): adam:LR, sgd:LR (momentum 0.9) or frozenadam:LR:W "
+                             "(Adam whose variance is frozen after W epochs)")
     parser.add_argument("--codecs", default=None, help="comma-separated wire configurations to run (fp16 always)")
     args = parser.parse_args()
     global WIRE_CODEC_FILTER

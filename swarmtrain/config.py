@@ -56,7 +56,9 @@ class DataConfig(_Section):
 
 
 class OptimizerConfig(_Section):
-    name: Literal["lamb", "adamw"] = "lamb"
+    # adamw_frozen: AdamW whose variance stops changing after freeze_variance_after epochs
+    # (swarmtrain/peer/frozen_adam.py), the 1-bit Adam recipe for sparse (gaussiank/topk) averaging
+    name: Literal["lamb", "adamw", "adamw_frozen"] = "lamb"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: Tuple[float, float] = (0.9, 0.999)
@@ -65,6 +67,8 @@ class OptimizerConfig(_Section):
     warmup_epochs: int = Field(10, ge=0, description="linear warm-up, in global optimizer steps (epochs)")
     total_epochs: int = Field(1000, ge=1, description="linear decay to zero ends here")
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    freeze_variance_after: Optional[int] = Field(
+        None, ge=1, description="adamw_frozen only: epochs (optimizer steps) that update the variance")
 
     @field_validator("betas")
     @classmethod
@@ -72,6 +76,22 @@ class OptimizerConfig(_Section):
         if not all(0.0 <= b < 1.0 for b in value):
             raise ValueError("both betas must be in [0, 1), e.g. [0.9, 0.999]")
         return value
+
+    @model_validator(mode="after")
+    def _frozen_variance(self) -> "OptimizerConfig":
+        if self.name == "adamw_frozen":
+            if self.freeze_variance_after is None:
+                raise ValueError("name adamw_frozen needs optimizer.freeze_variance_after (epochs of plain "
+                                 "AdamW before the variance is frozen, e.g. 20)")
+            if self.eight_bit:
+                raise ValueError("adamw_frozen has no 8-bit variant; set eight_bit: false or use adamw")
+            if self.freeze_variance_after >= self.total_epochs:
+                raise ValueError(f"freeze_variance_after ({self.freeze_variance_after}) must be below total_epochs "
+                                 f"({self.total_epochs}), or the variance never freezes; use adamw for that")
+        elif self.freeze_variance_after is not None:
+            raise ValueError(f"freeze_variance_after applies to name adamw_frozen only (name is {self.name}); "
+                             "remove it or set name: adamw_frozen")
+        return self
 
 
 class AveragingConfig(_Section):

@@ -32,10 +32,18 @@ DEFAULT_UPLOAD_MBPS = 100.0
 
 
 def make_torch_optimizer_factory(config: OptimizerConfig):
-    """LAMB (the DeDLOC/sahajBERT choice) or AdamW; bitsandbytes 8-bit state when asked."""
+    """LAMB (the DeDLOC/sahajBERT choice), AdamW, or AdamW with a frozen variance (adamw_frozen, for
+    sparse averaging); bitsandbytes 8-bit state when asked."""
 
     def create(params):
         common = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+        if config.name == "adamw_frozen":
+            from swarmtrain.peer.frozen_adam import FrozenVarianceAdamW
+
+            # hivemind initialises the optimizer state with one zero-gradient step (state_averager.
+            # initialize_optimizer_state_) and it counts in the step counter: +1 so that exactly
+            # freeze_variance_after epochs of real gradients update the variance
+            return FrozenVarianceAdamW(params, **common, freeze_variance_after=config.freeze_variance_after + 1)
         if config.name == "lamb" or config.eight_bit:
             import bitsandbytes as bnb  # imported only when used: its import is slow and chatty
 
