@@ -101,6 +101,9 @@ class AveragingConfig(_Section):
     # sparse compression only: start at density 1/64 and reach the spec's density geometrically over
     # this many epochs (the GaussianK paper's warm-up); 0 starts at the target density
     density_warmup_epochs: int = Field(0, ge=0)
+    # sparse compression only: average densely (density 1, through the sparse codec) for this many
+    # epochs first -- the 1-bit Adam recipe's warm-up, needed by optimizer.name adamw_frozen
+    dense_warmup_epochs: int = Field(0, ge=0)
     matchmaking_time: float = Field(3.0, gt=0)
     averaging_timeout: float = Field(60.0, gt=0)
     request_timeout: float = Field(1.0, gt=0)  # below matchmaking_time (see the check below)
@@ -181,7 +184,17 @@ class RunConfig(_Section):
         return data
 
     @model_validator(mode="after")
-    def _round_budget(self) -> "RunConfig":
+    def _cross_section_checks(self) -> "RunConfig":
+        optimizer, averaging = self.optimizer, self.averaging
+        if (optimizer.name == "adamw_frozen" and parse_compression_spec(averaging.compression).is_sparse
+                and averaging.dense_warmup_epochs < optimizer.freeze_variance_after):
+            # a variance frozen from sparse rounds (most entries never sent) trains worse than plain
+            # Adam: BENCHMARKS.md (c'')
+            raise ValueError(
+                f"optimizer.name adamw_frozen with sparse averaging.compression {averaging.compression!r} freezes "
+                f"the variance after {optimizer.freeze_variance_after} epochs, so those epochs must average densely: "
+                f"set averaging.dense_warmup_epochs: {optimizer.freeze_variance_after} (now "
+                f"{averaging.dense_warmup_epochs})")
         check_round_budget(self)  # mode: local, adaptive: averaging.round_budget vs optimizer.total_epochs
         return self
 

@@ -238,3 +238,25 @@ def test_a_coordinate_without_variance_at_the_freeze_gets_one_from_its_first_gra
         param.grad = torch.tensor([1.0, -1.0, 3.0, 0.0])
         optimizer.step()
     assert float(optimizer.state[param]["exp_avg_sq"][2]) == float(variance[2])  # frozen from then on
+
+
+def test_sparse_averaging_with_a_frozen_variance_needs_a_dense_warm_up():
+    """A variance frozen from sparse rounds trains worse than plain Adam (BENCHMARKS.md (c'')): the
+    config asks for the dense warm-up, and the averager's density schedule provides it."""
+    from swarmtrain.compression.feedback import DensitySchedule
+
+    frozen = dict(name="adamw_frozen", freeze_variance_after=20)
+    config = _run_config(frozen)
+    config["averaging"] = dict(compression="gaussiank:0.01")
+    with pytest.raises(UserError, match="set averaging.dense_warmup_epochs: 20") as error:
+        parse_run_config(config)
+    assert "\n" not in str(error.value)
+    config["averaging"]["dense_warmup_epochs"] = 20
+    assert parse_run_config(config).averaging.dense_warmup_epochs == 20
+    config["averaging"] = dict(compression="fp16")  # dense averaging: nothing to warm up
+    parse_run_config(config)
+
+    schedule = DensitySchedule(0.01, initial=1 / 64, dense_epochs=20, warmup_epochs=10)
+    assert [schedule(e) for e in (0, 19)] == [1.0, 1.0]
+    assert schedule(20) == pytest.approx(1 / 64) and schedule(30) == 0.01 and schedule(500) == 0.01
+    assert DensitySchedule(0.01, dense_epochs=5)(5) == 0.01

@@ -29,15 +29,19 @@ class DensitySchedule:
     target: float
     initial: Optional[float] = None
     warmup_epochs: int = 0
+    dense_epochs: int = 0  # before all of the above: density 1 (every entry sent) for this many epochs
 
     def __post_init__(self):
         for name, value in (("target", self.target), ("initial", self.initial)):
             if value is not None and not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} density must be in (0, 1], got {value}")
-        if self.warmup_epochs < 0:
-            raise ValueError("warmup_epochs must be >= 0")
+        if self.warmup_epochs < 0 or self.dense_epochs < 0:
+            raise ValueError("warmup_epochs and dense_epochs must be >= 0")
 
     def __call__(self, epoch: int) -> float:
+        if epoch < self.dense_epochs:
+            return 1.0
+        epoch -= self.dense_epochs
         if self.initial is None or self.warmup_epochs == 0 or epoch >= self.warmup_epochs:
             return self.target
         progress = max(0, epoch) / self.warmup_epochs

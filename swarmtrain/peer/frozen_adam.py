@@ -20,15 +20,18 @@ Semantics:
   correction stays at the value of step ``freeze_variance_after``; momentum, its bias correction and
   decoupled weight decay go on as in AdamW. One exception: a coordinate whose variance is still exactly
   0 (it never had a gradient) takes its first gradient's square, then stays frozen; without this, a
-  warm-up with *sparse* averaging (most coordinates never sent) diverges at once after the freeze;
-- the warm-up should average densely (the 1-bit Adam recipe): the frozen variance is only as good as
-  the gradients that built it;
+  warm-up with *sparse* averaging (most coordinates never sent) diverged after the freeze (eps alone
+  in the denominator);
+- the warm-up must average densely (the 1-bit Adam recipe): the frozen variance is only as good as
+  the gradients that built it. Measured with a sparse warm-up, even with the guard above, it trains
+  worse than plain Adam;
 - ``freeze_variance_after=None`` never freezes (AdamW).
 
 The freeze is decided from each parameter's own ``step`` counter, which is part of the saved and
 downloaded state: a peer that joins late or restarts from a checkpoint freezes at the same epoch as
 the swarm. Note that hivemind.Optimizer initialises the state with one zero-gradient step; it counts
-as step 1 here exactly as it does in AdamW's bias correction (it leaves both moments at zero).
+as step 1 here exactly as it does in AdamW's bias correction (it leaves both moments at zero);
+``make_torch_optimizer_factory`` passes the run config's ``freeze_variance_after + 1`` for that reason.
 """
 from __future__ import annotations
 

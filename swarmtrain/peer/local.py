@@ -576,8 +576,9 @@ def make_local_optimizer(config, model: torch.nn.Module, dht, *, batch_size: int
     averaging = config.averaging
     spec = parse_compression_spec(averaging.compression)
     density_schedule = None
-    if spec.is_sparse and averaging.density_warmup_epochs:
+    if spec.is_sparse and (averaging.density_warmup_epochs or averaging.dense_warmup_epochs):
         density_schedule = DensitySchedule(spec.density, initial=max(spec.density, 1 / 64),
+                                           dense_epochs=averaging.dense_warmup_epochs,
                                            warmup_epochs=averaging.density_warmup_epochs)
     tolerance = ANCHOR_TOLERANCE_LR * config.optimizer.lr
     factory = make_delta_averager_factory(spec, anchor_tolerance=tolerance, density_schedule=density_schedule,

@@ -430,8 +430,9 @@ def make_optimizer(
     bandwidth = float(upload_mbps) if upload_mbps is not None else DEFAULT_UPLOAD_MBPS
     spec = parse_compression_spec(averaging.compression)
     schedule = None
-    if spec.is_sparse and averaging.density_warmup_epochs:
+    if spec.is_sparse and (averaging.density_warmup_epochs or averaging.dense_warmup_epochs):
         schedule = DensitySchedule(spec.density, initial=max(spec.density, 1 / 64),
+                                   dense_epochs=averaging.dense_warmup_epochs,
                                    warmup_epochs=averaging.density_warmup_epochs)
     # the factory carries the codec (dense or sparse) and the options hivemind does not forward
     grad_averager_factory = make_grad_averager_factory(spec, density_schedule=schedule,
