@@ -50,6 +50,8 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from swarmtrain.identity import peer_id_of
 
+REFUSAL_READ_TIMEOUT = 5.0  # seconds a refused averaging stream may take to send its first message
+
 logger = logging.getLogger("swarmtrain.access")
 
 TOKEN_PREFIX = "swt1."
@@ -488,6 +490,13 @@ class AccessGuardedAverager:
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         if not await self._access_allows(context.remote_id, "rpc_aggregate_part"):
+            # take the caller's first message before answering, as hivemind's handler does: a stream
+            # whose handler returns before reading anything can be reset before the answer leaves,
+            # and the caller then sees a closed stream instead of the refusal (one message: bounded)
+            try:
+                await asyncio.wait_for(stream.__anext__(), timeout=REFUSAL_READ_TIMEOUT)
+            except Exception:
+                pass
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         async for message in super().rpc_aggregate_part(stream, context):
