@@ -52,6 +52,21 @@ from swarmtrain.identity import peer_id_of
 
 REFUSAL_READ_TIMEOUT = 5.0  # seconds a refused averaging stream may take to send its first message
 
+
+def token_from_options(token: Optional[str], token_file: Optional[str]) -> Optional[str]:
+    """The token given with --token or --token-file (UserError for both, or an unreadable file)."""
+    from swarmtrain.errors import UserError
+
+    if token is not None and token_file is not None:
+        raise UserError("give the token once: --token or --token-file, not both")
+    if token_file is None:
+        return token
+    try:
+        with open(token_file) as handle:
+            return handle.read()
+    except OSError as error:
+        raise UserError(f"--token-file {token_file}: cannot read it ({error.strerror})") from None
+
 logger = logging.getLogger("swarmtrain.access")
 
 TOKEN_PREFIX = "swt1."

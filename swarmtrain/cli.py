@@ -326,14 +326,9 @@ def _activate_peer_token(token: str | None, token_file: str | None, identity: st
     process's access; returns the identity file to use."""
     if token is None and token_file is None:
         return identity
-    if token is not None and token_file is not None:
-        raise UserError("give the token once: --token or --token-file, not both")
-    if token_file is not None:
-        try:
-            with open(token_file) as handle:
-                token = handle.read()
-        except OSError as error:
-            raise UserError(f"--token-file {token_file}: cannot read it ({error.strerror})") from None
+    from swarmtrain.access import token_from_options
+
+    token = token_from_options(token, token_file)
     from swarmtrain.access import TokenError, activate, peer_access
     from swarmtrain.identity import default_identity_path, load_or_create_identity
     from swarmtrain.network import peer_id_in

@@ -452,14 +452,9 @@ def doctor(initial_peers, device, config_path, announce_maddrs, public_ip, port,
         host_maddrs, announce = host_and_announce_maddrs(port, public_ip, announce_maddrs=split)
     except ValueError as error:
         raise UserError(str(error)) from None
-    if token is not None and token_file is not None:
-        raise UserError("give the token once: --token or --token-file, not both")
-    if token_file is not None:
-        try:
-            with open(token_file) as handle:
-                token = handle.read()
-        except OSError as error:
-            raise UserError(f"--token-file {token_file}: cannot read it ({error.strerror})") from None
+    from swarmtrain.access import token_from_options
+
+    token = token_from_options(token, token_file)
     try:
         rows = run_checks(peers, device, config_path, host_maddrs, announce, port, timeout, token, identity)
     except KeyboardInterrupt:

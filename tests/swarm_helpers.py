@@ -73,3 +73,26 @@ def assert_no_tracebacks(swarm: LocalSwarm, indices) -> None:
     for index in indices:
         log = swarm.log(index)
         assert "Traceback" not in log, f"{index} logged a traceback:\n{log[-3000:]}"
+
+
+async def count_state_download_messages(stub, timeout: float = 60.0) -> dict:
+    """Ask an averager stub for its state (rpc_download_state) and count what comes back:
+    {"download_messages": N}, plus "download_error" when the call failed."""
+    import asyncio
+
+    from hivemind.proto import averaging_pb2
+
+    out, count = {}, 0
+    try:
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+
+        async def consume():
+            nonlocal count
+            async for _ in stream:
+                count += 1
+
+        await asyncio.wait_for(consume(), timeout)
+    except Exception as error:
+        out["download_error"] = repr(error)
+    out["download_messages"] = count
+    return out

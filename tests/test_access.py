@@ -25,6 +25,7 @@ import pytest
 from swarmtrain.access import (AccessTable, TokenAuthorizer, TokenError, check_token, format_time, issue_token,
                                parse_expiry, parse_token)
 from swarmtrain.identity import load_or_create_identity, peer_id_of
+from tests.swarm_helpers import count_state_download_messages
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "swarmtrain" / "configs" / "tiny.yaml"
@@ -497,19 +498,7 @@ async def _probe(_dht, node, peer_id: str, run_id: str) -> dict:
     except Exception as error:
         out["aggregate"] = f"error {error!r}"
     state = TrainingStateAverager.get_stub(node.p2p, peer, namespace=f"{run_id}_state_averager")
-    count = 0
-    try:
-        stream = await state.rpc_download_state(averaging_pb2.DownloadRequest())
-
-        async def consume():
-            nonlocal count
-            async for _ in stream:
-                count += 1
-
-        await asyncio.wait_for(consume(), 60)
-    except Exception as error:
-        out["download_error"] = repr(error)
-    out["download_messages"] = count
+    out.update(await count_state_download_messages(state))
     return out
 
 

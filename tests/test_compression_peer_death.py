@@ -16,23 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-import hivemind
 from swarmtrain.compression.averager import SparseAllReduceRound, make_grad_averager_factory
+from tests.test_compression_averaging import _start_dht
 
 NUM_PEERS, DYING_RANK, ROUNDS = 3, 2, 5
 NUMEL = 30_000
 DIE_IN_ROUND = 1  # the dying peer completes one round (its first group), then dies during its second
-
-
-def _start_dht(rank, address_queue):
-    options = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=False, start=True)
-    if rank == 0:
-        dht = hivemind.DHT(**options)
-        addresses = [str(address) for address in dht.get_visible_maddrs()]
-        for _ in range(NUM_PEERS - 1):
-            address_queue.put(addresses)
-        return dht
-    return hivemind.DHT(initial_peers=address_queue.get(timeout=60), **options)
 
 
 def _die_mid_round():
@@ -61,7 +50,7 @@ def _peer(rank, address_queue, barrier, result_queue, done_event):
         _die_mid_round()
     dht = averager = None
     try:
-        dht = _start_dht(rank, address_queue)
+        dht = _start_dht(rank, address_queue, NUM_PEERS)
         parameters = [torch.nn.Parameter(torch.zeros(NUMEL // 3, 3)), torch.nn.Parameter(torch.zeros(NUMEL // 2))]
         averager = make_grad_averager_factory("gaussiank:0.01")(
             parameters=parameters, dht=dht, prefix="peer_death_test", min_matchmaking_time=2.0,

@@ -24,6 +24,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from tests.swarm_helpers import count_state_download_messages
+
 REPO = Path(__file__).resolve().parent.parent
 RUN_ID = "split-token-test"
 CUT_WIDTH = 16
@@ -156,19 +158,7 @@ async def _rogue(trunk_maddr: str, run_id: str) -> dict:
             except Exception as error:
                 out[call] = f"refused: {type(error).__name__}: {error}"
         stub = TrunkStateAverager.get_stub(p2p, trunk, namespace=f"{run_id}_trunk")
-        count = 0
-        try:
-            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-
-            async def consume():
-                nonlocal count
-                async for _ in stream:
-                    count += 1
-
-            await asyncio.wait_for(consume(), 60)
-        except Exception as error:
-            out["download_error"] = repr(error)
-        out["download_messages"] = count
+        out.update(await count_state_download_messages(stub))
         try:
             stream = await stub.rpc_join_group(averaging_pb2.JoinRequest(
                 schema_hash=b"rogue", expiration=get_dht_time() + 10, group_key=f"{run_id}_trunk.0b"))

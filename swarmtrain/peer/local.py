@@ -55,8 +55,8 @@ from swarmtrain.compression.averager import CountingGradientAverager, SparseGrad
 from swarmtrain.compression.feedback import DensitySchedule
 from swarmtrain.compression.robust import robust_policy_from_config
 from swarmtrain.compression.spec import parse_compression_spec
-from swarmtrain.peer.optimizer import (RoundRecord, SwarmOptimizer, make_scheduler_factory,
-                                       make_torch_optimizer_factory)
+from swarmtrain.peer.optimizer import (RoundRecord, SwarmOptimizer, density_schedule_from_config,
+                                       make_scheduler_factory, make_torch_optimizer_factory)
 from swarmtrain.peer.schedule import (ControllerSettings, ControllerState, MemberRecord, decide_after_round,
                                       fingerprint, fingerprint_positions, first_round_epoch, in_step_with,
                                       parse_records, reference_member, state_after_failure)
@@ -575,11 +575,7 @@ def make_local_optimizer(config, model: torch.nn.Module, dht, *, batch_size: int
                          private_key) -> LocalSwarmOptimizer:
     averaging = config.averaging
     spec = parse_compression_spec(averaging.compression)
-    density_schedule = None
-    if spec.is_sparse and (averaging.density_warmup_epochs or averaging.dense_warmup_epochs):
-        density_schedule = DensitySchedule(spec.density, initial=max(spec.density, 1 / 64),
-                                           dense_epochs=averaging.dense_warmup_epochs,
-                                           warmup_epochs=averaging.density_warmup_epochs)
+    density_schedule = density_schedule_from_config(spec, averaging)
     tolerance = ANCHOR_TOLERANCE_LR * config.optimizer.lr
     factory = make_delta_averager_factory(spec, anchor_tolerance=tolerance, density_schedule=density_schedule,
                                           request_timeout=ROUND_MATCHMAKING_FACTOR * averaging.request_timeout,

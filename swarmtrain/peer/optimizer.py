@@ -408,6 +408,15 @@ def reference_fingerprint(members: dict, tolerance: float) -> List[float]:
     return members[max(members, key=standing)][1]
 
 
+def density_schedule_from_config(spec, averaging) -> Optional[DensitySchedule]:
+    """A sparse spec's density per epoch: averaging.dense_warmup_epochs at density 1, then the geometric
+    warm-up from 1/64 over averaging.density_warmup_epochs; None for a constant density."""
+    if not spec.is_sparse or not (averaging.density_warmup_epochs or averaging.dense_warmup_epochs):
+        return None
+    return DensitySchedule(spec.density, initial=max(spec.density, 1 / 64), dense_epochs=averaging.dense_warmup_epochs,
+                           warmup_epochs=averaging.density_warmup_epochs)
+
+
 def make_optimizer(
     config: RunConfig,
     model: torch.nn.Module,
@@ -429,11 +438,7 @@ def make_optimizer(
     # plain assumption, and a volunteer's --max-upload-mbps below it means less upload for them
     bandwidth = float(upload_mbps) if upload_mbps is not None else DEFAULT_UPLOAD_MBPS
     spec = parse_compression_spec(averaging.compression)
-    schedule = None
-    if spec.is_sparse and (averaging.density_warmup_epochs or averaging.dense_warmup_epochs):
-        schedule = DensitySchedule(spec.density, initial=max(spec.density, 1 / 64),
-                                   dense_epochs=averaging.dense_warmup_epochs,
-                                   warmup_epochs=averaging.density_warmup_epochs)
+    schedule = density_schedule_from_config(spec, averaging)
     # the factory carries the codec (dense or sparse) and the options hivemind does not forward
     grad_averager_factory = make_grad_averager_factory(spec, density_schedule=schedule,
                                                        request_timeout=averaging.request_timeout,

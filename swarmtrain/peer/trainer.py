@@ -200,7 +200,6 @@ def run_peer(options: PeerOptions) -> dict:
                         raise
                     # another program took GPU memory: this micro-batch's partial gradient goes, the
                     # accumulated ones stay (hivemind keeps them in its own buffers)
-                    del error
                     optimizer.zero_grad()
                     batch_size = halved_after_out_of_memory(batch_size)
                     optimizer.batch_size_per_step = batch_size
