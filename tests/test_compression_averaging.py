@@ -60,7 +60,9 @@ def _peer(rank, num_peers, spec, rounds, corrupt_rank, address_queue, result_que
                 raw.append(grad.reshape(-1))
             averager.accumulate_grads_(batch_size=4)
             try:
-                averager.step(timeout=40)
+                # the corrupt peer's step fails and hivemind retries it until the timeout, long after
+                # the honest peers are done: a short one keeps this test short
+                averager.step(timeout=10 if rank == corrupt_rank else 40)
                 ok = True
             except Exception:
                 ok = False
@@ -129,8 +131,11 @@ def test_sparse_rounds_conserve_mass_and_agree_bitwise():
         assert stats["bytes_sent_total"] > 0 and stats["bytes_received_total"] > 0
         assert 0.005 <= stats["last_density"] <= 0.015
         assert stats["last_group_size"] == num_peers
+        assert 0 < stats["last_reduce_share"] < 1
         # O(k) traffic: well below one fp16 copy of the gradient per round
         assert stats["bytes_sent_total"] / rounds < 0.1 * 2 * NUMEL
+    # the reducers' spans cover the gradient exactly once
+    assert sum(stats["last_reduce_share"] for _, _, _, stats in results) == pytest.approx(1.0)
 
 
 def test_corrupt_sender_is_dropped_and_honest_peers_agree():

@@ -71,6 +71,11 @@ class RejectedPart(AllreduceException):
     """The reducer left a sender's part out of the average (non-finite, outsized...)."""
 
 
+def _share_of(peer_fractions: Sequence[float], index: int) -> float:
+    total = float(sum(peer_fractions))
+    return float(peer_fractions[index]) / total if total > 0 else 0.0
+
+
 def _spans(total: int, peer_fractions: Sequence[float]) -> List[tuple]:
     """Contiguous [start, end) of the flat index space per peer, proportional to its fraction."""
     total_fraction = float(sum(peer_fractions))
@@ -434,7 +439,7 @@ class SparseGradientAverager(GradientAverager):
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
         started = time.perf_counter()
-        round_ = None
+        round_, reduce_share = None, None
         try:
             bandwidths, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, group_info.gathered))
             user_gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_gathered_bytes)))
@@ -443,6 +448,7 @@ class SparseGradientAverager(GradientAverager):
             peer_fractions = await asyncio.get_event_loop().run_in_executor(
                 None, load_balance_peers, self.total_numel, download_bandwidths, min_vector_size
             )
+            reduce_share = _share_of(peer_fractions, group_info.peer_ids.index(self.peer_id))
             weight = kwargs.get("weight")
             weight = 1.0 if weight is None else float(weight)
             round_ = SparseAllReduceRound(
@@ -470,17 +476,18 @@ class SparseGradientAverager(GradientAverager):
                     seconds=time.perf_counter() - started, group_size=len(group_info.peer_ids),
                     density=sent_nonzeros / max(1, self.total_numel),
                     applied_density=int(torch.count_nonzero(applied)) / max(1, self.total_numel),
-                    selection_seconds=selection_seconds,
+                    selection_seconds=selection_seconds, reduce_share=reduce_share,
                 )
             else:
                 self.stats.record_round(ok=True, bytes_sent=round_.bytes_sent, bytes_received=round_.bytes_received,
-                                        seconds=time.perf_counter() - started, group_size=len(group_info.peer_ids))
+                                        seconds=time.perf_counter() - started, group_size=len(group_info.peer_ids),
+                                        reduce_share=reduce_share)
             return user_gathered
         except BaseException as e:
             self.stats.record_round(
                 ok=False, bytes_sent=round_.bytes_sent if round_ else 0,
                 bytes_received=round_.bytes_received if round_ else 0,
-                seconds=time.perf_counter() - started, group_size=len(group_info.peer_ids),
+                seconds=time.perf_counter() - started, group_size=len(group_info.peer_ids), reduce_share=reduce_share,
             )
             if isinstance(e, Exception):
                 logger.warning(f"sparse all-reduce failed: {e!r}")
@@ -619,6 +626,7 @@ class ByteCountingMixin:
         self.stats = stats if stats is not None else CompressionStats()
         self.robust_policy, self.max_sample_weight = robust_policy, float(max_sample_weight)
         self._round_runners = []  # lives in the averager process only: the runners of the current round
+        self._reduce_share = None  # (averager process too) this peer's share of the current round's reduction
         super().__init__(*args, **kwargs)
 
     async def _run_allreduce_inplace_(self, tensors, group_info: GroupInfo, group_id: Optional[bytes] = None,
@@ -632,6 +640,8 @@ class ByteCountingMixin:
         )
         self._running_groups[group_id].set_result(runner)
         self._round_runners.append(runner)
+        if kwargs.get("peer_fractions") is not None:
+            self._reduce_share = _share_of(kwargs["peer_fractions"], group_info.peer_ids.index(self.peer_id))
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             index = 0
             async for update in runner:
@@ -650,7 +660,7 @@ class ByteCountingMixin:
                 raise ValueError("aux peers should not receive averaged tensors")
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
-        started, self._round_runners = time.perf_counter(), []
+        started, self._round_runners, self._reduce_share = time.perf_counter(), [], None
         ok = False
         try:
             result = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
@@ -662,6 +672,7 @@ class ByteCountingMixin:
                 ok=ok, bytes_sent=sum(r.bytes_sent for r in runners),
                 bytes_received=sum(r.bytes_received for r in runners),
                 seconds=time.perf_counter() - started, group_size=len(group_info.peer_ids),
+                reduce_share=self._reduce_share,
             )
             for runner in runners:
                 runner.late_stats = self.stats

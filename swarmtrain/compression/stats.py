@@ -20,6 +20,9 @@ touches the network, is not counted):
     last_selection_seconds             time of the sparsifier on this peer (sparse only)
     last_round_seconds                 wall time of the last all-reduce attempt
     last_group_size                    peers in the last group
+    last_reduce_share                  the share of the gradient this peer reduced (averaged for the group)
+                                       in the last round: load balancing gives a slow uplink or a client
+                                       a small one (0 for a client)
     last_round_ok                      1.0 if the last round succeeded else 0.0
     parts_rejected_total               parts this peer, as a reducer, left out of an average (non-finite,
                                        outsized, malformed: see robust.py); ``recent_rejections()`` names
@@ -44,6 +47,7 @@ STAT_FIELDS = (
     "last_selection_seconds",
     "last_round_seconds",
     "last_group_size",
+    "last_reduce_share",
     "last_round_ok",
     "parts_rejected_total",
 )
@@ -67,7 +71,7 @@ class CompressionStats:
 
     def record_round(self, *, ok: bool, bytes_sent: int, bytes_received: int, seconds: float, group_size: int,
                      density: Optional[float] = None, applied_density: Optional[float] = None,
-                     selection_seconds: Optional[float] = None):
+                     selection_seconds: Optional[float] = None, reduce_share: Optional[float] = None):
         with self._lock:
             values = self._values
             values[_INDEX["rounds_ok" if ok else "rounds_failed"]] += 1
@@ -79,7 +83,8 @@ class CompressionStats:
             values[_INDEX["last_group_size"]] = group_size
             values[_INDEX["last_round_ok"]] = float(ok)
             for name, value in (("last_density", density), ("last_applied_density", applied_density),
-                                ("last_selection_seconds", selection_seconds)):
+                                ("last_selection_seconds", selection_seconds),
+                                ("last_reduce_share", reduce_share)):
                 if value is not None:
                     values[_INDEX[name]] = value
 
