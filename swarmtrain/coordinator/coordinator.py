@@ -81,6 +81,7 @@ class Coordinator:
         # after a restart, rejoin through the peers seen last time: nobody else would tell a fresh
         # bootstrap node about the swarm that kept training without it
         self.known_peers_path = Path(f"{identity}.peers.json")
+        self._remembered = set()
         self.dht = None
         known = _read_known_peers(self.known_peers_path)
         for initial_peers in ([known, []] if known else [[]]):
@@ -142,7 +143,7 @@ class Coordinator:
             if time.monotonic() - last_poll >= 2.0:
                 self.metrics.update(self.aggregator.poll(self.dht))
                 last_poll = time.monotonic()
-            if time.monotonic() - last_remember >= 15.0:
+            if time.monotonic() - last_remember >= 2.0:  # a local call; the file is written on changes only
                 self.remember_peers()
                 last_remember = time.monotonic()
             if self.checkpoint_dir and time.monotonic() - last_checkpoint >= self.checkpoint_every:
@@ -165,7 +166,8 @@ class Coordinator:
         except Exception as error:
             logger.debug(f"could not list peers: {error!r}")
             return
-        if maddrs:
+        if maddrs and set(maddrs[:64]) != self._remembered:
+            self._remembered = set(maddrs[:64])
             tmp = self.known_peers_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(maddrs[:64]))
             os.replace(tmp, self.known_peers_path)
