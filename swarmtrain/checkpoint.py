@@ -82,3 +82,43 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     optimizer_path = path / OPTIMIZER_FILE
     optimizer_state = torch.load(optimizer_path, weights_only=False) if optimizer_path.exists() else None
     return Checkpoint(path, int(meta["epoch"]), load_file(str(path / MODEL_FILE)), optimizer_state, meta)
+
+
+def model_state_mismatch(current: Dict[str, torch.Tensor], saved: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Why ``saved`` weights cannot be loaded into a model whose state is ``current`` (None: they can)."""
+    missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+    if missing or unexpected:
+        return (f"its weights are of another model ({len(missing)} tensors missing, e.g. {missing[:1]}; "
+                f"{len(unexpected)} unexpected, e.g. {unexpected[:1]})")
+    for name, tensor in current.items():
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            return f"its weights are of another model size ({name}: {tuple(saved[name].shape)}, here {tuple(tensor.shape)})"
+    return None
+
+
+def optimizer_state_mismatch(current: dict, saved: dict) -> Optional[str]:
+    """Why ``saved`` (a torch optimizer state_dict) does not fit an optimizer whose state_dict is
+    ``current`` (None: it fits). torch's own load_state_dict only checks the parameter groups; state of
+    another optimizer (say 8-bit Adam's state1/state2 where AdamW keeps exp_avg/exp_avg_sq) would load
+    and then break the first step."""
+    try:
+        current_groups = [len(group["params"]) for group in current["param_groups"]]
+        saved_groups = [len(group["params"]) for group in saved["param_groups"]]
+        if current_groups != saved_groups:
+            return f"its optimizer has other parameter groups ({saved_groups} parameters, here {current_groups})"
+        for key, state in current["state"].items():
+            if not isinstance(state, dict):  # e.g. hivemind's local_epoch
+                continue
+            saved_state = saved["state"].get(key)
+            if not isinstance(saved_state, dict):
+                return f"its optimizer state lacks parameter {key}"
+            if set(saved_state) != set(state):
+                return (f"its optimizer state is another optimizer's ({sorted(map(str, saved_state))}, "
+                        f"here {sorted(map(str, state))})")
+            for name, value in state.items():
+                other = saved_state[name]
+                if isinstance(value, torch.Tensor) and (not isinstance(other, torch.Tensor) or other.shape != value.shape):
+                    return f"its optimizer state has another shape ({key}.{name})"
+    except (KeyError, TypeError, AttributeError) as error:
+        return f"its optimizer state is not readable ({error!r})"
+    return None

@@ -45,3 +45,32 @@ def test_empty_directory(tmp_path):
     assert ckpt.latest_checkpoint_path(tmp_path) is None
     with pytest.raises(FileNotFoundError):
         ckpt.load_checkpoint(tmp_path)
+
+
+def _adamw_state(model):
+    optimizer = torch.optim.AdamW(model.parameters())
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def test_a_checkpoint_of_another_model_or_optimizer_is_named_as_such():
+    from swarmtrain.checkpoint import model_state_mismatch, optimizer_state_mismatch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    assert model_state_mismatch(model.state_dict(), model.state_dict()) is None
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 2))
+    assert "another model size" in model_state_mismatch(model.state_dict(), wider.state_dict())
+    deeper = torch.nn.Sequential(*model, torch.nn.Linear(2, 2))
+    assert "another model" in model_state_mismatch(model.state_dict(), deeper.state_dict())
+
+    state = _adamw_state(model)
+    assert optimizer_state_mismatch(state, _adamw_state(model)) is None
+    # 8-bit Adam keeps state1/state2 where AdamW keeps exp_avg/exp_avg_sq: loading it breaks the first step
+    eight_bit = {"state": {key: {"step": value["step"], "state1": value["exp_avg"], "state2": value["exp_avg_sq"]}
+                           for key, value in state["state"].items()},
+                 "param_groups": state["param_groups"]}
+    assert "another optimizer's" in optimizer_state_mismatch(state, eight_bit)
+    assert "other parameter groups" in optimizer_state_mismatch(state, _adamw_state(deeper))
+    assert "not readable" in optimizer_state_mismatch(state, {"state": {}})
