@@ -408,10 +408,16 @@ def _activate_peer_token(token: str | None, token_file: str | None, identity: st
               help="--role data-owner: an .npz with x [N, 64] and y [N] (default: the embedded sklearn digits).")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="--role data-owner: leave after this many steps (default: train until stopped).")
+@click.option("--wait-for-peers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Hold the first step until this many peers (this one included) train the run, for at most "
+                   "--wait-timeout seconds. For peers started together at the start of a run, so that none "
+                   "trains alone first; on a run under way it returns at once.")
+@click.option("--wait-timeout", type=click.FloatRange(min=0), default=300, show_default=True,
+              help="Seconds --wait-for-peers waits before training with the peers that are there.")
 def peer(initial_peers, run_id, device, batch_size, max_memory, precision, data, identity, port, public_ip, host_maddrs, announce_maddrs,
          client_mode,
          checkpoint_dir, checkpoint_every, max_epochs, eval_every, status_file, progress, metrics_port,
-         max_upload_mbps, token, token_file, role, data_owner_data, max_steps):
+         max_upload_mbps, token, token_file, role, data_owner_data, max_steps, wait_for_peers, wait_timeout):
     """Join a swarm and train: the run's config and current model come from the swarm.
 
     Ctrl+C leaves cleanly (state saved when --checkpoint-dir is set).
@@ -437,6 +443,7 @@ def peer(initial_peers, run_id, device, batch_size, max_memory, precision, data,
         max_epochs=max_epochs, eval_every=eval_every, status_file=status_file, show_progress=progress,
         metrics_port=metrics_port, port=port, upload_mbps=max_upload_mbps,
         role=role, data_owner_data=data_owner_data, max_steps=max_steps,
+        wait_for_peers=wait_for_peers, wait_for_peers_timeout=wait_timeout,
     )
     status = run_peer(options)
     _quiet_interpreter_teardown()

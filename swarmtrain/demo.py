@@ -77,14 +77,25 @@ def start_coordinator(workdir: Path, config_path: Path, *extra: str, port: Optio
     return process, f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}"
 
 
+def threads_per_peer(num_peers: int) -> int:
+    """CPU threads for each of ``num_peers`` peers sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, num_peers))
+
+
 def start_peer(workdir: Path, index: int, coordinator_maddr: str, *extra: str,
-               command=swarmtrain_command) -> subprocess.Popen:
+               command=swarmtrain_command, threads: Optional[int] = None) -> subprocess.Popen:
+    """``threads``: the peer's torch/OpenMP threads. Peers that share a machine must split its cores:
+    each would otherwise start one spinning thread per core, and the oversubscribed ones crawl (on
+    2 cores, 3 peers: one at 100 samples/s while the others manage 5, so it trains alone)."""
     log = open(workdir / f"peer-{index}.log", "a")
+    env = None
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:  # the user's own setting wins
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return subprocess.Popen(
         command("peer", "--initial-peers", coordinator_maddr, "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                            "--status-file", str(workdir / f"peer-{index}.json"),
                            "--checkpoint-dir", str(workdir / f"peer-{index}"), "--no-progress", *extra),
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
 
 
@@ -151,8 +162,11 @@ def run_demo(num_peers: int, config_path: Optional[str], epochs: int, batch_size
     try:
         console.print(f"coordinator up at {maddr}")
         console.print(f"swarm metrics: http://127.0.0.1:{metrics_port}/metrics and /status")
+        # --wait-for-peers: the demo's epochs last a second or two; without it, the peer that finishes
+        # its set-up first would train alone for the first few
         swarm.peers = [start_peer(workdir, i, maddr, "--batch-size", str(batch_size), "--max-epochs", str(epochs),
-                                  "--eval-every", "0", "--checkpoint-every", "0")
+                                  "--eval-every", "0", "--checkpoint-every", "0", "--wait-for-peers", str(num_peers),
+                                  "--wait-timeout", "120", threads=threads_per_peer(num_peers))
                        for i in range(num_peers)]
         with Live(_table(swarm, started, epochs), console=console, refresh_per_second=2) as live:
             while any(p.poll() is None for p in swarm.peers):
@@ -177,15 +191,20 @@ def _summary(console: Console, swarm: Swarm, config, started: float, interrupted
     statuses = [swarm.read_status(i) for i in range(len(swarm.peers))]
     failed = [i for i, p in enumerate(swarm.peers) if p.returncode not in (0, -signal.SIGINT)]
     rounds = [r for s in statuses for r in s.get("rounds", [])]
-    by_epoch = {}
+    by_epoch, alone = {}, set()
     for record in rounds:
+        if record.get("note") == "no other peers":
+            alone.add(record["epoch"])  # a peer stepped alone: no averaging round was attempted
+            continue
         by_epoch.setdefault(record["epoch"], []).append(record)
     ok_rounds = [e for e, records in by_epoch.items() if any(r["ok"] for r in records)]
     sizes = [max(r["group_size"] for r in records) for records in by_epoch.values() if any(r["ok"] for r in records)]
     heldout = [s["heldout_loss"] for s in statuses if s.get("heldout_loss")]
     table = Table(title="summary", show_header=False)
     table.add_row("epochs reached", str(max((s.get("epoch", 0) for s in statuses), default=0)))
-    table.add_row("averaging rounds", f"{len(ok_rounds)} succeeded of {len(by_epoch)}")
+    table.add_row("averaging rounds", f"{len(ok_rounds)} succeeded of {len(by_epoch)} attempted")
+    if alone - set(by_epoch):
+        table.add_row("epochs stepped alone", f"{len(alone - set(by_epoch))} (no other peer in the swarm yet)")
     if sizes:
         table.add_row("peers per round", f"min {min(sizes)}, mean {sum(sizes) / len(sizes):.2f}, max {max(sizes)}")
     if heldout:

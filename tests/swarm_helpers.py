@@ -22,7 +22,9 @@ class LocalSwarm:
         self.peers: Dict[int, subprocess.Popen] = {}
 
     def start_peer(self, index: int, *extra: str, **options) -> subprocess.Popen:
-        """options: those of swarmtrain.demo.start_peer, e.g. command= for a modified peer program"""
+        """options: those of swarmtrain.demo.start_peer, e.g. command= for a modified peer program.
+        One CPU thread per peer by default: tests run several peers on 2 cores."""
+        options.setdefault("threads", 1)
         self.peers[index] = start_peer(self.workdir, index, self.maddr, "--device", "cpu", *extra, **options)
         return self.peers[index]
 

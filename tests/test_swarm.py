@@ -1,5 +1,4 @@
 """A real swarm on loopback: coordinator + peer processes training the tiny config together."""
-import os
 import signal
 
 import pytest
@@ -40,8 +39,11 @@ def test_three_peers_average_every_round_and_stay_identical(swarm_with_compressi
         # computes in bf16 with its batch sized to a memory limit (volunteers' machines differ)
         limits = {1: ("--precision", "bf16", "--batch-size", "auto", "--max-memory", "24MB"),
                   2: ("--max-upload-mbps", "2")}.get(index, ())
-        swarm.start_peer(index, "--max-epochs", str(epochs), "--eval-every", "0", "--checkpoint-every", "0", *limits)
+        swarm.start_peer(index, "--max-epochs", str(epochs), "--eval-every", "0", "--checkpoint-every", "0",
+                         "--wait-for-peers", "3", *limits)
     swarm.wait_for_exit([0, 1, 2], timeout=400)
+    for index in range(3):
+        assert "3 peers here: training" in swarm.log(index) or "waiting for peers" not in swarm.log(index)
 
     # warm-up: until the first round that all three took part in (peers that start together may
     # step alone once or twice before their trackers see each other)
@@ -59,10 +61,17 @@ def test_three_peers_average_every_round_and_stay_identical(swarm_with_compressi
 
     states = [swarm.final_parameters(i) for i in range(3)]
     assert max_parameter_difference(states) <= 1e-6
-    # it still sends its own gradient every round, but answers for almost no span: about 1 vector
-    # per round instead of 1.5 for its groupmates
-    sent = [swarm.status(i)["traffic"]["bytes_sent_total"] / swarm.status(i)["traffic"]["rounds_ok"] for i in range(3)]
-    assert sent[2] < 0.85 * min(sent[:2]), sent
+    # load balancing gives the slow uplink almost no span to reduce (2 of 202 Mbit/s announced)...
+    shares = [swarm.status(i)["traffic"]["last_reduce_share"] for i in range(3)]
+    assert shares[2] < 0.05 and min(shares[:2]) > 0.4, shares
+    if swarm.compression == "none":
+        # ...so it sends its own gradient every round but answers for almost no span: about 1 vector
+        # per round instead of 1.5 for its groupmates. (With sparse parts the bytes depend on where
+        # the selected entries lie: when most fall into one peer's span, that peer also sends about
+        # one part's worth, so there the share is the thing to check.)
+        sent = [swarm.status(i)["traffic"]["bytes_sent_total"] / swarm.status(i)["traffic"]["rounds_ok"]
+                for i in range(3)]
+        assert sent[2] < 0.85 * min(sent[:2]), sent
 
     # the bf16 peer's averaged model is the same model; its batch is the probe's choice, not the default 8
     assert swarm.status(1)["precision"] == "bf16" and swarm.status(0)["precision"] == "fp32"
@@ -74,6 +83,48 @@ def test_three_peers_average_every_round_and_stay_identical(swarm_with_compressi
     print(f"{swarm.compression}: held-out loss {start:.3f} -> {end:.3f} after {epochs} epochs")
     assert end < start - 0.4  # 16 epochs: ~5.4 -> ~3.8 dense, ~4.6 with gaussiank:0.01
     assert_no_tracebacks(swarm, [0, 1, 2, "coordinator"])
+
+
+def test_a_lone_peer_waits_then_trains_and_resumes_what_fits_of_its_checkpoint(swarm):
+    """A volunteer's restart: the checkpoint in its directory holds this run's weights but another
+    optimizer's state (say from an 8-bit run), and nobody else shows up."""
+    import torch
+
+    from swarmtrain.checkpoint import save_checkpoint
+    from swarmtrain.config import load_run_config
+    from swarmtrain.data import load_corpus
+    from swarmtrain.models import build_model, heldout_loss
+
+    config = load_run_config(TINY_CONFIG)
+    model = build_model(config.model, config.data.seq_len, config.seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)
+    adamw = torch.optim.AdamW(model.parameters())
+    eight_bit_state = {"state": {i: {"step": torch.tensor(3.0), "state1": torch.zeros_like(p), "state2": torch.zeros_like(p)}
+                                 for i, p in enumerate(model.parameters())},
+                       "param_groups": adamw.state_dict()["param_groups"]}
+    saved_weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    save_checkpoint(swarm.workdir / "peer-0", 3, saved_weights, eight_bit_state, meta={"run_id": config.run_id})
+
+    swarm.start_peer(0, "--max-epochs", "4", "--eval-every", "0", "--checkpoint-every", "0",
+                     "--wait-for-peers", "2", "--wait-timeout", "2")
+    swarm.wait_for_exit([0], timeout=180)
+    log = swarm.log(0)
+    assert "resuming from" in log and "resuming its weights with a fresh optimizer state" in log, log
+    assert "only 1 of 2 peers after 2 s of waiting: training with them" in log, log
+    status = swarm.status(0)
+    assert status["phase"] == "finished" and status["epoch"] == 4, status
+    # it started from the saved weights, and its steps work (a wrongly loaded optimizer state failed
+    # every step inside hivemind: the weights never moved)
+    heldout = status["heldout_loss"]
+    reference = build_model(config.model, config.data.seq_len, config.seed)
+    reference.load_state_dict(saved_weights)
+    assert heldout[0][1] == pytest.approx(heldout_loss(reference, load_corpus(config.data, None).heldout,
+                                                       config.model.kind), abs=1e-4)
+    assert heldout[-1][1] < heldout[0][1] - 0.1, heldout
+    assert max_parameter_difference([saved_weights, swarm.final_parameters(0)]) > 1e-3
+    assert_no_tracebacks(swarm, [0])
 
 
 @pytest.mark.slow  # flaky: see the note on the end-to-end issue (a late joiner can end up one step off)
@@ -120,8 +171,6 @@ def test_late_joiner_and_killed_peer(swarm):
 def test_progress_reports_are_throttled_but_never_lost():
     """hivemind's tracker publishes a peer's progress after every step; ours at most once per period,
     deferring (not dropping) what comes sooner, and an epoch change at once."""
-    import time
-
     from swarmtrain.peer.optimizer import _AtMostEvery
 
     event = _AtMostEvery(0.3)

@@ -7,13 +7,15 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from swarmtrain import __version__
-from swarmtrain.checkpoint import latest_checkpoint_path, load_checkpoint, save_checkpoint
+from swarmtrain.checkpoint import (latest_checkpoint_path, load_checkpoint, model_state_mismatch,
+                                   optimizer_state_mismatch, save_checkpoint)
 from swarmtrain.data import load_corpus, peer_batches
 from swarmtrain.errors import UserError
 from swarmtrain.identity import load_or_create_identity
@@ -22,7 +24,7 @@ from swarmtrain.network import (WIRE_VERSION, NeighbourhoodKeeper, fetch_run_con
                                 progress_records)
 from swarmtrain.peer.display import ProgressDisplay
 from swarmtrain.peer.optimizer import make_optimizer
-from swarmtrain.peer.reporting import PeerReporter
+from swarmtrain.peer.reporting import RECORD_TTL, PeerReporter
 from swarmtrain.peer.resources import (halved_after_out_of_memory, is_out_of_memory, pick_batch_size,
                                        resolve_precision)
 from swarmtrain.privacy import attach_privacy_head
@@ -58,6 +60,8 @@ class PeerOptions:
     role: str = "trainer"  # trainer, trunk or data-owner (split runs: swarmtrain/privacy/swarm.py)
     data_owner_data: Optional[str] = None  # data-owner: an .npz with x and y (default: embedded digits)
     max_steps: Optional[int] = None  # data-owner: leave after this many steps
+    wait_for_peers: int = 1  # hold the first step until this many peers (this one included) train the run
+    wait_for_peers_timeout: float = 300.0  # ...or until this many seconds have passed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,9 +153,8 @@ def run_peer(options: PeerOptions) -> dict:
         status.update(batch_size=batch_size, precision=precision.name)
         if precision.name != "fp32":
             logger.info(f"mixed precision: {precision.name} autocast (weights, gradients and averaging stay fp32)")
-        resumed = None
-        if options.checkpoint_dir and latest_checkpoint_path(options.checkpoint_dir) is not None:
-            resumed = load_checkpoint(options.checkpoint_dir)
+        resumed = _checkpoint_to_resume(options.checkpoint_dir, config, model)
+        if resumed is not None:
             model.load_state_dict(resumed.model_state)
             logger.info(f"resuming from {resumed.path} (epoch {resumed.epoch})")
 
@@ -160,7 +163,13 @@ def run_peer(options: PeerOptions) -> dict:
                                        client_mode=client_mode, private_key=private_key,
                                        upload_mbps=options.upload_mbps)
         if resumed is not None and resumed.optimizer_state is not None:
-            optimizer.load_state_dict(resumed.optimizer_state)
+            problem = optimizer_state_mismatch(optimizer.state_dict(), resumed.optimizer_state)
+            if problem is None:
+                optimizer.load_state_dict(resumed.optimizer_state)
+            else:
+                # the weights are the valuable part; the optimizer state restarts (and on a run under
+                # way comes from the swarm with its state below)
+                logger.warning(f"{resumed.path}: {problem}; resuming its weights with a fresh optimizer state")
         swarm_epoch = max(optimizer.tracker.global_progress.epoch, published.initial_epoch)
         if swarm_epoch > optimizer.local_epoch:
             # the run is under way: start from the swarm's current model, not from scratch
@@ -178,6 +187,14 @@ def run_peer(options: PeerOptions) -> dict:
         mask_generator = torch.Generator().manual_seed(peer_seed)
         display = ProgressDisplay(config.target_batch_size, enabled=options.show_progress)
         status["heldout_loss"].append([optimizer.local_epoch, heldout_loss(model, heldout, config.model.kind)])
+        if options.wait_for_peers > 1:
+            status["phase"] = "waiting for peers"
+            _write_status(options.status_file, status)
+            _wait_for_peers(dht, config.run_id, partial(
+                reporter.maybe_publish, step=0, epoch=optimizer.local_epoch, loss=None, samples_per_second=0.0,
+                samples_accumulated=0, rounds=optimizer.rounds, traffic=optimizer.traffic,
+            ), options.wait_for_peers, options.wait_for_peers_timeout)
+            neighbourhood.refresh_now()  # now that they are all here: know them, not only the initial peers
         status["phase"] = "training"
 
         last_epoch, step, window_start, window_samples = optimizer.local_epoch, 0, time.perf_counter(), 0
@@ -281,6 +298,59 @@ def run_peer(options: PeerOptions) -> dict:
             if dht is not None:
                 dht.shutdown()
     return status
+
+
+def _checkpoint_to_resume(directory: Optional[str], config, model):
+    """This peer's newest checkpoint, if it belongs to this run and fits its model; None otherwise,
+    with one warning line saying why. A checkpoint that does not fit is left on disk untouched."""
+    if not directory or latest_checkpoint_path(directory) is None:
+        return None
+    try:
+        checkpoint = load_checkpoint(directory)
+    except Exception as error:  # unreadable: say so and start without it rather than not at all
+        logger.warning(f"cannot read the checkpoint in {directory} ({error}); starting without it")
+        return None
+    saved_run = checkpoint.meta.get("run_id")
+    if saved_run is not None and saved_run != config.run_id:
+        problem = f"it is of run {saved_run!r}, not {config.run_id!r}"
+    else:
+        problem = model_state_mismatch(model.state_dict(), checkpoint.model_state)
+    if problem is not None:
+        logger.warning(f"not resuming from {checkpoint.path}: {problem}. It stays on disk; this peer starts "
+                       f"afresh, from the swarm's state when the run is under way (use another --checkpoint-dir "
+                       f"to keep the two apart)")
+        return None
+    return checkpoint
+
+
+def _wait_for_peers(dht, run_id: str, publish, wanted: int, timeout: float, poll_seconds: float = 0.5) -> int:
+    """Hold the first step until ``wanted`` trainers (this one included) have a record in the run.
+    Peers started together finish their set-up seconds apart; on a run whose epoch takes a second,
+    the first one would otherwise run epochs alone, and the others would spend their first minute
+    catching up through state downloads. After ``timeout`` it trains with whoever is there.
+
+    (hivemind's progress records would be the obvious count, but a tracker publishes nothing before
+    its peer's first sample: every waiting peer would wait for the others forever.)"""
+    from swarmtrain.monitoring import fetch_records
+
+    deadline, announced = time.monotonic() + timeout, None
+    publish(force=True)
+    while True:
+        present = sum(1 for record in fetch_records(dht, run_id, max_age=RECORD_TTL).values()
+                      if record.role == "trainer")
+        if present >= wanted:
+            if announced is not None:
+                logger.info(f"{present} peers here: training")
+            return present
+        if time.monotonic() > deadline:
+            logger.warning(f"only {present} of {wanted} peers after {timeout:.0f} s of waiting: training with them")
+            return present
+        if present != announced:
+            logger.info(f"waiting for peers before the first step: {present} of {wanted} here (Ctrl+C to leave)")
+            announced = present
+        raise_if_stop_requested()
+        time.sleep(poll_seconds)
+        publish(force=False)  # keep this peer's record fresh for the others' count (it lives RECORD_TTL)
 
 
 def _resync_if_apart(optimizer, status: dict, model=None, checkpoint_dir: Optional[str] = None) -> None:
