@@ -118,13 +118,14 @@ class _AtMostEvery(threading.Event):
 
 
 class _ProgressTrackerWithBlockingGoodbye(ProgressTracker):
-    """hivemind's ProgressTracker with two changes.
+    """hivemind's ProgressTracker with three changes.
 
     - It publishes this peer's progress (a signed record stored on several DHT nodes) after every
       local step; with small steps that chatter was most of what crossed a home link (about
       300 KB/s per peer with the tiny model, see benchmarks/wan.py). Reports now go out at most
       once per PROGRESS_REPORT_PERIOD, and at once when the epoch changes; the swarm's ETA
       extrapolates between reports from each peer's reported throughput anyway.
+    - A new epoch brings the next read of the swarm's progress forward (see update_epoch).
     - It drops the future of its goodbye record on shutdown; when that future is garbage-collected
       before the DHT process reads the request, the DHT process logs a traceback and stalls its own
       shutdown. Same goodbye, but we wait for it."""
@@ -138,6 +139,12 @@ class _ProgressTrackerWithBlockingGoodbye(ProgressTracker):
     def update_epoch(self, new_epoch: Optional[int] = None) -> int:
         epoch = super().update_epoch(new_epoch)
         self.should_report_progress.set_now()  # a new epoch is news the swarm's matchmaking waits for
+        # ...and a moment to re-read the swarm's progress. hivemind waits for its ETA-based refresh,
+        # which at a run's start (low throughput estimates, long ETAs) is seconds away: a peer that saw
+        # nobody at its last read would meanwhile run one short epoch after another alone
+        soon = get_dht_time() + self.min_refresh_period
+        self.global_progress.next_fetch_time = min(self.global_progress.next_fetch_time, soon)
+        self.global_state_updated.set()  # wakes the fetcher, which then waits until next_fetch_time
         return epoch
 
     def shutdown(self, timeout: Optional[float] = None):
