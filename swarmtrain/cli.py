@@ -113,15 +113,13 @@ class _OneLineForExpectedRoundFailures(logging.Filter):
 
 
 def _request_from_an_exited_process(record: logging.LogRecord, exc: BaseException) -> bool:
-    """hivemind's DHT process unpickling a request whose reply pipe belongs to a process that is gone."""
+    """hivemind's DHT process unpickling a request whose reply pipe belongs to a process that is gone
+    (the error comes straight from ``rebuild_connection``, or as swarmtrain.network._RequestPipe's)."""
+    from swarmtrain.network import raised_in
+
     if not record.name.startswith("hivemind.dht") or not isinstance(exc, (FileNotFoundError, ConnectionError)):
         return False
-    frame = exc.__traceback__
-    while frame is not None:
-        if frame.tb_frame.f_code.co_name == "rebuild_connection":
-            return True
-        frame = frame.tb_next
-    return False
+    return raised_in(exc, "rebuild_connection")
 
 
 def _ignore_orphaned_step_controls() -> None:

@@ -109,3 +109,34 @@ def test_a_dht_request_from_an_exited_process_is_not_a_traceback():
     other = record_of(open_a_file)
     assert _OneLineForExpectedRoundFailures().filter(other) and other.exc_info is not None
     assert other.levelno == logging.ERROR
+
+
+def test_a_request_pipe_from_an_exited_process_does_not_kill_the_dht_process():
+    """The same race can end in EOFError, which hivemind's request loop does not catch (its DHT
+    process died with a traceback): the DHT's request pipe turns it into the ConnectionError that
+    hivemind logs and skips, and the log filter makes that one debug line."""
+    import logging
+
+    from swarmtrain.cli import _OneLineForExpectedRoundFailures
+    from swarmtrain.network import _RequestPipe
+
+    class HalfHandedOver:  # the sender exited while its reply pipe was being handed over
+        def recv(self):
+            def rebuild_connection():
+                raise EOFError
+
+            rebuild_connection()
+
+    class Closed:  # the request pipe itself is closed: that must not be hidden
+        def recv(self):
+            raise EOFError
+
+    with pytest.raises(ConnectionResetError) as caught:
+        _RequestPipe(HalfHandedOver()).recv()
+    with pytest.raises(EOFError):
+        _RequestPipe(Closed()).recv()
+
+    record = logging.LogRecord("hivemind.dht.dht", logging.ERROR, __file__, 1, "reset", None,
+                               (ConnectionResetError, caught.value, caught.value.__traceback__), func="_run")
+    _OneLineForExpectedRoundFailures().filter(record)
+    assert record.exc_info is None and record.levelno == logging.DEBUG
