@@ -387,9 +387,12 @@ def _linger_until_swarm_finishes(optimizer, config, final_epoch: int) -> None:
     """At a planned end (--max-epochs), stay a little while others are still on their last epoch:
     a straggler whose last round failed re-synchronises by downloading the state from us."""
     deadline = time.monotonic() + config.averaging.averaging_timeout + 30
+    me = optimizer.dht.peer_id.to_bytes()
     while time.monotonic() < deadline:
         raise_if_stop_requested()
-        behind = [r for r in progress_records(optimizer.dht, config.run_id, max_age=15.0) if r.epoch < final_epoch]
+        # (not our own record: a lone peer waited for it to age out when its last report lagged)
+        behind = [r for r in progress_records(optimizer.dht, config.run_id, max_age=15.0)
+                  if r.epoch < final_epoch and r.peer_id != me]
         if not behind:
             return
         time.sleep(1.0)
