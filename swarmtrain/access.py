@@ -50,7 +50,23 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from swarmtrain.identity import peer_id_of
 
-REFUSAL_READ_TIMEOUT = 5.0  # seconds a refused averaging stream may take to send its first message
+REFUSAL_READ_TIMEOUT = 5.0  # seconds a refused averaging stream may take to send what it sends
+REFUSAL_READ_MESSAGES = 64  # messages read from a refused averaging stream, at most
+
+
+async def _drain(stream, max_messages: int, timeout: float) -> None:
+    """Read and drop up to ``max_messages`` of ``stream`` until it ends, for at most ``timeout`` s."""
+    async def read():
+        count = 0
+        async for _ in stream:
+            count += 1
+            if count >= max_messages:
+                return
+
+    try:
+        await asyncio.wait_for(read(), timeout=timeout)
+    except Exception:
+        pass  # a caller that stalls or breaks the stream gets the refusal all the same
 
 
 def token_from_options(token: Optional[str], token_file: Optional[str]) -> Optional[str]:
@@ -451,7 +467,7 @@ class AccessGuardedAverager:
         self._access_table = AccessTable(access.authority)
         self._access_lock: Optional[asyncio.Lock] = None  # made in the averager process, on first use
         self._access_background: Optional[asyncio.Task] = None
-        self._access_refused_logged: Dict[PeerID, float] = {}
+        self._access_refused_logged: Dict[tuple, float] = {}  # (peer, RPC) -> when its refusal was last logged
         self._access_publisher = None
         super().__init__(*args, **kwargs)
         self._access_publisher = _TokenPublisher.acquire(self.dht, self._access_key, access)
@@ -486,9 +502,9 @@ class AccessGuardedAverager:
         await self._refresh_access_table(TABLE_MISS_REFRESH)
         if table.allows(peer_id):
             return True
-        last = self._access_refused_logged.get(peer_id, float("-inf"))
-        if time.monotonic() - last > 60.0:
-            self._access_refused_logged[peer_id] = time.monotonic()
+        last = self._access_refused_logged.get((peer_id, what), float("-inf"))
+        if time.monotonic() - last > 60.0:  # once a minute per peer and RPC
+            self._access_refused_logged[(peer_id, what)] = time.monotonic()
             logger.warning(f"refused {what} from peer {peer_id}: it has no valid access token for this run")
         return False
 
@@ -505,13 +521,11 @@ class AccessGuardedAverager:
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         if not await self._access_allows(context.remote_id, "rpc_aggregate_part"):
-            # take the caller's first message before answering, as hivemind's handler does: a stream
-            # whose handler returns before reading anything can be reset before the answer leaves,
-            # and the caller then sees a closed stream instead of the refusal (one message: bounded)
-            try:
-                await asyncio.wait_for(stream.__anext__(), timeout=REFUSAL_READ_TIMEOUT)
-            except Exception:
-                pass
+            # read what the caller sends, up to its end of stream, before answering: a stream closed
+            # with input still unread is reset, the reset can overtake the answer, and the caller
+            # then sees a broken pipe instead of the refusal (reading only the first message still
+            # lost the race now and then). Bounded in messages and time.
+            await _drain(stream, REFUSAL_READ_MESSAGES, REFUSAL_READ_TIMEOUT)
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         async for message in super().rpc_aggregate_part(stream, context):

@@ -450,9 +450,13 @@ def test_rogues_cannot_join_averaging_or_download_state(token_swarm):
     for name in ("plain", "expired"):
         result = token_swarm.rogue[name]
         assert result["join"] == "PROTOCOL_VIOLATION", (name, result)
-        assert result["aggregate"] == "PROTOCOL_VIOLATION", (name, result)
+        # the refusal code, or (now and then) a stream that libp2p closed before the code got through
+        # (hivemind's client then ends the stream or reports the broken pipe); never an average
+        assert result["aggregate"] == "PROTOCOL_VIOLATION" or result["aggregate"] in (
+            "error StopAsyncIteration()", "error BrokenPipeError(32, 'Broken pipe')"), (name, result)
         assert result["download_messages"] == 0, (name, result)
-        assert f"refused rpc_join_group from peer {token_swarm.rogue_ids[name]}" in token_swarm.logs[0], name
+        for rpc in ("rpc_join_group", "rpc_aggregate_part"):  # the honest peer refused both, by its own account
+            assert f"refused {rpc} from peer {token_swarm.rogue_ids[name]}" in token_swarm.logs[0], (name, rpc)
 
 
 def test_expired_token_is_refused_by_the_others(token_swarm):
