@@ -188,12 +188,14 @@ def run_demo(num_peers: int, config_path: Optional[str], epochs: int, batch_size
 
 
 def _summary(console: Console, swarm: Swarm, config, started: float, interrupted: bool) -> int:
+    from swarmtrain.peer.optimizer import NO_OTHER_PEERS
+
     statuses = [swarm.read_status(i) for i in range(len(swarm.peers))]
     failed = [i for i, p in enumerate(swarm.peers) if p.returncode not in (0, -signal.SIGINT)]
     rounds = [r for s in statuses for r in s.get("rounds", [])]
     by_epoch, alone = {}, set()
     for record in rounds:
-        if record.get("note") == "no other peers":
+        if record.get("note") == NO_OTHER_PEERS:
             alone.add(record["epoch"])  # a peer stepped alone: no averaging round was attempted
             continue
         by_epoch.setdefault(record["epoch"], []).append(record)

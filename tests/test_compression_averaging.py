@@ -25,6 +25,28 @@ def _start_dht(rank, address_queue, num_peers):
     return hivemind.DHT(initial_peers=address_queue.get(timeout=60), **options)
 
 
+def _make_averager(spec, dht, *, prefix, num_peers, min_group_size, numel=NUMEL):
+    """Two parameters (a matrix and a vector) and an averager over them, with loopback timeouts."""
+    parameters = [torch.nn.Parameter(torch.zeros(numel // 3, 3)), torch.nn.Parameter(torch.zeros(numel // 2))]
+    averager = make_grad_averager_factory(spec)(
+        parameters=parameters, dht=dht, prefix=prefix, min_matchmaking_time=2.0, request_timeout=1.0,
+        target_group_size=num_peers, min_group_size=min_group_size, client_mode=False, next_chunk_timeout=3.0,
+        start=True,
+    )
+    return parameters, averager
+
+
+def _accumulate_random_gradients(averager, parameters, generator, rank) -> torch.Tensor:
+    """Heavy-tailed, peer-specific gradients of different scales, accumulated once; returned flat."""
+    raw = []
+    for parameter in parameters:
+        grad = torch.randn(parameter.shape, generator=generator) ** 3 * (1 + rank)
+        parameter.grad = grad.clone()
+        raw.append(grad.reshape(-1))
+    averager.accumulate_grads_(batch_size=4)
+    return torch.cat(raw)
+
+
 def _peer(rank, num_peers, spec, rounds, corrupt_rank, address_queue, result_queue, done_event):
     # one torch thread in forked peers: OpenMP pools inherited from a parent that already ran parallel
     # ops (earlier tests) are not fork-safe, and 2 shared cores gain nothing from more threads
@@ -43,22 +65,12 @@ def _peer(rank, num_peers, spec, rounds, corrupt_rank, address_queue, result_que
 
             SparseAllReduceRound._exchange_with_reducer = corrupt_exchange
         dht = _start_dht(rank, address_queue, num_peers)
-        parameters = [torch.nn.Parameter(torch.zeros(NUMEL // 3, 3)), torch.nn.Parameter(torch.zeros(NUMEL // 2))]
-        averager = make_grad_averager_factory(spec)(
-            parameters=parameters, dht=dht, prefix="compression_test", min_matchmaking_time=2.0,
-            request_timeout=1.0, target_group_size=num_peers, min_group_size=num_peers, client_mode=False,
-            next_chunk_timeout=3.0, start=True,
-        )
+        parameters, averager = _make_averager(spec, dht, prefix="compression_test", num_peers=num_peers,
+                                              min_group_size=num_peers)
         generator = torch.Generator().manual_seed(100 + rank)
         rounds_log = []
         for _ in range(rounds):
-            raw = []
-            for parameter in parameters:
-                # heavy-tailed, peer-specific gradients of different scales
-                grad = torch.randn(parameter.shape, generator=generator) ** 3 * (1 + rank)
-                parameter.grad = grad.clone()
-                raw.append(grad.reshape(-1))
-            averager.accumulate_grads_(batch_size=4)
+            raw = _accumulate_random_gradients(averager, parameters, generator, rank)
             try:
                 # the corrupt peer's step fails and hivemind retries it until the timeout, long after
                 # the honest peers are done: a short one keeps this test short
@@ -69,7 +81,7 @@ def _peer(rank, num_peers, spec, rounds, corrupt_rank, address_queue, result_que
             with averager.use_averaged_gradients() as grads:
                 applied = torch.cat([grad.reshape(-1) for grad in grads]).clone()
             averager.reset_accumulated_grads_()
-            rounds_log.append((torch.cat(raw).numpy(), applied.numpy(), ok))
+            rounds_log.append((raw.numpy(), applied.numpy(), ok))
         result_queue.put((rank, rounds_log, averager.residual.numpy().copy(), averager.stats.snapshot()))
         done_event.wait(30)  # keep serving until every peer has its results
     except BaseException as e:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from swarmtrain.compression.averager import SparseAllReduceRound, make_grad_averager_factory
-from tests.test_compression_averaging import _start_dht
+from swarmtrain.compression.averager import SparseAllReduceRound
+from tests.test_compression_averaging import _accumulate_random_gradients, _make_averager, _start_dht
 
 NUM_PEERS, DYING_RANK, ROUNDS = 3, 2, 5
 NUMEL = 30_000
@@ -51,22 +51,13 @@ def _peer(rank, address_queue, barrier, result_queue, done_event):
     dht = averager = None
     try:
         dht = _start_dht(rank, address_queue, NUM_PEERS)
-        parameters = [torch.nn.Parameter(torch.zeros(NUMEL // 3, 3)), torch.nn.Parameter(torch.zeros(NUMEL // 2))]
-        averager = make_grad_averager_factory("gaussiank:0.01")(
-            parameters=parameters, dht=dht, prefix="peer_death_test", min_matchmaking_time=2.0,
-            request_timeout=1.0, target_group_size=NUM_PEERS, min_group_size=2, client_mode=False,
-            next_chunk_timeout=3.0, start=True,
-        )
+        parameters, averager = _make_averager("gaussiank:0.01", dht, prefix="peer_death_test", num_peers=NUM_PEERS,
+                                              min_group_size=2, numel=NUMEL)
         generator = torch.Generator().manual_seed(100 + rank)
         barrier.wait(60)  # every averager is up: the first round can include everyone
         log = []
         for _ in range(ROUNDS):
-            raw = []
-            for parameter in parameters:
-                grad = torch.randn(parameter.shape, generator=generator) ** 3 * (1 + rank)
-                parameter.grad = grad.clone()
-                raw.append(grad.reshape(-1))
-            averager.accumulate_grads_(batch_size=4)
+            raw = _accumulate_random_gradients(averager, parameters, generator, rank)
             residual_before = averager.residual.numpy().copy()
             members = []  # ranks in our group; [] when the round failed
             try:
@@ -76,7 +67,7 @@ def _peer(rank, address_queue, barrier, result_queue, done_event):
             with averager.use_averaged_gradients() as grads:
                 applied = torch.cat([grad.reshape(-1) for grad in grads]).clone()
             averager.reset_accumulated_grads_()
-            log.append(dict(raw=torch.cat(raw).numpy(), applied=applied.numpy(), members=members,
+            log.append(dict(raw=raw.numpy(), applied=applied.numpy(), members=members,
                             residual_before=residual_before, residual_after=averager.residual.numpy().copy()))
         result_queue.put((rank, log))
         done_event.wait(60)  # keep serving until every survivor has its results

@@ -640,9 +640,10 @@ class ByteCountingMixin:
         )
         self._running_groups[group_id].set_result(runner)
         self._round_runners.append(runner)
+        my_index = group_info.peer_ids.index(self.peer_id)
         if kwargs.get("peer_fractions") is not None:
-            self._reduce_share = _share_of(kwargs["peer_fractions"], group_info.peer_ids.index(self.peer_id))
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            self._reduce_share = _share_of(kwargs["peer_fractions"], my_index)
+        if runner.modes[my_index] != AveragingMode.AUX:
             index = 0
             async for update in runner:
                 if not bool(torch.isfinite(update).all()):

@@ -166,10 +166,11 @@ class Coordinator:
         except Exception as error:
             logger.debug(f"could not list peers: {error!r}")
             return
-        if maddrs and set(maddrs[:64]) != self._remembered:
-            self._remembered = set(maddrs[:64])
+        kept = maddrs[:64]
+        if kept and set(kept) != self._remembered:
+            self._remembered = set(kept)
             tmp = self.known_peers_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(maddrs[:64]))
+            tmp.write_text(json.dumps(kept))
             os.replace(tmp, self.known_peers_path)
 
     def save_checkpoint(self):

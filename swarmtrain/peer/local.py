@@ -55,7 +55,7 @@ from swarmtrain.compression.averager import CountingGradientAverager, SparseGrad
 from swarmtrain.compression.feedback import DensitySchedule
 from swarmtrain.compression.robust import robust_policy_from_config
 from swarmtrain.compression.spec import parse_compression_spec
-from swarmtrain.peer.optimizer import (RoundRecord, SwarmOptimizer, density_schedule_from_config,
+from swarmtrain.peer.optimizer import (NO_OTHER_PEERS, RoundRecord, SwarmOptimizer, density_schedule_from_config,
                                        make_scheduler_factory, make_torch_optimizer_factory)
 from swarmtrain.peer.schedule import (ControllerSettings, ControllerState, MemberRecord, decide_after_round,
                                       fingerprint, fingerprint_positions, first_round_epoch, in_step_with,
@@ -455,7 +455,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             control = None  # its matchmaking failed in the background
         if control is None:
             if self.tracker.global_progress.num_peers <= 1:
-                self.rounds.append(LocalRoundRecord(epoch, 0, False, 0.0, "no other peers",
+                self.rounds.append(LocalRoundRecord(epoch, 0, False, 0.0, NO_OTHER_PEERS,
                                                     next_epoch=self.schedule_state.next_epoch))
                 return None  # still due: we try again at the next epoch
             control = self._schedule_round(get_dht_time() + self.round_matchmaking_time, epoch)

@@ -67,6 +67,9 @@ def make_scheduler_factory(config: OptimizerConfig):
     )
 
 
+NO_OTHER_PEERS = "no other peers"  # a RoundRecord's note when the peer stepped alone: no round was attempted
+
+
 @dataclass
 class RoundRecord:
     epoch: int
@@ -370,7 +373,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.grad_averager is not None and len(self.rounds) == recorded:
             # hivemind stepped without calling the method below: alone, or a round that never started
             alone = self.tracker.global_progress.num_peers <= 1
-            self.rounds.append(RoundRecord(epoch, 0, False, 0.0, "no other peers" if alone else
+            self.rounds.append(RoundRecord(epoch, 0, False, 0.0, NO_OTHER_PEERS if alone else
                                            "no round started; stepped on local gradients"))
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
@@ -379,7 +382,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         seconds = time.perf_counter() - started
         if maybe_step_control is None:
-            self.rounds.append(RoundRecord(epoch, 0, False, seconds, "no other peers"))
+            self.rounds.append(RoundRecord(epoch, 0, False, seconds, NO_OTHER_PEERS))
             return
         try:
             group = maybe_step_control.result(timeout=0)

@@ -23,7 +23,7 @@ from swarmtrain.models import EMBEDDED_INPUT_LAYER, build_model, compute_loss, h
 from swarmtrain.network import (WIRE_VERSION, NeighbourhoodKeeper, fetch_run_config, make_dht, peer_id_in,
                                 progress_records)
 from swarmtrain.peer.display import ProgressDisplay
-from swarmtrain.peer.optimizer import make_optimizer
+from swarmtrain.peer.optimizer import NO_OTHER_PEERS, make_optimizer
 from swarmtrain.peer.reporting import RECORD_TTL, PeerReporter
 from swarmtrain.peer.resources import (halved_after_out_of_memory, is_out_of_memory, pick_batch_size,
                                        resolve_precision)
@@ -365,7 +365,7 @@ def _resync_if_apart(optimizer, status: dict, model=None, checkpoint_dir: Option
         return
     elif last.ok and optimizer.diverged:
         reason = "its parameters differ from the rest of its group"
-    elif not last.ok and last.note != "no other peers" and getattr(optimizer, "resync_after_failed_round", True):
+    elif not last.ok and last.note != NO_OTHER_PEERS and getattr(optimizer, "resync_after_failed_round", True):
         reason = f"its averaging round failed ({last.note})"
     else:
         return
