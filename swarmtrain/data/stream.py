@@ -234,8 +234,8 @@ _END = object()
 
 
 class _Producer(threading.Thread):
-    """The background reader. A daemon thread: it never keeps the process alive, and ``stop`` ends it
-    within one tokenizer call (its blocking puts wake up every 0.2 s to look)."""
+    """The background reader. A daemon thread: it never keeps the process alive, and setting
+    ``stopping`` ends it within one tokenizer call (its waits on a full queue last 0.2 s at most)."""
 
     def __init__(self, source, tokenizer, seq_len: int, heldout: Heldout, peer_id: bytes, position: Position,
                  max_passes: Optional[int], items: queue.Queue):
@@ -247,6 +247,7 @@ class _Producer(threading.Thread):
         self.trainable[heldout.used_up] = False
         self.start_segments = heldout.start_segments
         self.stopping = threading.Event()
+        self.space = threading.Event()  # set by the training thread when the queue is half empty
         self._peers: Optional[np.ndarray] = None
         self._peers_version = 0
         self._lock = threading.Lock()
@@ -265,9 +266,16 @@ class _Producer(threading.Thread):
             self._put(_Failed(error))
 
     def _put(self, item) -> bool:
+        """Hand an item over; on a full queue, sleep until the model has taken half of it. Refilling in
+        bursts keeps this thread off the GIL while the training thread takes its batches."""
         while not self.stopping.is_set():
+            if self.items.full():
+                self.space.clear()
+                if self.items.qsize() > self.items.maxsize // 2:  # (the training thread sets it below half)
+                    self.space.wait(0.2)
+                continue
             try:
-                self.items.put(item, timeout=0.2)
+                self.items.put_nowait(item)
                 return True
             except queue.Full:
                 continue
@@ -396,6 +404,8 @@ class TrainingData:
         while True:
             try:
                 item = self._items.get(timeout=0.5)
+                if self._items.qsize() <= QUEUE_ITEMS // 2:
+                    self._producer.space.set()
                 break
             except queue.Empty:
                 if not self._producer.is_alive():
@@ -445,6 +455,7 @@ class TrainingData:
 
     def close(self) -> None:
         self._producer.stopping.set()
+        self._producer.space.set()
         while True:  # unblock a put in progress
             try:
                 self._items.get_nowait()

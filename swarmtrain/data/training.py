@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -55,6 +56,37 @@ def _new_tokenizer(kind: str, vocab_size: int, min_frequency: int, show_progress
     return tokenizer, trainer
 
 
+def _train_interruptibly(tokenizer, texts: Iterator[str], trainer) -> None:
+    """train_from_iterator in a worker thread. In the calling thread, Ctrl+C would reach the iterator
+    as an error that tokenizers takes for its end, and the tokenizer would be trained on part of the
+    corpus; nor could the Rust training loop be interrupted. Here the main thread only waits, so Ctrl+C
+    is a KeyboardInterrupt at once (before anything is written), and the iterator is told to stop."""
+    stop, failure = threading.Event(), []
+
+    def until_stopped():
+        for text in texts:
+            if stop.is_set():
+                return
+            yield text
+
+    def work():
+        try:
+            tokenizer.train_from_iterator(until_stopped(), trainer)
+        except BaseException as error:  # handed to the main thread
+            failure.append(error)
+
+    worker = threading.Thread(target=work, daemon=True, name="swarmtrain-tokenizer-training")
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    if failure:
+        raise failure[0]
+
+
 def _save(tokenizer, out: Path) -> None:
     """Write into a staging directory beside ``out`` and rename it into place: never half a directory."""
     from transformers import PreTrainedTokenizerFast
@@ -95,7 +127,7 @@ def train_tokenizer(data: str, vocab_size: int, out: str, kind: str = "bpe", tex
               else "all of")
     log(f"training a {kind} tokenizer of {vocab_size} tokens on {sample} {source.description}")
     tokenizer, trainer = _new_tokenizer(kind, vocab_size, min_frequency, show_progress)
-    tokenizer.train_from_iterator(corpus_texts(source, max_bytes), trainer)
+    _train_interruptibly(tokenizer, corpus_texts(source, max_bytes), trainer)
     if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
         raise UserError(f"--data {data}: the tokenizer learned nothing from it (is it text?)")
     _save(tokenizer, target)
