@@ -159,3 +159,21 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
         peaks[name] = json.loads(result.stdout)
     assert peaks["huge"]["shards"] == 65536 and peaks["small"]["shards"] == 64
     assert peaks["huge"]["peak_kb"] - peaks["small"]["peak_kb"] < 50 * 1024, peaks
+
+
+def test_a_peer_joining_takes_shards_only_from_the_others_not_among_them():
+    """Rendezvous hashing: a new peer's share comes from every peer, and no shard moves between the others."""
+    import numpy as np
+
+    from swarmtrain.data.stream import peer_hash, shard_owners
+
+    hashes = np.arange(5000, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    peers = np.array([peer_hash(name.encode()) for name in ("a", "b", "c")], dtype=np.uint64)
+    before = peers[shard_owners(hashes, peers)]
+    joined = np.append(peers, np.uint64(peer_hash(b"d")))
+    after = joined[shard_owners(hashes, joined)]
+    moved = before != after
+    assert (after[moved] == joined[-1]).all()  # every moved shard went to the newcomer
+    assert 0.18 < moved.mean() < 0.32  # about a quarter
+    shares = [(after == peer).mean() for peer in joined]
+    assert min(shares) > 0.2 and max(shares) < 0.3

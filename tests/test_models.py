@@ -166,3 +166,16 @@ def test_realistic_configs_run_as_written_on_the_organisers_corpus_and_tokenizer
     small = pinned.data.model_copy(update={"seq_len": 64})  # the corpus here is too small for 512-token blocks
     with open_training_data(small, None, b"peer", tokenizer=tokenizer) as data:
         assert next(data.batches(4)).max() < tokenizer.vocabulary.size
+
+
+def test_a_model_is_sized_from_the_published_config_alone(corpus_and_tokenizer):
+    """What `swarmtrain doctor` can do with the run config from the swarm and no tokenizer file."""
+    from swarmtrain.data import pin_tokenizer, pinned_vocabulary
+
+    _, tokenizer_dir = corpus_and_tokenizer
+    run = parse_run_config({"run_id": "r", "target_batch_size": 8, "data": {"tokenizer": str(tokenizer_dir)},
+                            "model": {"kind": "auto", "model_type": "bert", "config": BERT}})
+    pinned, tokenizer = pin_tokenizer(run)
+    published = parse_run_config(pinned.model_dump(mode="json"))
+    assert check_model(published.model, 32, pinned_vocabulary(published.data)) == \
+        check_model(published.model, 32, tokenizer.vocabulary)

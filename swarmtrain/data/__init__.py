@@ -14,12 +14,12 @@ from swarmtrain.data.masking import mask_tokens
 from swarmtrain.data.stream import TrainingData, open_training_data
 from swarmtrain.data.tokenizer import (BYTE_VOCABULARY, DOC_SEP_ID, MASK_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer,
                                        TextTokenizer, Vocabulary, check_tokenizer, load_tokenizer, pin_tokenizer,
-                                       resolve_tokenizer)
+                                       pinned_vocabulary, resolve_tokenizer)
 
 HELDOUT_BLOCKS = 64  # the default data.heldout_blocks; load_corpus honours a reassignment (benchmarks/wan.py)
 
 __all__ = [
     "BYTE_VOCABULARY", "DOC_SEP_ID", "HELDOUT_BLOCKS", "MASK_ID", "PAD_ID", "VOCAB_SIZE", "ByteTokenizer", "Corpus",
     "TextTokenizer", "TrainingData", "Vocabulary", "check_tokenizer", "load_corpus", "load_tokenizer", "mask_tokens",
-    "open_training_data", "peer_batches", "pin_tokenizer", "resolve_tokenizer",
+    "open_training_data", "peer_batches", "pin_tokenizer", "pinned_vocabulary", "resolve_tokenizer",
 ]

@@ -93,11 +93,17 @@ def _tokenized(tokenizer, segments, separator: int, limit_bytes: int) -> Tuple[L
 
 @dataclass
 class Heldout:
-    """The held-out blocks, and where training starts in the shards they came from."""
+    """The held-out blocks, and where training starts in the shards they came from.
+
+    :param blocks: [n, seq_len] token ids
+    :param start_segments: for each shard the held-out read from, the segment its training starts at
+    :param used_up: shards the held-out read to their end: not trained on
+    :param tokens_per_byte: measured on the held-out text (for estimates of the corpus's blocks)
+    """
 
     blocks: np.ndarray
     start_segments: Dict[int, int]
-    used_up: List[int]  # shards the held-out read to their end: not trained on
+    used_up: List[int]
     tokens_per_byte: float
 
 
@@ -181,12 +187,18 @@ class _ShardReader:
 
 @dataclass
 class Position:
-    """Where a peer is in the corpus (see the module doc); ``token()`` is small and JSON-able."""
+    """Where a peer is in the corpus (see the module doc); ``token()`` is small and JSON-able.
+
+    :param fingerprint: the corpus plan's (a token of another plan is not used)
+    :param pass_number: passes this peer has completed over its shards
+    :param done: bool per shard: finished in this pass
+    :param open: shard -> (its current chunk's first segment, blocks of that chunk delivered)
+    """
 
     fingerprint: str
     pass_number: int
-    done: np.ndarray  # bool per shard: finished in this pass
-    open: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # shard -> (chunk's first segment, blocks delivered)
+    done: np.ndarray
+    open: Dict[int, Tuple[int, int]] = field(default_factory=dict)
 
     def token(self) -> dict:
         bits = base64.b64encode(zlib.compress(np.packbits(self.done).tobytes())).decode()

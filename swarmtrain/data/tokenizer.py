@@ -90,6 +90,9 @@ class TextTokenizer:
     """
 
     def __init__(self, content: bytes, name: str):
+        # Said explicitly, so that tokenizers neither prints its fork warning in every process hivemind
+        # forks after the loader has tokenized, nor turns its threads off; those processes never tokenize.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
         from tokenizers import Tokenizer
 
         try:
@@ -219,6 +222,15 @@ def resolve_tokenizer(data_config, fetch: Optional[Callable[[str], bytes]] = Non
         raise UserError(f"the tokenizer received from the swarm does not match the run's sha256 {expected[:16]}...")
     _write_atomically(cached, content)
     return TextTokenizer(content, f"{spec} (from the swarm, cached in {cached})")
+
+
+def pinned_vocabulary(data_config) -> Vocabulary:
+    """The vocabulary as far as the run config alone tells it (``data.vocab_size``, pinned by the
+    coordinator): enough to size a model (e.g. `swarmtrain doctor`'s memory check), whose special
+    ids here are stand-ins; a peer trains with its tokenizer's own vocabulary."""
+    if data_config.tokenizer == BYTES or data_config.vocab_size is None:
+        return BYTE_VOCABULARY
+    return Vocabulary(size=data_config.vocab_size, separator_id=0, mask_id=0, pad_id=None)
 
 
 def pin_tokenizer(run_config) -> Tuple["object", Tokenizer]:
