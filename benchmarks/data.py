@@ -180,15 +180,22 @@ def run_measurement(spec: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def train_benchmark_tokenizer(corpus: Path, out: Path) -> dict:
-    from swarmtrain.data.training import train_tokenizer
+def describe_tokenizer(directory: Path, trained_here: bool, seconds: float = None) -> dict:
+    from swarmtrain.data import load_tokenizer
     from swarmtrain.data.transfer import split_into_records
 
-    started = time.perf_counter()
-    tokenizer = train_tokenizer(str(corpus), 32000, str(out), max_bytes=100 * 10**6, show_progress=False)
-    manifest, chunks = split_into_records(tokenizer.content)
-    return dict(seconds=round(time.perf_counter() - started, 1), vocab_size=tokenizer.vocabulary.size,
+    tokenizer = load_tokenizer(str(directory))
+    _, chunks = split_into_records(tokenizer.content)
+    return dict(trained_in_this_run=trained_here, seconds=seconds, vocab_size=tokenizer.vocabulary.size,
                 file_bytes=len(tokenizer.content), dht_records=len(chunks) + 1, sha256=tokenizer.sha256)
+
+
+def train_benchmark_tokenizer(corpus: Path, out: Path) -> dict:
+    from swarmtrain.data.training import train_tokenizer
+
+    started = time.perf_counter()
+    train_tokenizer(str(corpus), 32000, str(out), max_bytes=100 * 10**6, show_progress=False)
+    return describe_tokenizer(out, trained_here=True, seconds=round(time.perf_counter() - started, 1))
 
 
 def plot(report: dict, path: Path) -> None:
@@ -227,6 +234,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="training steps of the llama model per corpus")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--loader-blocks", type=int, default=30_000, help="512-token blocks read from the loader alone")
+    parser.add_argument("--tokenizer", help="a tokenizer directory to use instead of training one (step 2)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "data.json"))
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,9 +259,12 @@ def main() -> None:
             else:
                 write_arrow_corpus(directory, int(gigabytes * 1e9), pool, seed=number, workdir=workdir)
             written = time.perf_counter() - started
-            if "tokenizer" not in report:
+            if "tokenizer" not in report and args.tokenizer:
+                shutil.copytree(args.tokenizer, workdir / "tokenizer")
+                report["tokenizer"] = describe_tokenizer(workdir / "tokenizer", trained_here=False)
+            elif "tokenizer" not in report:
                 report["tokenizer"] = train_benchmark_tokenizer(directory, workdir / "tokenizer")
-                print(f"tokenizer: {report['tokenizer']}", flush=True)
+            print(f"tokenizer: {report['tokenizer']}", flush=True)
             data = dict(source="text" if kind == "text" else "datasets", path=str(directory),
                         tokenizer=str(workdir / "tokenizer"))
             result = run_measurement(dict(config=llama, data=data, steps=args.steps, batch=args.batch,
