@@ -213,9 +213,10 @@ def plot(report: dict, path: Path) -> None:
     memory.set_xticks(positions, labels)
     memory.set_ylabel("peak RSS of the peer process (MB)")
     memory.set_title("memory vs corpus size (llama ~42M + AdamW)")
-    memory.legend()
+    memory.legend(loc="center left")
     memory.tick_params(axis="x", rotation=20)
-    speed.bar(labels, [r["loader_to_model_ratio"] for r in runs], color="tab:green")
+    ratios = [r["loader_to_model_ratio"] for r in runs] + [report["demo"]["loader_to_model_ratio"]]
+    speed.bar(labels + ["demo: bytes,\n2-layer GPT-2"], ratios, color="tab:green")
     speed.axhline(10, color="tab:red", linestyle="--", label="10x")
     speed.set_yscale("log")
     speed.set_ylabel("loader blocks/s / model blocks/s")
