@@ -6,16 +6,60 @@ see it as a file. Every field that is wrong produces one line naming the field a
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Tuple
+from typing import Annotated, Any, Dict, Literal, Optional, Tuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, WithJsonSchema,
+                      field_validator, model_validator)
 
-from swarmtrain.compression.spec import parse_compression_spec
+from swarmtrain.compression.spec import CompressionSpec, parse_compression_spec
 from swarmtrain.errors import UserError
-from swarmtrain.peer.schedule import check_local_averaging_fields, check_round_budget, parse_schedule
 from swarmtrain.privacy.config import PrivacyConfig
+
+SCHEDULE_FORMS = "constant:H (an integer H >= 1, the period in epochs, e.g. constant:8) or adaptive"
+DEFAULT_PERIODS_PER_BUDGET = 8  # averaging.round_budget defaults to optimizer.total_epochs // this
+_LOCAL_ONLY = ("outer_lr", "outer_momentum", "round_budget", "min_period", "max_period")
+_ADAPTIVE_ONLY = ("round_budget", "min_period", "max_period")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When `averaging.mode: local` averages: every `period` epochs (constant) or adaptively."""
+
+    kind: str  # "constant" or "adaptive"
+    period: Optional[int] = None  # constant only
+
+    def __str__(self) -> str:
+        return f"constant:{self.period}" if self.kind == "constant" else self.kind
+
+
+def parse_schedule(text) -> Schedule:
+    """`constant:H` or `adaptive`; ValueError naming the accepted forms otherwise."""
+    if isinstance(text, Schedule):
+        return text
+    if isinstance(text, str):
+        value = text.strip().lower()
+        if value == "adaptive":
+            return Schedule("adaptive")
+        match = re.fullmatch(r"constant:\s*(\d+)", value)
+        if match and int(match.group(1)) >= 1:
+            return Schedule("constant", int(match.group(1)))
+    raise ValueError(f"averaging.schedule must be {SCHEDULE_FORMS}; got {text!r}")
+
+
+def _compression_spec(value) -> CompressionSpec:
+    return value if isinstance(value, CompressionSpec) else parse_compression_spec(value)
+
+
+# parsed once, here, from the YAML text; written back as that text when the config is published
+CompressionField = Annotated[CompressionSpec, PlainValidator(_compression_spec),
+                             PlainSerializer(str, return_type=str, when_used="json"),
+                             WithJsonSchema({"type": "string"})]
+ScheduleField = Annotated[Schedule, PlainValidator(parse_schedule),
+                          PlainSerializer(str, return_type=str, when_used="json"),
+                          WithJsonSchema({"type": "string"})]
 
 
 class _Section(BaseModel):
@@ -96,8 +140,8 @@ class OptimizerConfig(_Section):
 
 class AveragingConfig(_Section):
     mode: Literal["sync", "local"] = "sync"
-    compression: str = "fp16"
-    schedule: Optional[str] = Field(None, description="local mode only: constant:H or adaptive")
+    compression: CompressionField = CompressionSpec("fp16")
+    schedule: Optional[ScheduleField] = Field(None, description="local mode only: constant:H or adaptive")
     # sparse compression only: start at density 1/64 and reach the spec's density geometrically over
     # this many epochs (the GaussianK paper's warm-up); 0 starts at the target density
     density_warmup_epochs: int = Field(0, ge=0)
@@ -127,29 +171,44 @@ class AveragingConfig(_Section):
     min_period: int = Field(1, ge=1)
     max_period: int = Field(32, ge=1)
 
-    @field_validator("compression")
-    @classmethod
-    def _compression(cls, value: str) -> str:
-        parse_compression_spec(value)  # raises ValueError naming the accepted forms
-        return value
-
-    @field_validator("schedule")
-    @classmethod
-    def _schedule(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None:
-            parse_schedule(value)  # raises ValueError naming the accepted forms
-        return value
-
     @model_validator(mode="after")
     def _consistent(self) -> "AveragingConfig":
         if self.mode == "sync" and self.schedule is not None:
             raise ValueError("averaging.schedule applies to mode: local only; remove it or set mode: local")
-        check_local_averaging_fields(self)  # local-only fields and their consistency
+        self._check_local_fields()
         if self.request_timeout >= self.matchmaking_time:
             raise ValueError(
                 "averaging.request_timeout must be below averaging.matchmaking_time, or groups split"
             )
         return self
+
+    def _check_local_fields(self) -> None:
+        """The local-mode fields and their consistency. A field "is set" when it differs from its
+        default: a published config carries every field."""
+        fields = type(self).model_fields
+        explicitly_set = {name for name in _LOCAL_ONLY if getattr(self, name) != fields[name].default}
+        if self.mode != "local":
+            for name in _LOCAL_ONLY:
+                if name in explicitly_set:
+                    raise ValueError(f"averaging.{name} applies to mode: local only; remove it or set mode: local")
+            return
+        if self.schedule is None:
+            raise ValueError(f"averaging.schedule is required with mode: local; use {SCHEDULE_FORMS}")
+        if self.schedule.kind != "adaptive":
+            for name in _ADAPTIVE_ONLY:
+                if name in explicitly_set:
+                    raise ValueError(f"averaging.{name} applies to schedule: adaptive only; remove it or set "
+                                     f"schedule: adaptive")
+        if self.min_period > self.max_period:
+            raise ValueError(f"averaging.min_period ({self.min_period}) must not exceed averaging.max_period "
+                             f"({self.max_period})")
+        if self.state_averaging_every:
+            raise ValueError("averaging.state_averaging_every applies to mode: sync only; in mode: local "
+                             "averaging.schedule decides when the model is averaged")
+
+    def resolved_round_budget(self, total_epochs: int) -> int:
+        """averaging.round_budget, or its default: one round per DEFAULT_PERIODS_PER_BUDGET epochs."""
+        return self.round_budget or max(1, total_epochs // DEFAULT_PERIODS_PER_BUDGET)
 
 
 class AccessConfig(_Section):
@@ -186,7 +245,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _cross_section_checks(self) -> "RunConfig":
         optimizer, averaging = self.optimizer, self.averaging
-        if (optimizer.name == "adamw_frozen" and parse_compression_spec(averaging.compression).is_sparse
+        if (optimizer.name == "adamw_frozen" and averaging.compression.is_sparse
                 and averaging.dense_warmup_epochs < optimizer.freeze_variance_after):
             # a variance frozen from sparse rounds (most entries never sent) trains worse than plain
             # Adam: BENCHMARKS.md (c'')
@@ -195,8 +254,21 @@ class RunConfig(_Section):
                 f"the variance after {optimizer.freeze_variance_after} epochs, so those epochs must average densely: "
                 f"set averaging.dense_warmup_epochs: {optimizer.freeze_variance_after} (now "
                 f"{averaging.dense_warmup_epochs})")
-        check_round_budget(self)  # mode: local, adaptive: averaging.round_budget vs optimizer.total_epochs
+        self._check_round_budget()
         return self
+
+    def _check_round_budget(self) -> None:
+        """averaging.round_budget against optimizer.total_epochs (mode: local, schedule: adaptive)."""
+        averaging, total = self.averaging, self.optimizer.total_epochs
+        if averaging.mode != "local" or averaging.schedule.kind != "adaptive":
+            return
+        budget = averaging.resolved_round_budget(total)
+        if budget * averaging.max_period < total:
+            raise ValueError(f"averaging.round_budget ({budget}) x averaging.max_period ({averaging.max_period}) must "
+                             f"cover optimizer.total_epochs ({total}); raise either")
+        if budget * averaging.min_period > total:
+            raise ValueError(f"averaging.round_budget ({budget}) x averaging.min_period ({averaging.min_period}) "
+                             f"exceeds optimizer.total_epochs ({total}); lower either")
 
     @field_validator("run_id")
     @classmethod

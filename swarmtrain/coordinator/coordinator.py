@@ -10,47 +10,26 @@ import logging
 import os
 import time
 from pathlib import Path
-from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.optim.progress_tracker import TrainingProgressSchema
 
+from swarmtrain.access.authorizer import coordinator_access
 from swarmtrain.config import RunConfig
 from swarmtrain.errors import UserError
-from swarmtrain.identity import load_or_create_identity
-from swarmtrain.monitoring import SwarmAggregator, SwarmMetrics, record_validators
-from swarmtrain.network import RUN_CONFIG_TTL, make_dht, progress_records, publish_run_config
-from swarmtrain.peer.reporting import RECORD_TTL, serve_metrics
-from swarmtrain.reachability import serve_reachability_checks
+from swarmtrain.monitoring.aggregate import SwarmAggregator
+from swarmtrain.monitoring.metrics import SwarmMetrics, serve_metrics
+from swarmtrain.monitoring.records import RECORD_TTL, record_validators
+from swarmtrain.net.dht import make_dht
+from swarmtrain.net.identity import load_or_create_identity
+from swarmtrain.net.progress import SwarmProgress, read_swarm_progress
+from swarmtrain.net.reachability import serve_reachability_checks
+from swarmtrain.net.run_config import RUN_CONFIG_TTL, publish_run_config
 from swarmtrain.signals import children_ignore_interrupts, raise_if_stop_requested
 
 logger = logging.getLogger("swarmtrain.coordinator")
-
-
-@dataclass
-class SwarmProgress:
-    epoch: int
-    peers: int
-    clients: int
-    samples_accumulated: int
-    samples_per_second: float
-    eta_seconds: float
-
-
-def read_swarm_progress(dht: hivemind.DHT, run_id: str, target_batch_size: int) -> SwarmProgress:
-    """Summarise the progress records hivemind's trackers publish."""
-    records = progress_records(dht, run_id, max_age=60.0)
-    if not records:
-        return SwarmProgress(0, 0, 0, 0, 0.0, float("inf"))
-    epoch = max(r.epoch for r in records)
-    current = [r for r in records if r.epoch == epoch]
-    samples = sum(r.samples_accumulated for r in current)
-    speed = sum(r.samples_per_second for r in records)
-    eta = max(target_batch_size - samples, 0) / speed if speed > 0 else float("inf")
-    return SwarmProgress(epoch, len(records), sum(r.client_mode for r in records), samples, speed, eta)
 
 
 async def _connected_peers(_dht, node) -> List[str]:
@@ -78,6 +57,9 @@ class Coordinator:
         self.checkpoint_dir, self.checkpoint_every, self.keep_checkpoints = checkpoint_dir, checkpoint_every, keep_checkpoints
         self.private_key = load_or_create_identity(identity)
         self.signature_validator = RSASignatureValidator(self.private_key)
+        # on a token-gated run the coordinator is the authority: its DHT and its averager accept the
+        # tokens its key signed
+        self.access = coordinator_access(self.private_key) if config.access.mode == "token" else None
         # after a restart, rejoin through the peers seen last time: nobody else would tell a fresh
         # bootstrap node about the swarm that kept training without it
         self.known_peers_path = Path(f"{identity}.peers.json")
@@ -94,6 +76,7 @@ class Coordinator:
                         identity_path=identity,
                         client_mode=False,
                         signature_validator=self.signature_validator,
+                        access=self.access,
                     )
                 break
             except UserError:
@@ -115,7 +98,7 @@ class Coordinator:
         if checkpoint_dir is not None or resume_from is not None:
             from swarmtrain.coordinator.state import StateKeeper  # torch and the model: only when needed
 
-            self.state = StateKeeper(config, self.dht, resume_from)
+            self.state = StateKeeper(config, self.dht, resume_from, access=self.access)
         self.initial_epoch = self.state.resumed_epoch if self.state is not None else 0
 
     @property

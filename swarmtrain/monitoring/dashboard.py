@@ -68,9 +68,11 @@ def _series(title, targets, unit="none", description="", **extra) -> dict:
     return _panel("timeseries", title, targets, unit, description, options=options, **extra)
 
 
-def _rows() -> List[Tuple[str, List[Tuple[int, int, dict]]]]:
-    """(row title, [(width, height, panel), ...]) in reading order."""
-    swarm = [
+Row = List[Tuple[int, int, dict]]  # (width, height, panel) in reading order
+
+
+def _swarm_row() -> Row:
+    return [
         (4, 5, _stat("Peers alive", "sum(swarmtrain_peers_alive)", description="Peers with a fresh DHT record")),
         (4, 5, _stat("Epoch", "swarmtrain_epoch")),
         (
@@ -112,11 +114,17 @@ def _rows() -> List[Tuple[str, List[Tuple[int, int, dict]]]]:
             ),
         ),
     ]
-    training = [
+
+
+def _training_row() -> Row:
+    return [
         (12, 8, _series("Throughput", [_target("A", "swarmtrain_throughput_samples_per_second", "samples/s")])),
         (12, 8, _series("Mean training loss", [_target("A", "swarmtrain_loss", "loss")])),
     ]
-    communication = [
+
+
+def _communication_row() -> Row:
+    return [
         (
             12,
             8,
@@ -155,7 +163,10 @@ def _rows() -> List[Tuple[str, List[Tuple[int, int, dict]]]]:
             ),
         ),
     ]
-    privacy = [
+
+
+def _privacy_row() -> Row:
+    return [
         (
             12,
             8,
@@ -180,6 +191,9 @@ def _rows() -> List[Tuple[str, List[Tuple[int, int, dict]]]]:
             ),
         ),
     ]
+
+
+def _peers_row() -> Row:
     peer_queries = [
         ("A", "swarmtrain_peer_step"),
         ("B", "swarmtrain_peer_epoch"),
@@ -211,8 +225,13 @@ def _rows() -> List[Tuple[str, List[Tuple[int, int, dict]]]]:
             },
         ],
     )
-    peers = [(24, 10, table)]
-    return [("Swarm", swarm), ("Training", training), ("Communication", communication), ("Privacy", privacy), ("Peers", peers)]
+    return [(24, 10, table)]
+
+
+def _rows() -> List[Tuple[str, Row]]:
+    """(row title, panels) in reading order."""
+    return [("Swarm", _swarm_row()), ("Training", _training_row()), ("Communication", _communication_row()),
+            ("Privacy", _privacy_row()), ("Peers", _peers_row())]
 
 
 def build_dashboard() -> dict:

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 import swarmtrain
+from swarmtrain.errors import UserError
 from swarmtrain.monitoring.aggregate import PeerSummary, SwarmStatus
 from swarmtrain.monitoring.records import PeerRecord, short_owner
 
@@ -38,6 +39,39 @@ def _gauge(name: str, documentation: str, value: Optional[float], **labels) -> I
     family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=list(labels))
     family.add_metric(list(labels.values()), float(value))
     yield family
+
+
+# swarm-level gauges: (metric name without the prefix, help text, SwarmStatus field); one left out of
+# a scrape while its field is None
+SWARM_GAUGES = (
+    ("status_timestamp_seconds", "Unix time of the last poll of the peer records", "time"),
+    ("epoch", "Swarm epoch (the most advanced peer's)", "epoch"),
+    ("throughput_samples_per_second", "Training samples per second, summed over alive peers", "samples_per_second"),
+    ("epoch_accumulated_samples", "Samples accumulated toward the current epoch", "samples_accumulated"),
+    ("target_batch_samples", "Samples per swarm epoch (target batch size)", "target_batch_size"),
+    ("epoch_progress_ratio", "Progress of the current epoch, 0..1", "epoch_progress"),
+    ("epoch_eta_seconds", "Estimated seconds to the next epoch", "eta_seconds"),
+    ("loss", "Mean of the alive peers' last training loss", "mean_loss"),
+    ("averaging_round_success_ratio", "Share of the alive peers' averaging rounds that succeeded, 0..1",
+     "round_success_ratio"),
+    ("averaging_round_duration_seconds", "Mean duration of the peers' last averaging round", "mean_round_seconds"),
+    ("averaging_group_peers", "Mean size of the peers' last averaging group", "mean_group_size"),
+    ("compression_density_ratio", "Mean fraction of gradient entries sent by compressing peers, 0..1",
+     "compression_density"),
+    ("privacy_leakage_dcor_max", "Highest distance correlation (0..1) at the cut layer among alive peers",
+     "leakage_dcor_max"),
+)
+# metrics with one label: (name, help, label, ((label value, SwarmStatus field), ...)); a name ending in
+# _total is a counter
+SWARM_BY_LABEL = (
+    ("averaging_rounds_total", "Averaging rounds reported by peers, by result", "result",
+     (("ok", "rounds_ok_total"), ("failed", "rounds_failed_total"))),
+    ("network_bytes_total", "Bytes on the wire reported by peers, by direction", "direction",
+     (("sent", "bytes_sent_total"), ("received", "bytes_received_total"))),
+    ("network_throughput_bytes_per_second",
+     "Bytes per second on the wire, summed over alive peers (from their counters between records)", "direction",
+     (("sent", "bytes_sent_per_second"), ("received", "bytes_received_per_second"))),
+)
 
 
 class SwarmStatusCollector(Collector):
@@ -55,64 +89,18 @@ class SwarmStatusCollector(Collector):
         yield info
         if status is None:
             return
-
-        yield from _gauge("status_timestamp_seconds", "Unix time of the last poll of the peer records", status.time)
         alive = GaugeMetricFamily(f"{PREFIX}_peers_alive", "Peers with a fresh record, by role", labels=["role"])
         for role, count in sorted(status.peers_alive.items()):
             alive.add_metric([role], count)
         yield alive
-
-        yield from _gauge("epoch", "Swarm epoch (the most advanced peer's)", status.epoch)
-        yield from _gauge(
-            "throughput_samples_per_second", "Training samples per second, summed over alive peers",
-            status.samples_per_second,
-        )
-        yield from _gauge(
-            "epoch_accumulated_samples", "Samples accumulated toward the current epoch", status.samples_accumulated
-        )
-        yield from _gauge("target_batch_samples", "Samples per swarm epoch (target batch size)", status.target_batch_size)
-        yield from _gauge("epoch_progress_ratio", "Progress of the current epoch, 0..1", status.epoch_progress)
-        yield from _gauge("epoch_eta_seconds", "Estimated seconds to the next epoch", status.eta_seconds)
-        yield from _gauge("loss", "Mean of the alive peers' last training loss", status.mean_loss)
-
-        rounds = CounterMetricFamily(
-            f"{PREFIX}_averaging_rounds", "Averaging rounds reported by peers, by result", labels=["result"]
-        )
-        rounds.add_metric(["ok"], status.rounds_ok_total)
-        rounds.add_metric(["failed"], status.rounds_failed_total)
-        yield rounds
-        yield from _gauge(
-            "averaging_round_success_ratio", "Share of the alive peers' averaging rounds that succeeded, 0..1",
-            status.round_success_ratio,
-        )
-        yield from _gauge(
-            "averaging_round_duration_seconds", "Mean duration of the peers' last averaging round",
-            status.mean_round_seconds,
-        )
-        yield from _gauge("averaging_group_peers", "Mean size of the peers' last averaging group", status.mean_group_size)
-
-        wire = CounterMetricFamily(
-            f"{PREFIX}_network_bytes", "Bytes on the wire reported by peers, by direction", labels=["direction"]
-        )
-        wire.add_metric(["sent"], status.bytes_sent_total)
-        wire.add_metric(["received"], status.bytes_received_total)
-        yield wire
-        wire_rate = GaugeMetricFamily(
-            f"{PREFIX}_network_throughput_bytes_per_second",
-            "Bytes per second on the wire, summed over alive peers (from their counters between records)",
-            labels=["direction"],
-        )
-        wire_rate.add_metric(["sent"], status.bytes_sent_per_second)
-        wire_rate.add_metric(["received"], status.bytes_received_per_second)
-        yield wire_rate
-        yield from _gauge(
-            "compression_density_ratio", "Mean fraction of gradient entries sent by compressing peers, 0..1",
-            status.compression_density,
-        )
-        yield from _gauge(
-            "privacy_leakage_dcor_max", "Highest distance correlation (0..1) at the cut layer among alive peers",
-            status.leakage_dcor_max,
-        )
+        for name, documentation, field in SWARM_GAUGES:
+            yield from _gauge(name, documentation, getattr(status, field))
+        for name, documentation, label, fields in SWARM_BY_LABEL:
+            kind = CounterMetricFamily if name.endswith("_total") else GaugeMetricFamily
+            family = kind(f"{PREFIX}_{name.removesuffix('_total')}", documentation, labels=[label])
+            for value, field in fields:
+                family.add_metric([value], getattr(status, field))
+            yield family
         rejected = CounterMetricFamily(
             f"{PREFIX}_averaging_rejected_parts",
             "Gradient parts that reducers left out of an average (non-finite, outsized or malformed)",
@@ -300,3 +288,12 @@ class MetricsServer:
             return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
         return [b"not found\n"]
+
+
+def serve_metrics(metrics, host: str, port: int) -> MetricsServer:
+    """Start a /metrics server for SwarmMetrics or PeerMetrics; a port that is taken is the user's to
+    change, not a traceback."""
+    try:
+        return metrics.serve(host, port)
+    except OSError as error:
+        raise UserError(f"cannot serve metrics on {host}:{port} ({error.strerror}); choose another --metrics-port") from None

@@ -30,6 +30,8 @@ from hivemind.utils import get_logger
 logger = get_logger(__name__)
 
 PEER_ROLES = ("trainer", "coordinator", "data-owner", "trunk")
+RECORD_PERIOD = 5.0  # seconds between a peer's records
+RECORD_TTL = 20.0  # a killed peer disappears from the swarm's counts this long after its last record
 PeerRole = Literal["trainer", "coordinator", "data-owner", "trunk"]
 
 # Bounds keep a hostile peer from storing huge strings in everyone's DHT storage.

@@ -1,4 +1,4 @@
-"""Can other peers dial this one? And the `--port` / `--public-ip` shorthands.
+"""Can other peers dial this one?
 
 A peer that nobody can dial (home NAT, firewall) still connects *out* to everyone, so every check
 made over its own connections succeeds; only a connection opened *towards* it tells the truth. So
@@ -14,21 +14,21 @@ to reducers and takes no share of the reduction, so it never needs an incoming c
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict, ParseDict
+
+from swarmtrain.net.addresses import DEFAULT_PORT
 
 logger = logging.getLogger(__name__)
 
 # the protocol id of the dial-back RPC; bump the suffix if the request/response fields change
 CHECK_HANDLER = "swarmtrain.ReachabilityCheck.v1"
-DEFAULT_PORT = 31337  # suggested when a peer listens on a random port: a port to forward must be fixed
 MAX_ADDRESSES_PER_CHECK = 8  # bounds the work one request can make a checker do
 MAX_CONCURRENT_CHECKS = 2  # each check starts a libp2p daemon; volunteers' machines are small
 CHECKER_TIMEOUT_LIMIT = 30.0  # a checker never spends longer dialling for one request
@@ -43,65 +43,6 @@ class Reachability:
     checked_by: str = ""  # "peer <id>" (dialled from another machine) or "this machine" (fallback)
     dialable_maddrs: List[str] = field(default_factory=list)
     observed_ips: List[str] = field(default_factory=list)  # our address as the checker saw it (NAT's public side)
-
-
-# ---------------------------------------------------------------------------------------------
-# --port / --public-ip
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_public_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    text = value.strip()
-    if text.startswith("[") and text.endswith("]"):  # "[2001:db8::1]", as IPv6 is written in URLs
-        text = text[1:-1]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        raise ValueError(
-            f"--public-ip {value!r} is not an IP address; give the numeric address other peers dial, "
-            "e.g. 203.0.113.5 (a host name or a multiaddr goes in --announce-maddrs)"
-        ) from None
-    if address.is_unspecified:
-        raise ValueError(f"--public-ip {value} means 'any interface'; give the address other peers dial, e.g. 203.0.113.5")
-    if address.is_multicast:
-        raise ValueError(f"--public-ip {value} is a multicast address; give the address other peers dial, e.g. 203.0.113.5")
-    return address
-
-
-def host_and_announce_maddrs(
-    port: Optional[int],
-    public_ip: Optional[str],
-    *,
-    host_maddrs: Sequence[str] = (),
-    announce_maddrs: Sequence[str] = (),
-) -> Tuple[List[str], List[str]]:
-    """Turn `--port P` / `--public-ip X` into (host_maddrs, announce_maddrs).
-
-    `--port 31337` listens on TCP 31337 on every interface; `--public-ip 203.0.113.5` also tells
-    the swarm to dial 203.0.113.5:31337 (the router forwards that port to this machine), so it
-    needs --port: a forwarded port must be fixed. Explicit multiaddrs, when given, are kept, and
-    mixing them with the shorthand they would contradict is an error."""
-    host_maddrs, announce_maddrs = list(host_maddrs), list(announce_maddrs)
-    if port is not None and not 1 <= int(port) <= 65535:
-        raise ValueError(f"--port {port} is out of range; use 1-65535, e.g. {DEFAULT_PORT}")
-    address = parse_public_ip(public_ip) if public_ip is not None else None
-    if address is not None and port is None:
-        raise ValueError(
-            f"--public-ip needs --port: peers dial {public_ip}:<port>, so the port must be fixed "
-            f"(and forwarded to this machine), e.g. --public-ip {public_ip} --port {DEFAULT_PORT}"
-        )
-    if port is not None and host_maddrs:
-        raise ValueError("use either --port or --host-maddrs, not both (--port P means --host-maddrs /ip4/0.0.0.0/tcp/P)")
-    if address is not None and announce_maddrs:
-        raise ValueError("use either --public-ip or --announce-maddrs, not both")
-    family = "ip6" if address is not None and address.version == 6 else "ip4"
-    if port is not None:
-        host_maddrs = [f"/{family}/{'::' if family == 'ip6' else '0.0.0.0'}/tcp/{port}"]
-    if address is not None:
-        announce_maddrs = [f"/{family}/{address}/tcp/{port}"]
-    if not host_maddrs:
-        host_maddrs = ["/ip4/0.0.0.0/tcp/0"]
-    return host_maddrs, announce_maddrs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""The hivemind swarmtrain was written against is the one installed, and every one of its methods that
+swarmtrain overrides is listed in swarmtrain.hivemind_compat with the signature it has here. Upgrading
+hivemind starts with this test."""
+import importlib
+import inspect
+import pkgutil
+
+import hivemind
+import pytest
+
+import swarmtrain
+from swarmtrain import hivemind_compat
+
+
+def _resolve(owner: str):
+    module, _, name = owner.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def test_the_pinned_hivemind_is_installed():
+    assert hivemind.__version__ == hivemind_compat.PINNED_VERSION
+
+
+@pytest.mark.parametrize("hook", hivemind_compat.OVERRIDDEN + hivemind_compat.CALLED,
+                         ids=lambda hook: f"{hook.owner.rpartition(':')[2]}.{hook.name}")
+def test_each_hook_has_the_signature_it_was_written_against(hook):
+    method = vars(_resolve(hook.owner)).get(hook.name)
+    assert method is not None, f"{hook.owner} no longer defines {hook.name}"
+    assert str(inspect.signature(method)) == hook.signature
+
+
+def test_the_state_averager_arguments_repeat_hivemind_s_own():
+    source = inspect.getsource(hivemind.Optimizer._make_state_averager)
+    assert source == hivemind_compat.MAKE_STATE_AVERAGER_SOURCE
+
+
+def _swarmtrain_classes():
+    """Every class defined in swarmtrain that derives from a hivemind class, and the classes the package
+    composes at run time (access guard and mixins in front of hivemind averagers)."""
+    from swarmtrain.access.guard import guarded_class
+    from swarmtrain.averaging.local import InStepWeightMixin, LocalStateAverager
+    from swarmtrain.compression.averager import CountingGradientAverager, SparseGradientAverager
+    from swarmtrain.compression.factory import with_mixin
+
+    classes = set()
+    for info in pkgutil.walk_packages(swarmtrain.__path__, "swarmtrain."):
+        if info.name == "swarmtrain.__main__":
+            continue
+        module = importlib.import_module(info.name)
+        for value in vars(module).values():
+            if inspect.isclass(value) and value.__module__ == module.__name__ and any(
+                    base.__module__.startswith("hivemind") for base in value.__mro__):
+                classes.add(value)
+    for averager in (CountingGradientAverager, SparseGradientAverager):
+        classes.add(guarded_class(with_mixin(InStepWeightMixin, averager)))
+    classes.add(guarded_class(LocalStateAverager))
+    return classes
+
+
+def test_every_overridden_hivemind_method_is_listed():
+    listed = {(hook.owner, hook.name) for hook in hivemind_compat.OVERRIDDEN}
+    unlisted = set()
+    for cls in _swarmtrain_classes():
+        for klass in cls.__mro__:
+            if not klass.__module__.startswith("swarmtrain"):
+                continue
+            for name, value in vars(klass).items():
+                if name.startswith("__") or not callable(value):
+                    continue
+                defining = next((base for base in cls.__mro__
+                                 if base.__module__.startswith("hivemind") and name in vars(base)), None)
+                if defining is not None and (f"{defining.__module__}:{defining.__qualname__}", name) not in listed:
+                    unlisted.add(f"{klass.__module__}.{klass.__qualname__}.{name} overrides "
+                                 f"{defining.__module__}:{defining.__qualname__}.{name}")
+    assert not unlisted, "add these to swarmtrain.hivemind_compat.OVERRIDDEN:\n" + "\n".join(sorted(unlisted))
