@@ -19,122 +19,93 @@ hivemind starts with that test.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict
 
 PINNED_VERSION = "1.1.12"
 
 
-@dataclass(frozen=True)
-class Hook:
-    """A hivemind method that swarmtrain overrides."""
+# every hivemind method a swarmtrain class overrides (private or public), by the hivemind class that
+# defines it, with the signature it was written against (str(inspect.signature(...)) in hivemind 1.1.12).
+# Averagers: the all-reduce (compression.averager, averaging.local) and the access gate; the state
+# averager: local mode's state (averaging.local); the dense all-reduce's runner and reducer: byte
+# counting and the robust reducer; the optimizer: round records, fingerprints and local mode; the
+# tracker: fewer progress reports; the DHT: its request loop (net.dht); the authorizer: access tokens.
+OVERRIDDEN = {
+    "hivemind.averaging.averager:DecentralizedAverager": {
+        "_aggregate_with_group": "(self, group_info: 'GroupInfo', min_vector_size: 'int', **kwargs) -> 'GatheredData'",
+        "_run_allreduce_inplace_": "(self, tensors: 'Sequence[torch.Tensor]', group_info: 'GroupInfo', group_id: 'Optional[bytes]' = None, **kwargs)",
+        "get_current_state": "(self) -> 'Tuple[Any, Sequence[torch.Tensor], Sequence[CompressionInfo]]'",
+        "load_state_from_peers": "(self, wait: 'bool' = True, timeout: 'Optional[float]' = None) -> 'Optional[Tuple[Any, Sequence[torch.Tensor]]]'",
+        "rpc_join_group": "(self, request: 'averaging_pb2.JoinRequest', context: 'P2PContext') -> 'AsyncIterator[averaging_pb2.MessageFromLeader]'",
+        "rpc_aggregate_part": "(self, stream: 'AsyncIterator[averaging_pb2.AveragingData]', context: 'P2PContext') -> 'AsyncIterator[averaging_pb2.AveragingData]'",
+        "rpc_download_state": "(self, _request: 'averaging_pb2.DownloadRequest', _context: 'P2PContext') -> 'AsyncIterator[averaging_pb2.DownloadData]'",
+        "shutdown": "(self) -> 'None'",
+    },
+    "hivemind.optim.state_averager:TrainingStateAverager": {
+        "get_current_state": '(self)',
+        "load_state_from_peers": '(self, **kwargs)',
+    },
+    "hivemind.averaging.allreduce:AllReduceRunner": {
+        "_get_peer_stub": '(self, peer: hivemind.p2p.p2p_daemon_bindings.datastructures.PeerID) -> hivemind.p2p.servicer.StubBase',
+        "rpc_aggregate_part": '(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: hivemind.p2p.p2p_daemon.P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]',
+    },
+    "hivemind.averaging.partition:TensorPartReducer": {
+        "reset_accumulators": '(self)',
+        "accumulate_part": '(self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0) -> torch.Tensor',
+        "on_sender_failed": '(self, sender_index: int)',
+        "check_current_part_finished": '(self)',
+    },
+    "hivemind.optim.optimizer:Optimizer": {
+        "_make_state_averager": "(self, **kwargs) -> 'TrainingStateAverager'",
+        "_make_progress_tracker": "(self, target_batch_size: 'int', **kwargs) -> 'ProgressTracker'",
+        "_update_global_epoch": "(self, grad_scaler: 'Optional[GradScaler]') -> 'None'",
+        "_average_gradients_and_load_into_optimizer": "(self, maybe_step_control: 'Optional[StepControl]')",
+        "_should_load_state_from_peers": "(self) -> 'bool'",
+        "_tag_along_with_zero_weight": "(self, control: 'StepControl')",
+        "load_state_from_peers": '(self, **kwargs)',
+        "step": "(self, closure: 'Optional[Callable[[], torch.Tensor]]' = None, batch_size: 'Optional[int]' = None, grad_scaler: 'Optional[GradScaler]' = None)",
+        "shutdown": '(self)',
+    },
+    "hivemind.optim.progress_tracker:ProgressTracker": {
+        "update_epoch": '(self, new_epoch: Optional[int] = None) -> int',
+        "shutdown": '(self, timeout: Optional[float] = None)',
+    },
+    "hivemind.optim.power_sgd_averager:PowerSGDGradientAverager": {
+        "_aggregate_with_group": '(self, group_info: hivemind.averaging.group_info.GroupInfo, min_vector_size: int, **kwargs) -> Any',
+    },
+    "hivemind.dht.dht:DHT": {
+        "run": "(self) -> 'None'",
+    },
+    "hivemind.utils.auth:TokenAuthorizerBase": {
+        "get_token": '(self) -> auth_pb2.AccessToken',
+        "is_token_valid": '(self, access_token: auth_pb2.AccessToken) -> bool',
+        "does_token_need_refreshing": '(self, access_token: auth_pb2.AccessToken) -> bool',
+    },
+}
+# the private methods swarmtrain calls (through the accessors below), likewise
+CALLED = {
+    "hivemind.optim.state_averager:TrainingStateAverager": {
+        "_load_local_tensors_into_averager_": '(self)',
+        "_update_scheduler": '(self)',
+        "_apply_optimizer_parameters_": '(self)',
+    },
+}
 
-    owner: str  # "module:Class" of the hivemind class that defines it
-    name: str
-    signature: str  # str(inspect.signature(...)) in the pinned version
+
+def hooks(table):
+    """(owner "module:Class", method name, signature) for every entry of OVERRIDDEN or CALLED."""
+    return [(owner, name, signature) for owner, methods in table.items() for name, signature in methods.items()]
 
 
-_AVERAGER = "hivemind.averaging.averager:DecentralizedAverager"
-_OPTIMIZER = "hivemind.optim.optimizer:Optimizer"
-_STATE_AVERAGER = "hivemind.optim.state_averager:TrainingStateAverager"
-_RUNNER = "hivemind.averaging.allreduce:AllReduceRunner"
-_REDUCER = "hivemind.averaging.partition:TensorPartReducer"
-_TRACKER = "hivemind.optim.progress_tracker:ProgressTracker"
-
-OVERRIDDEN = (
-    # averagers: the all-reduce itself (compression.averager, averaging.local) and the access gate
-    Hook(_AVERAGER, "_aggregate_with_group",
-         "(self, group_info: 'GroupInfo', min_vector_size: 'int', **kwargs) -> 'GatheredData'"),
-    Hook(_AVERAGER, "_run_allreduce_inplace_",
-         "(self, tensors: 'Sequence[torch.Tensor]', group_info: 'GroupInfo', group_id: 'Optional[bytes]' = None, "
-         "**kwargs)"),
-    Hook(_AVERAGER, "get_current_state",
-         "(self) -> 'Tuple[Any, Sequence[torch.Tensor], Sequence[CompressionInfo]]'"),
-    Hook(_AVERAGER, "load_state_from_peers",
-         "(self, wait: 'bool' = True, timeout: 'Optional[float]' = None) -> "
-         "'Optional[Tuple[Any, Sequence[torch.Tensor]]]'"),
-    Hook(_AVERAGER, "rpc_join_group",
-         "(self, request: 'averaging_pb2.JoinRequest', context: 'P2PContext') -> "
-         "'AsyncIterator[averaging_pb2.MessageFromLeader]'"),
-    Hook(_AVERAGER, "rpc_aggregate_part",
-         "(self, stream: 'AsyncIterator[averaging_pb2.AveragingData]', context: 'P2PContext') -> "
-         "'AsyncIterator[averaging_pb2.AveragingData]'"),
-    Hook(_AVERAGER, "rpc_download_state",
-         "(self, _request: 'averaging_pb2.DownloadRequest', _context: 'P2PContext') -> "
-         "'AsyncIterator[averaging_pb2.DownloadData]'"),
-    Hook(_AVERAGER, "shutdown", "(self) -> 'None'"),
-    Hook(_STATE_AVERAGER, "get_current_state", "(self)"),
-    Hook(_STATE_AVERAGER, "load_state_from_peers", "(self, **kwargs)"),
-    # the dense all-reduce: byte counting and the robust reducer (compression.averager)
-    Hook(_RUNNER, "_get_peer_stub",
-         "(self, peer: hivemind.p2p.p2p_daemon_bindings.datastructures.PeerID) -> hivemind.p2p.servicer.StubBase"),
-    Hook(_RUNNER, "rpc_aggregate_part",
-         "(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: hivemind.p2p.p2p_daemon.P2PContext) "
-         "-> AsyncIterator[averaging_pb2.AveragingData]"),
-    Hook(_REDUCER, "reset_accumulators", "(self)"),
-    Hook(_REDUCER, "accumulate_part",
-         "(self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0) -> "
-         "torch.Tensor"),
-    Hook(_REDUCER, "on_sender_failed", "(self, sender_index: int)"),
-    Hook(_REDUCER, "check_current_part_finished", "(self)"),
-    # the optimizer: round records, fingerprints, local mode (averaging.sync, averaging.local)
-    Hook(_OPTIMIZER, "_make_state_averager", "(self, **kwargs) -> 'TrainingStateAverager'"),
-    Hook(_OPTIMIZER, "_make_progress_tracker", "(self, target_batch_size: 'int', **kwargs) -> 'ProgressTracker'"),
-    Hook(_OPTIMIZER, "_update_global_epoch", "(self, grad_scaler: 'Optional[GradScaler]') -> 'None'"),
-    Hook(_OPTIMIZER, "_average_gradients_and_load_into_optimizer",
-         "(self, maybe_step_control: 'Optional[StepControl]')"),
-    Hook(_OPTIMIZER, "_should_load_state_from_peers", "(self) -> 'bool'"),
-    Hook(_OPTIMIZER, "_tag_along_with_zero_weight", "(self, control: 'StepControl')"),
-    Hook(_OPTIMIZER, "load_state_from_peers", "(self, **kwargs)"),
-    Hook(_OPTIMIZER, "step",
-         "(self, closure: 'Optional[Callable[[], torch.Tensor]]' = None, batch_size: 'Optional[int]' = None, "
-         "grad_scaler: 'Optional[GradScaler]' = None)"),
-    Hook(_OPTIMIZER, "shutdown", "(self)"),
-    Hook(_TRACKER, "update_epoch", "(self, new_epoch: Optional[int] = None) -> int"),
-    Hook(_TRACKER, "shutdown", "(self, timeout: Optional[float] = None)"),
-    Hook("hivemind.optim.power_sgd_averager:PowerSGDGradientAverager", "_aggregate_with_group",
-         "(self, group_info: hivemind.averaging.group_info.GroupInfo, min_vector_size: int, **kwargs) -> Any"),
-    # the DHT process's request loop (net.dht.SwarmDHT)
-    Hook("hivemind.dht.dht:DHT", "run", "(self) -> 'None'"),
-    # the DHT's access tokens (access.authorizer.TokenAuthorizer): hivemind's abstract authorizer API
-    Hook("hivemind.utils.auth:TokenAuthorizerBase", "get_token", "(self) -> auth_pb2.AccessToken"),
-    Hook("hivemind.utils.auth:TokenAuthorizerBase", "is_token_valid",
-         "(self, access_token: auth_pb2.AccessToken) -> bool"),
-    Hook("hivemind.utils.auth:TokenAuthorizerBase", "does_token_need_refreshing",
-         "(self, access_token: auth_pb2.AccessToken) -> bool"),
-)
-
-# the private methods swarmtrain calls (through the accessors below), with their pinned signatures
-CALLED = (
-    Hook(_STATE_AVERAGER, "_load_local_tensors_into_averager_", "(self)"),
-    Hook(_STATE_AVERAGER, "_update_scheduler", "(self)"),
-    Hook(_STATE_AVERAGER, "_apply_optimizer_parameters_", "(self)"),
-)
-
-# the source of hivemind's Optimizer._make_state_averager, whose arguments state_averager_arguments
-# repeats; the compat test compares the installed source with this
-MAKE_STATE_AVERAGER_SOURCE = '''    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
-        return TrainingStateAverager(
-            dht=self.dht,
-            prefix=f"{self.run_id}_state_averager",
-            min_matchmaking_time=self.matchmaking_time,
-            allreduce_timeout=self.allreduce_timeout,
-            shutdown_timeout=self.shutdown_timeout,
-            offload_optimizer=self.offload_optimizer,
-            custom_gradients=self.offload_optimizer,
-            status_loglevel=self.status_loglevel,
-            next_chunk_timeout=self.next_chunk_timeout,
-            client_mode=self.client_mode,
-            auxiliary=self.auxiliary,
-            start=True,
-            **kwargs,
-        )
-'''
+# SHA-256 of the source of hivemind's Optimizer._make_state_averager, whose arguments
+# state_averager_arguments repeats: the compat test fails when hivemind's changes
+MAKE_STATE_AVERAGER_SHA256 = "59a43eff001c328459717cc1cfaaeabcab193a030f20683af905327d8973c0cf"
 
 
 def state_averager_arguments(optimizer) -> Dict[str, Any]:
     """What hivemind.Optimizer._make_state_averager passes its TrainingStateAverager, besides its own
-    ``**kwargs`` (the optimizer, parameters, scheduler...); see MAKE_STATE_AVERAGER_SOURCE."""
+    ``**kwargs`` (the optimizer, parameters, scheduler...): read from hivemind 1.1.12's source, whose
+    hash is MAKE_STATE_AVERAGER_SHA256."""
     return dict(
         dht=optimizer.dht,
         prefix=f"{optimizer.run_id}_state_averager",

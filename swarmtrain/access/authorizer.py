@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from hivemind.p2p import PeerID
 from hivemind.proto.auth_pb2 import AccessToken
@@ -34,7 +34,13 @@ class TokenAuthorizer(TokenAuthorizerBase):
     Our AccessToken carries our own public key (requests are signed with its private key) and the
     authority's signature; a token is valid when the authority signed (username, peer ID of the
     AccessToken's key, expiration) and it has not expired. The authority itself holds `issuer` and
-    issues its own tokens as needed."""
+    issues its own tokens as needed.
+
+    :param local_private_key: this node's identity key (signs its requests and responses)
+    :param authority: the coordinator's public key: only tokens it signed are valid
+    :param token: a volunteer's own token (give this or `issuer`)
+    :param issuer: the authority's own key, to issue itself tokens (the coordinator)
+    """
 
     def __init__(self, local_private_key: RSAPrivateKey, authority: RSAPublicKey, *, token: Optional[Token] = None,
                  issuer: Optional[RSAPrivateKey] = None):
@@ -103,6 +109,19 @@ class LocalAccess:
 def coordinator_access(private_key: RSAPrivateKey) -> LocalAccess:
     """The authority: it issues its own tokens and accepts the tokens it issued."""
     return LocalAccess(private_key, private_key.get_public_key(), issuer=private_key)
+
+
+def volunteer_access(token_text: str, identity: Optional[str], initial_peers: Sequence[str]) -> Tuple[LocalAccess, str]:
+    """A volunteer's access from the token they were given and their identity file (default:
+    ~/.swarmtrain/peer.id, created if missing), checked against the initial peers; and that file's
+    path. TokenError (one line) if the token would not let them in."""
+    from swarmtrain.net.addresses import peer_id_in
+    from swarmtrain.net.identity import default_identity_path, load_or_create_identity
+
+    identity = identity or str(default_identity_path("peer"))
+    access = peer_access(token_text, load_or_create_identity(identity), [peer_id_in(m) for m in initial_peers],
+                         identity_hint=f" ({identity})")
+    return access, identity
 
 
 def peer_access(token_text: str, private_key: RSAPrivateKey, trusted: Sequence[PeerID],

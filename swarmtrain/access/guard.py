@@ -64,7 +64,10 @@ def _run_id_of_prefix(prefix: str) -> str:
 
 class AccessTable:
     """Peers whose valid token is published under the run's access key, and until when; the
-    authority is always in it."""
+    authority is always in it.
+
+    :param authority: the coordinator's public key (tokens it did not sign are ignored)
+    """
 
     def __init__(self, authority: RSAPublicKey):
         self.authority = authority
@@ -154,7 +157,12 @@ class AccessGuardedAverager:
     RPCs from a peer without a valid token are refused, and this peer's own token is published so
     that the others accept its calls. Needs ``access`` (a LocalAccess); the DHT key is derived from
     the averager's prefix (``{run_id}_grad_averager`` / ``{run_id}_state_averager``) unless
-    ``access_key`` is given."""
+    ``access_key`` is given.
+
+    :param access: this node's LocalAccess (its token is published; the authority's tokens are checked)
+    :param access_key: the DHT key of the run's tokens (default: derived from the averager's prefix)
+    :param args, kwargs: the averager's own
+    """
 
     def __init__(self, *args, access: LocalAccess, access_key: Optional[str] = None, **kwargs):
         # set before super().__init__: it forks the averager process, which needs them

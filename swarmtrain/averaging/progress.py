@@ -15,7 +15,10 @@ PROGRESS_REPORT_PERIOD = 1.0  # seconds between a peer's progress records (hivem
 
 class AtMostEvery(threading.Event):
     """An Event whose set() takes effect at most once per `period` seconds: a set() that comes sooner
-    is deferred to the end of the period (not dropped, so the latest progress always goes out)."""
+    is deferred to the end of the period (not dropped, so the latest progress always goes out).
+
+    :param period: seconds
+    """
 
     def __init__(self, period: float):
         super().__init__()
@@ -57,7 +60,12 @@ class SwarmProgressTracker(ProgressTracker):
     - A new epoch brings the next read of the swarm's progress forward (see update_epoch).
     - It drops the future of its goodbye record on shutdown; when that future is garbage-collected
       before the DHT process reads the request, the DHT process logs a traceback and stalls its own
-      shutdown. Same goodbye, but we wait for it."""
+      shutdown. Same goodbye, but we wait for it.
+
+    :param start: start the tracker's thread at once
+    :param report_period: seconds between this peer's progress reports, at least
+    :param args, kwargs: hivemind's ProgressTracker's
+    """
 
     def __init__(self, *args, start: bool, report_period: float = PROGRESS_REPORT_PERIOD, **kwargs):
         super().__init__(*args, start=False, **kwargs)

@@ -199,15 +199,11 @@ def check_token(token_text: Optional[str], identity: Optional[str],
     when no token was given (that verdict needs the run config: see token_row_without_token)."""
     if token_text is None:
         return None, None
-    from swarmtrain.access.authorizer import peer_access
+    from swarmtrain.access.authorizer import volunteer_access
     from swarmtrain.access.tokens import TokenError, format_time
-    from swarmtrain.net.addresses import peer_id_in
-    from swarmtrain.net.identity import default_identity_path, load_or_create_identity
 
-    identity = identity or str(default_identity_path("peer"))
     try:
-        access = peer_access(token_text, load_or_create_identity(identity), [peer_id_in(m) for m in initial_peers],
-                             identity_hint=f" ({identity})")
+        access, _ = volunteer_access(token_text, identity, initial_peers)
     except TokenError as error:
         text = str(error)
         if "expired" in text:

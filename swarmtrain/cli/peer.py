@@ -33,18 +33,13 @@ def peer_access_from_token(token: str | None, token_file: str | None, identity: 
     token = token_from_options(token, token_file)
     if token is None:
         return None, identity
-    from swarmtrain.access.authorizer import peer_access
+    from swarmtrain.access.authorizer import volunteer_access
     from swarmtrain.access.tokens import TokenError
-    from swarmtrain.net.addresses import peer_id_in
-    from swarmtrain.net.identity import default_identity_path, load_or_create_identity
 
-    identity = identity or str(default_identity_path("peer"))
     try:
-        access = peer_access(token, load_or_create_identity(identity), [peer_id_in(m) for m in initial_peers],
-                             identity_hint=f" ({identity})")
+        return volunteer_access(token, identity, initial_peers)
     except TokenError as error:
         raise UserError(str(error)) from None
-    return access, identity
 
 
 @click.command()

@@ -37,7 +37,11 @@ DEFAULT_MAX_SAMPLE_WEIGHT = 2.0**20  # a self-reported weight above this is clam
 
 
 class SparseGradientAverager(GradientAverager):
-    """hivemind GradientAverager whose all-reduce is the sparse, error-feedback round described above.
+    """hivemind GradientAverager whose all-reduce is the sparse, error-feedback round of sparse_round.py.
+
+    :param parameters, dht, kwargs: hivemind GradientAverager's
+    :param prefix: the matchmaking prefix; the sparse wire version is appended, so that peers speaking
+      another version never meet
 
     :param spec: a sparse CompressionSpec (topk / randomk / gaussiank, optional +8bit values)
     :param density_schedule: overrides ``spec.density`` with a warm-up schedule, indexed by the number of
@@ -140,7 +144,16 @@ class SparseGradientAverager(GradientAverager):
 class RobustTensorPartReducer(TensorPartReducer):
     """hivemind's part reducer, but a part is averaged only once every sender's copy of it is in, through
     :func:`robust.aggregate`: non-finite and outsized parts are rejected (their sender is banned from
-    the rest of the round, as hivemind bans a silent one) instead of poisoning everyone's average."""
+    the rest of the round, as hivemind bans a silent one) instead of poisoning everyone's average.
+
+    :param part_shapes: the shapes of the parts, as hivemind's reducer takes them
+    :param num_senders: senders in the group
+    :param policy: checks and aggregation rule (robust.py)
+    :param max_weight: a self-reported weight above this is clamped
+    :param on_rejected: called with (sender index, reason) for each rejected sender
+    :param local_sender_index: this peer's own index among the senders (its rejected part is left out
+      without failing its round), or None
+    """
 
     def __init__(self, part_shapes, num_senders: int, policy: RobustPolicy, max_weight: float,
                  on_rejected=lambda sender_index, reason: None, local_sender_index: Optional[int] = None):
@@ -262,7 +275,14 @@ class _ByteCountingAllReduceRunner(AllReduceRunner):
 
 class ByteCountingMixin:
     """Gives a hivemind averager (GradientAverager, PowerSGDGradientAverager, ...) a ``stats`` object with
-    the bytes its all-reduce rounds put on the wire. Mix in before the hivemind class."""
+    the bytes its all-reduce rounds put on the wire, and reducers that check every part they receive.
+    Mix in before the hivemind class.
+
+    :param stats: a CompressionStats to write to (one is created otherwise)
+    :param robust_policy: checks and aggregation rule for the parts this peer reduces (robust.py)
+    :param max_sample_weight: a self-reported weight above this is clamped
+    :param args, kwargs: the hivemind averager's own
+    """
 
     def __init__(self, *args, stats: Optional[CompressionStats] = None, robust_policy: RobustPolicy = RobustPolicy(),
                  max_sample_weight: float = DEFAULT_MAX_SAMPLE_WEIGHT, **kwargs):

@@ -68,6 +68,12 @@ class ErrorFeedbackSparsifier:
 
     Invariant after every call: ``sent_dense + residual_after == grad + residual_before`` exactly, where
     ``sent_dense`` is the dense form of the returned (indices, values).
+
+    :param numel: length of the flat gradient
+    :param method: the selection (gaussiank, topk, randomk) when no `selector` is given
+    :param schedule: the density per epoch (give this or `density`)
+    :param density: a constant density
+    :param selector: a selection function (vector, density) -> indices, instead of `method`'s
     """
 
     def __init__(self, numel: int, method: str = "gaussiank", schedule: Optional[DensitySchedule] = None,

@@ -49,6 +49,21 @@ def join_command(maddrs: Sequence[str]) -> str:
 
 
 class Coordinator:
+    """The swarm's bootstrap node, publisher of the run config, tracker and (optionally) checkpointer.
+
+    :param config: the run config it publishes
+    :param identity: its private key file (the same file, the same address after a restart)
+    :param host_maddrs: addresses to listen on
+    :param announce_maddrs: public addresses to tell peers, when they differ
+    :param metrics_host: interface of the /metrics and /status server
+    :param metrics_port: its port (None: no server)
+    :param per_peer_metrics: also export one series per peer
+    :param checkpoint_dir: download the state from peers and save it here periodically (None: never)
+    :param checkpoint_every: seconds between checkpoints
+    :param keep_checkpoints: how many of the newest to keep
+    :param resume_from: a checkpoint (directory) to start the swarm from
+    """
+
     def __init__(self, config: RunConfig, *, identity: str, host_maddrs: Sequence[str],
                  announce_maddrs: Sequence[str] = (), metrics_host: str = "0.0.0.0",
                  metrics_port: Optional[int] = None, per_peer_metrics: bool = False, checkpoint_dir: Optional[str] = None,

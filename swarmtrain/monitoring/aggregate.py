@@ -130,6 +130,7 @@ def _mean(values) -> Optional[float]:
 class SwarmAggregator:
     """Turns successive polls of peer records into ``SwarmStatus`` snapshots.
 
+    :param run_id: the run whose records are read
     :param target_batch_size: samples per swarm epoch (from the run config), for progress and ETA
     :param max_age: records whose own ``time`` is older than this are ignored (the peer is gone)
     """

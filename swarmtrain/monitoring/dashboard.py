@@ -166,31 +166,13 @@ def _communication_row() -> Row:
 
 
 def _privacy_row() -> Row:
-    return [
-        (
-            12,
-            8,
-            _series(
-                "Leakage (max dCor)",
-                [_target("A", "swarmtrain_privacy_leakage_dcor_max", "max dCor")],
-                description="Distance correlation between raw data and shared activations; lower is better",
-                min=0,
-                max=1,
-                thresholds=_thresholds((None, "green"), (0.3, "orange"), (0.6, "red")),
-            ),
-        ),
-        (
-            12,
-            8,
-            _series(
-                "Leakage by peer",
-                [_target("A", "swarmtrain_peer_leakage_dcor", "{{peer_id}}")],
-                description="Needs the coordinator's per-peer metrics",
-                min=0,
-                max=1,
-            ),
-        ),
-    ]
+    leakage = "Distance correlation between raw data and shared activations; lower is better"
+    worst = _series("Leakage (max dCor)", [_target("A", "swarmtrain_privacy_leakage_dcor_max", "max dCor")],
+                    description=leakage, min=0, max=1,
+                    thresholds=_thresholds((None, "green"), (0.3, "orange"), (0.6, "red")))
+    by_peer = _series("Leakage by peer", [_target("A", "swarmtrain_peer_leakage_dcor", "{{peer_id}}")],
+                      description="Needs the coordinator's per-peer metrics", min=0, max=1)
+    return [(12, 8, worst), (12, 8, by_peer)]
 
 
 def _peers_row() -> Row:

@@ -75,7 +75,12 @@ SWARM_BY_LABEL = (
 
 
 class SwarmStatusCollector(Collector):
-    """Swarm-level metrics from the latest ``SwarmStatus`` (as set by the coordinator's poll loop)."""
+    """Swarm-level metrics from the latest ``SwarmStatus`` (as set by the coordinator's poll loop).
+
+    :param get_status: returns the latest SwarmStatus (None before the first poll)
+    :param per_peer: also export one series per peer
+    :param max_peers: at most this many peers (and rejected senders) get series
+    """
 
     def __init__(self, get_status: Callable[[], Optional[SwarmStatus]], per_peer: bool = False, max_peers: int = 200):
         self._get_status = get_status
@@ -154,7 +159,11 @@ def peer_families(rows: List[PeerSummary]) -> Iterator[Metric]:
 
 
 class SwarmMetrics:
-    """The coordinator's exporter state: call ``update(status)`` after each poll, ``serve()`` once."""
+    """The coordinator's exporter state: call ``update(status)`` after each poll, ``serve()`` once.
+
+    :param per_peer: also export one series per peer
+    :param max_peers: at most this many peers get series
+    """
 
     def __init__(self, per_peer: bool = False, max_peers: int = 200):
         self.registry = CollectorRegistry(auto_describe=False)
@@ -238,6 +247,11 @@ class MetricsServer:
 
     ``port=0`` picks a free port (see ``.port``). ``stop()`` (or leaving the ``with`` block) closes the
     socket and joins the thread.
+
+    :param registry: the collectors /metrics renders
+    :param get_status: returns the JSON-able status /status answers (None: 503 until there is one)
+    :param host: interface to listen on
+    :param port: port to listen on (0: a free one)
     """
 
     def __init__(self, registry: CollectorRegistry, get_status: Callable[[], Optional[dict]], host: str, port: int):

@@ -40,7 +40,10 @@ class RequestPipe:
     DHT process unpickles the request (an averager that stops right after a last DHT call), Python
     raises EOFError from ``rebuild_connection``. hivemind's request loop catches OSError there, not
     EOFError, so its DHT process died with a traceback. Raised as ConnectionResetError it takes
-    hivemind's path for a broken request: logged (one debug line, see swarmtrain.cli) and skipped."""
+    hivemind's path for a broken request: logged (one debug line, see swarmtrain.cli.logs) and skipped.
+
+    :param pipe: hivemind's end of the pipe
+    """
 
     def __init__(self, pipe):
         self._pipe = pipe
@@ -148,7 +151,12 @@ class NeighbourhoodKeeper:
 
     hivemind removes a node from the routing table after failed requests and never re-bootstraps:
     a peer whose table empties (one slow answer from a busy coordinator is enough) then reads only
-    the records in its own storage, believes it is alone, and trains on its own for good."""
+    the records in its own storage, believes it is alone, and trains on its own for good.
+
+    :param dht: this peer's DHT
+    :param initial_peers: the multiaddrs it joined through
+    :param period: seconds between refreshes
+    """
 
     def __init__(self, dht: hivemind.DHT, initial_peers: Sequence[str], period: float = 5.0):
         self.dht, self.period = dht, period

@@ -16,14 +16,13 @@ import torch
 from hivemind.p2p import PeerID
 
 from swarmtrain.errors import UserError
-from swarmtrain.monitoring.reporter import PeerReporter
 from swarmtrain.monitoring.status import PeerStatus
 
 from .config import PrivacyConfig
 from .digits import NUM_CLASSES, NUM_FEATURES, load_digits_splits
 from .head import PrivacyHead
 from .split import DataOwnerClient
-from .swarm import access_gate, find_trunks, run_in_loop_thread, split_models, split_of
+from .swarm import SplitRole, find_trunks, run_in_loop_thread, split_models
 
 logger = logging.getLogger("swarmtrain.split")
 
@@ -73,21 +72,15 @@ def owner_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: 
             yield x[idx], y[idx]
 
 
-class DataOwnerRole:
+class DataOwnerRole(SplitRole):
     """`swarmtrain peer --role data-owner`: train through a trunk host until --max-steps or a stop; at the
-    end (not on a stop) the held-out accuracy and leakage.
+    end (not on a stop) the held-out accuracy and leakage. Constructed like SplitRole."""
 
-    :param swarm: the run this peer joined (swarmtrain.net.join.JoinedSwarm)
-    :param options: the volunteer's flags (swarmtrain.peer.options.PeerOptions: data_owner_data, max_steps,
-      status_file, metrics_port)
-    :param status: this peer's status (swarmtrain.monitoring.status.PeerStatus)
-    :param machine: unused: the bottom is small and runs on the CPU
-    """
+    role = "data-owner"
 
     def __init__(self, swarm, options, status: PeerStatus, machine=None):
-        config = swarm.config
-        self.swarm, self.options, self.status, self.config = swarm, options, status, config
-        self.split = split_of(config, "data-owner")
+        super().__init__(swarm, options, status, machine)
+        config = self.config
         self.train_x, self.train_y, self.test_x, self.test_y, description = load_owner_data(options.data_owner_data,
                                                                                             config.seed)
         logger.info(f"data (never leaves this machine): {description}")
@@ -96,11 +89,7 @@ class DataOwnerRole:
         self.head = PrivacyHead(self.bottom, PrivacyConfig(enabled=True, cut_layer=OWNER_BOTTOM_CUT, alpha=alpha,
                                                            leakage_statistic=config.privacy.leakage_statistic))
         self.optimizer = torch.optim.Adam(self.bottom.parameters(), lr=self.split.lr)
-        self.reporter = None
-        # a token-gated run: publishes our token, which the trunk hosts check
-        self.gate = access_gate(swarm.dht, config, swarm.access)
-        self.reporter = PeerReporter(swarm.dht, config.run_id, swarm.signature_validator, role="data-owner",
-                                     device="cpu", client_mode=swarm.client_mode, metrics_port=options.metrics_port)
+        self.start_reporting()
         self.batches = owner_batches(self.train_x, self.train_y, self.split.batch_size,
                                      torch.Generator().manual_seed(config.seed))
         status.update(phase="finding a trunk host", role="data-owner")
@@ -179,10 +168,3 @@ class DataOwnerRole:
         logger.info(f"data owner done: {stats.steps} steps, held-out accuracy {accuracy:.3f} on {len(self.test_x)} "
                     f"samples, leakage dCor(X, Z) {leakage:.3f}, {stats.dropped} step(s) dropped, "
                     f"{stats.bytes_sent / 1e6:.1f} MB of Z and labels sent")
-
-    def close(self) -> None:
-        self.status.write(self.options.status_file)
-        if self.reporter is not None:
-            self.reporter.close()
-        if self.gate is not None:
-            self.gate.shutdown()

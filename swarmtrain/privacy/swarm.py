@@ -45,6 +45,7 @@ from swarmtrain.access.authorizer import LocalAccess
 from swarmtrain.access.guard import AccessGuardedAverager, access_record_key
 from swarmtrain.errors import UserError
 from swarmtrain.hivemind_compat import is_signed_subkey
+from swarmtrain.monitoring.reporter import PeerReporter
 
 from .config import SplitConfig
 from .digits import DigitsNet
@@ -159,3 +160,38 @@ def access_gate(dht, config, access) -> Optional[AccessGate]:
     if access is None:  # normally unreachable: without a token the swarm's DHT would not have let us in
         raise UserError(f"run {config.run_id!r} is token-gated: join with --token (ask the organiser for one)")
     return AccessGate(dht, access, config.run_id)
+
+
+class SplitRole:
+    """What both roles of a split run share (run by `swarmtrain peer`, see swarmtrain.peer.run): the
+    split settings, the access gate of a token-gated run, this peer's record in the DHT, and a
+    ``close()`` that writes the status and releases them.
+
+    :param swarm: the run this peer joined (swarmtrain.net.join.JoinedSwarm)
+    :param options: the volunteer's flags (swarmtrain.peer.options.PeerOptions)
+    :param status: this peer's status (swarmtrain.monitoring.status.PeerStatus)
+    :param machine: unused: the split models are small and run on the CPU
+    """
+
+    role = ""  # trunk or data-owner
+
+    def __init__(self, swarm, options, status, machine=None):
+        self.swarm, self.options, self.status, self.config = swarm, options, status, swarm.config
+        self.split = split_of(self.config, self.role)
+        self.gate = self.reporter = None
+
+    def start_reporting(self) -> None:
+        """The access gate (on a token-gated run it also keeps this peer's token published, which the
+        other side checks) and this peer's record in the DHT."""
+        swarm = self.swarm
+        self.gate = access_gate(swarm.dht, self.config, swarm.access)
+        self.reporter = PeerReporter(swarm.dht, self.config.run_id, swarm.signature_validator, role=self.role,
+                                     device="cpu", client_mode=swarm.client_mode,
+                                     metrics_port=self.options.metrics_port)
+
+    def close(self) -> None:
+        self.status.write(self.options.status_file)
+        if self.reporter is not None:
+            self.reporter.close()
+        if self.gate is not None:
+            self.gate.shutdown()

@@ -16,15 +16,13 @@ from hivemind.averaging import DecentralizedAverager
 from swarmtrain.access.guard import access_record_key, guarded_class
 from swarmtrain.averaging.rounds import RoundRecord
 from swarmtrain.errors import UserError
-from swarmtrain.monitoring.reporter import PeerReporter
 from swarmtrain.monitoring.status import PeerStatus
 from swarmtrain.signals import children_ignore_interrupts
 
 from .config import SplitConfig
 from .digits import NUM_CLASSES
 from .split import TrunkHost
-from .swarm import (ANNOUNCE_PERIOD, access_gate, announce_trunk, find_trunks, run_in_loop_thread, split_models,
-                    split_of)
+from .swarm import ANNOUNCE_PERIOD, SplitRole, announce_trunk, find_trunks, run_in_loop_thread, split_models
 
 logger = logging.getLogger("swarmtrain.split")
 
@@ -247,39 +245,32 @@ class TrunkAverager:
         if started:
             self._thread.join(timeout=5.0)
 
-class TrunkHostRole:
+class TrunkHostRole(SplitRole):
     """`swarmtrain peer --role trunk` (the default role on a split run): host the trunk for data owners,
-    announce it, and average it with the other trunk hosts, until stopped.
+    announce it, and average it with the other trunk hosts, until stopped. Constructed like SplitRole."""
 
-    :param swarm: the run this peer joined (swarmtrain.net.join.JoinedSwarm)
-    :param options: the volunteer's flags (swarmtrain.peer.options.PeerOptions: status_file, metrics_port)
-    :param status: this peer's status (swarmtrain.monitoring.status.PeerStatus)
-    :param machine: unused: the trunk is small and runs on the CPU
-    """
+    role = "trunk"
 
     def __init__(self, swarm, options, status: PeerStatus, machine=None):
-        config = swarm.config
-        self.swarm, self.options, self.status, self.config = swarm, options, status, config
-        self.split = split_of(config, "trunk")
+        super().__init__(swarm, options, status, machine)
+        config = self.config
         if swarm.client_mode:
             raise UserError("a trunk host must accept incoming connections (data owners call it): it cannot run in "
                             "client mode; forward a port (--port, --public-ip) or join as a data owner")
         self.trunk = split_models(self.split, config.seed).classifier
         lock = threading.Lock()
-        self.gate = access_gate(swarm.dht, config, swarm.access)
+        self.averager = None
+        self.start_reporting()
         self.host = LockedTrunkHost(self.trunk, torch.optim.Adam(self.trunk.parameters(), lr=self.split.lr),
                                     activation_shape=(self.split.cut_width,), num_classes=NUM_CLASSES,
                                     run_id=config.run_id, max_batch_size=max(1024, self.split.batch_size),
                                     params_lock=lock, authorize=self.gate.allows if self.gate is not None else None)
-        self.averager = self.reporter = None
         with children_ignore_interrupts():
             self.averager = TrunkAverager(self.trunk, swarm.dht, config.run_id, self.split, lock,
                                           client_mode=swarm.client_mode,
                                           matchmaking_time=config.averaging.matchmaking_time,
                                           request_timeout=config.averaging.request_timeout,
                                           steps=lambda: self.host.stats.steps, access=swarm.access)
-        self.reporter = PeerReporter(swarm.dht, config.run_id, swarm.signature_validator, role="trunk", device="cpu",
-                                     client_mode=swarm.client_mode, metrics_port=options.metrics_port)
         status.update(phase="loading trunk", role="trunk", initial_trunk_norm=parameter_norm(self.trunk),
                       loaded_trunk=False)
 
@@ -337,10 +328,6 @@ class TrunkHostRole:
         rounds = self.averager.rounds if self.averager is not None else []
         self.status.update(step=stats.steps, rejected=stats.rejected, unauthorized=stats.unauthorized,
                            rounds=[asdict(r) for r in rounds], trunk_norm=parameter_norm(self.trunk))
-        self.status.write(self.options.status_file)
-        if self.reporter is not None:
-            self.reporter.close()
+        super().close()
         if self.averager is not None:
             self.averager.shutdown()
-        if self.gate is not None:
-            self.gate.shutdown()
