@@ -17,7 +17,7 @@ from swarmtrain.access.guard import with_access_guard
 from swarmtrain.averaging.progress import SwarmProgressTracker
 from swarmtrain.averaging.rounds import NO_OTHER_PEERS, RoundRecord, group_id
 from swarmtrain.compression.stats import AveragingTraffic
-from swarmtrain.signals import raise_if_stop_requested
+from swarmtrain.signals import poll, raise_if_stop_requested
 from swarmtrain.training.fingerprint import fingerprint, fingerprint_positions, fingerprints_match
 
 logger = logging.getLogger("swarmtrain.peer")
@@ -191,11 +191,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         if not control.triggered:
             control.weight = 0
             control.allow_allreduce()
-        deadline = time.monotonic() + (self.averaging_timeout or 30.0)
         try:
-            while not control.done() and time.monotonic() < deadline:
-                raise_if_stop_requested()
-                time.sleep(0.1)
+            poll(lambda: True if control.done() else None, timeout=self.averaging_timeout or 30.0, interval=0.1)
         finally:
             if not control.done():
                 try:
