@@ -40,6 +40,7 @@ OVERRIDDEN = {
         "rpc_aggregate_part": "(self, stream: 'AsyncIterator[averaging_pb2.AveragingData]', context: 'P2PContext') -> 'AsyncIterator[averaging_pb2.AveragingData]'",
         "rpc_download_state": "(self, _request: 'averaging_pb2.DownloadRequest', _context: 'P2PContext') -> 'AsyncIterator[averaging_pb2.DownloadData]'",
         "shutdown": "(self) -> 'None'",
+        "_shutdown": "(self, timeout: 'Optional[float]') -> 'None'",
     },
     "hivemind.optim.state_averager:TrainingStateAverager": {
         "get_current_state": '(self)',
@@ -176,3 +177,23 @@ def is_signed_subkey(subkey) -> bool:
     from hivemind.dht.crypto import RSASignatureValidator
 
     return isinstance(subkey, bytes) and RSASignatureValidator._PUBLIC_KEY_RE.search(subkey) is not None
+
+
+class CleanShutdownMixin:
+    """Put in front of a hivemind averager: its process shuts down cleanly in the middle of a round.
+
+    hivemind 1.1.12's ``DecentralizedAverager._shutdown`` calls ``finalize()`` on the *futures* of the
+    running groups, not on the runners they resolve to (and adds finalize's None to a set): a peer
+    stopped while one of its rounds was under way died with an AttributeError traceback. Same
+    steps, on the runners."""
+
+    async def _shutdown(self, timeout) -> None:
+        if not self.client_mode:
+            await self.remove_p2p_handlers(averager_p2p(self), namespace=self.prefix)
+        for future in list(self._running_groups.values()):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                finalize = getattr(future.result(), "finalize", None)
+                if finalize is not None:  # hivemind's runner; the sparse round ends with the process
+                    finalize(cancel=True)
+            else:
+                future.cancel()

@@ -105,7 +105,7 @@ class InStepWeightMixin:
 # ------------------------------------------------------------------------------------------------
 
 
-class LocalStateAverager(TrainingStateAverager):
+class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverager):
     """hivemind's TrainingStateAverager whose state (for joiners and checkpoints) is the last averaged
     model, the optimizer state, then the outer momentum buffers, with the schedule's state in the
     metadata (``local_sgd``). A plain TrainingStateAverager reading it takes the averaged model as the

@@ -16,6 +16,7 @@ from swarmtrain import hivemind_compat
 from swarmtrain.access.guard import with_access_guard
 from swarmtrain.averaging.progress import SwarmProgressTracker
 from swarmtrain.averaging.rounds import NO_OTHER_PEERS, RoundRecord, group_id
+from swarmtrain.compression.factory import with_mixin
 from swarmtrain.compression.stats import AveragingTraffic
 from swarmtrain.signals import poll, raise_if_stop_requested
 from swarmtrain.training.fingerprint import fingerprint, fingerprint_positions, fingerprints_match
@@ -40,7 +41,8 @@ class SwarmOptimizer(hivemind.Optimizer):
     :param args, kwargs: hivemind.Optimizer's
     """
 
-    state_averager_class = TrainingStateAverager  # what _make_state_averager builds (local mode: its own)
+    # what _make_state_averager builds (local mode: its own); the name stays hivemind's, for its RPCs
+    state_averager_class = with_mixin(hivemind_compat.CleanShutdownMixin, TrainingStateAverager)
 
     def __init__(self, *args, fingerprint_tolerance: float = 1e-4, access=None, **kwargs):
         self.access = access  # before super().__init__: it builds the state averager
