@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from swarmtrain.monitoring.aggregate import SwarmAggregator  # noqa: E402
 from swarmtrain.monitoring.records import PeerRecord  # noqa: E402
 
 CLIENTS = 20
+# (getattr: part 2 also runs against a checkout from before issue #20, to compare)
+SCRAPER_BACKLOG = getattr(metrics_module, "SCRAPER_BACKLOG", 5)
 
 
 def scrape_under_load(port: int, seconds: float, clients: int = CLIENTS) -> dict:
@@ -69,7 +72,8 @@ def scrape_under_load(port: int, seconds: float, clients: int = CLIENTS) -> dict
 
     return dict(clients=clients, scrapes=len(latencies), errors=errors[0], p50_ms=percentile(0.5),
                 p90_ms=percentile(0.9), p99_ms=percentile(0.99), max_ms=round(latencies[-1], 2) if latencies else None,
-                mean_ms=round(statistics.fmean(latencies), 2) if latencies else None, latencies_ms=latencies)
+                mean_ms=round(statistics.fmean(latencies), 2) if latencies else None,
+                over_500ms=sum(1 for latency in latencies if latency > 500), latencies_ms=latencies)
 
 
 def _two_peer_status():
@@ -95,7 +99,7 @@ def _serve(backlog: int, port_queue, stop_event) -> None:  # a forked process: t
 def backlog_comparison(seconds: float) -> dict:
     results = {}
     context = mp.get_context("fork")
-    for name, backlog in (("backlog_5_before", 5), ("backlog_after", metrics_module.SCRAPER_BACKLOG)):
+    for name, backlog in (("backlog_5_before", 5), ("backlog_after", SCRAPER_BACKLOG)):
         ports, stop = context.Queue(), context.Event()
         server = context.Process(target=_serve, args=(backlog, ports, stop), daemon=True)
         server.start()
@@ -109,8 +113,11 @@ def backlog_comparison(seconds: float) -> dict:
 
 
 def _status(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError:  # 503 until the coordinator's first poll
+        return {}
 
 
 def forged_records(seconds: float, count: int) -> dict:
@@ -129,7 +136,7 @@ def forged_records(seconds: float, count: int) -> dict:
     forger = None
     try:
         deadline = time.monotonic() + 180
-        while _status(port)["peers_alive"]["trainer"] < 1:
+        while _status(port).get("peers_alive", {}).get("trainer", 0) < 1:
             if time.monotonic() > deadline:
                 raise RuntimeError("the honest peer never showed up")
             time.sleep(1)
@@ -141,13 +148,30 @@ def forged_records(seconds: float, count: int) -> dict:
         stored_at = time.monotonic()
         stored = forge_peer_records(forger, "tiny-code-lm", keys, claimed, ttl=120)
         store_seconds = time.monotonic() - stored_at
+        # as an attacker would: keep storing them, fresh, while the scrapers measure
+        stop, alive = threading.Event(), []
+
+        def keep_forging():
+            while not stop.is_set():
+                forge_peer_records(forger, "tiny-code-lm", keys, claimed, ttl=120)
+
+        def watch_alive():
+            while not stop.wait(2.0):
+                alive.append(_status(port)["peers_alive"]["trainer"])
+
+        background = [threading.Thread(target=keep_forging, daemon=True), threading.Thread(target=watch_alive)]
+        for thread in background:
+            thread.start()
         time.sleep(5)  # two coordinator polls
-        after = dict(peers_alive=_status(port)["peers_alive"]["trainer"], **scrape_under_load(port, seconds))
-        after["peers_alive_end"] = _status(port)["peers_alive"]["trainer"]
+        after = scrape_under_load(port, seconds)
+        stop.set()
+        for thread in background:
+            thread.join(timeout=300)  # the round of stores under way finishes first
+        after.update(peers_alive_max=max(alive), peers_alive_min=min(alive))
         print(f"[trust] after {stored} forged records: "
               + json.dumps({k: v for k, v in after.items() if k != "latencies_ms"}), flush=True)
         return dict(records=count, stored=stored, store_seconds=round(store_seconds, 1), truth=1,
-                    before=before, after=after)
+                    forged_time_ahead_seconds=25.0, before=before, after=after)
     finally:
         if forger is not None:
             forger.shutdown()
@@ -162,8 +186,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    series = [(axes[0], "backlog 5 (before)", results["backlog"]["backlog_5_before"]),
-              (axes[0], f"backlog {metrics_module.SCRAPER_BACKLOG}", results["backlog"]["backlog_after"])]
+    series = [] if "backlog" not in results else [
+              (axes[0], "backlog 5 (before)", results["backlog"]["backlog_5_before"]),
+              (axes[0], f"backlog {SCRAPER_BACKLOG}", results["backlog"]["backlog_after"])]
     if "forged" in results:
         series += [(axes[1], "coordinator, 1 honest peer", results["forged"]["before"]),
                    (axes[1], f"+ {results['forged']['stored']} forged records", results["forged"]["after"])]
@@ -189,14 +214,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="scraping time per measurement")
     parser.add_argument("--records", type=int, default=1000, help="forged peer records")
     parser.add_argument("--skip-forged", action="store_true", help="part 1 only")
+    parser.add_argument("--skip-backlog", action="store_true", help="part 2 only")
     parser.add_argument("--output", type=Path, default=RESULTS / "trust.json")
     args = parser.parse_args()
-    results = dict(command=" ".join(sys.argv), load_average=os.getloadavg(), backlog=backlog_comparison(args.seconds))
+    results = dict(command=" ".join(sys.argv), load_average=os.getloadavg())
+    if not args.skip_backlog:
+        results["backlog"] = backlog_comparison(args.seconds)
     if not args.skip_forged:
         results["forged"] = forged_records(args.seconds, args.records)
     plot(results, args.output.with_suffix(".png"))
-    for part in [results["backlog"]["backlog_5_before"], results["backlog"]["backlog_after"],
-                 *([results["forged"]["before"], results["forged"]["after"]] if "forged" in results else [])]:
+    parts = list(results.get("backlog", {}).values())
+    parts += [results["forged"]["before"], results["forged"]["after"]] if "forged" in results else []
+    for part in parts:
         part.pop("latencies_ms")
     args.output.write_text(json.dumps(results, indent=2))
     print(f"[trust] wrote {args.output} and {args.output.with_suffix('.png')}")

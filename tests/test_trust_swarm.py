@@ -76,6 +76,8 @@ def test_forged_progress_and_records_cost_the_honest_peers_nothing(tmp_path, fak
             forger.shutdown()
         swarm.close()
 
+    print(f"coordinator's peers_alive (trainers) during the attack: {sorted(set(alive_seen))}; epochs: "
+          f"{sorted(set(epochs_seen))}; forged epoch {forged_epoch}")
     # the truth is 2 trainers; the forger is one connected node (its records count once, at most)
     assert all(2 <= alive <= 2 + 5 for alive in alive_seen), alive_seen
     assert all(epoch < start + 100 for epoch in epochs_seen), epochs_seen

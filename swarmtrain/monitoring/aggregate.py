@@ -182,7 +182,8 @@ class SwarmAggregator:
 
     def poll(self, dht, now: Optional[float] = None, observed: Optional[Set[str]] = None) -> SwarmStatus:
         """Fetch the run's records from ``dht`` and update (``observed``: see ``update``)."""
-        return self.update(fetch_records(dht, self.run_id, max_age=self.max_age, now=now), now=now, observed=observed)
+        records = fetch_records(dht, self.run_id, max_age=self.max_age, now=now, peer_ids=observed)
+        return self.update(records, now=now, observed=observed)
 
     def update(self, records: Mapping[str, PeerRecord], now: Optional[float] = None,
                observed: Optional[Set[str]] = None) -> SwarmStatus:

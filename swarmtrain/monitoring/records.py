@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time as time_module
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Set
 
 import pydantic.v1 as pydantic
 from hivemind.dht import DHT
@@ -247,6 +247,7 @@ def fetch_records(
     max_age: Optional[float] = None,
     latest: bool = True,
     now: Optional[float] = None,
+    peer_ids: Optional[Set[str]] = None,
 ) -> Dict[str, PeerRecord]:
     """Current records of the run, keyed by the owner's public key subkey (``[owner:...]`` as str).
 
@@ -254,17 +255,23 @@ def fetch_records(
     whose own ``time`` lies ahead of this node's clock by more than MAX_CLOCK_SKEW and, if ``max_age``
     is given, records older than ``max_age`` seconds (a peer that died keeps its record until the DHT
     expiration). Subkeys that are not ``[owner:...]`` keys are dropped as well: they could not have
-    passed the signature check. At most MAX_RECORDS_READ entries are parsed.
+    passed the signature check. With ``peer_ids``, entries claiming another peer ID are skipped before
+    they are parsed (a flood of forged records then costs a dictionary lookup each). At most
+    MAX_RECORDS_READ entries are parsed.
     """
     found = dht.get(records_key(run_id), latest=latest)
     if found is None or not isinstance(found.value, dict):
         return {}
     now = time_module.time() if now is None else now
     records: Dict[str, PeerRecord] = {}
-    for index, (subkey, entry) in enumerate(found.value.items()):
-        if index >= MAX_RECORDS_READ:
+    parsed = 0
+    for subkey, entry in found.value.items():
+        if peer_ids is not None and (not isinstance(entry.value, dict) or entry.value.get("peer_id") not in peer_ids):
+            continue
+        if parsed >= MAX_RECORDS_READ:
             logger.debug(f"{len(found.value)} records under {records_key(run_id)}; read the first {MAX_RECORDS_READ}")
             break
+        parsed += 1
         owner = subkey.decode(errors="replace") if isinstance(subkey, bytes) else str(subkey)
         if RSASignatureValidator._PUBLIC_KEY_RE.search(owner.encode()) is None:
             logger.debug(f"Dropping a peer record under an unprotected subkey {owner[:40]!r}")

@@ -68,16 +68,18 @@ def start_forger(initial_peers: Sequence[str], keys: Sequence[RSAPrivateKey]) ->
 
 
 def forge_peer_records(dht: DHT, run_id: str, keys: Sequence[RSAPrivateKey], peer_ids: Sequence[str],
-                       ttl: float = 60.0) -> int:
-    """One schema-valid, absurd-but-bounded PeerRecord per key (claiming ``peer_ids[i % len]``); how many
-    the swarm stored."""
+                       ttl: float = 60.0, ahead: float = 25.0) -> int:
+    """One schema-valid, absurd-but-bounded PeerRecord per key (claiming ``peer_ids[i % len]``), dated
+    ``ahead`` seconds in the future (readers tolerate 30 s of clock skew: the records stay fresh longer);
+    how many the swarm stored."""
     futures = []
     for index, key in enumerate(keys):
         record = PeerRecord.make(
             peer_id=peer_ids[index % len(peer_ids)], role="trainer", step=10**12, epoch=10**9, loss=0.0,
             samples_per_second=1e7, samples_accumulated=10**12, bytes_sent=10**17, bytes_received=10**17,
             rounds_ok=10**9, rounds_failed=0, last_round_seconds=0.0, last_round_group_size=10**5,
-            compression_density=None, leakage_dcor=None, device="cpu", client_mode=False, version="9.9.9")
+            compression_density=None, leakage_dcor=None, device="cpu", client_mode=False, version="9.9.9",
+            time=time.time() + ahead)
         futures.append(dht.store(records_key(run_id), subkey=owner_subkey(key), value=record.dict(),
                                  expiration_time=time.time() + ttl, return_future=True))
     return sum(1 for future in futures if future.result(timeout=120))
