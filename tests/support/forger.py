@@ -53,6 +53,10 @@ class ManyKeySigner(RecordValidatorBase):
                 return signer.sign_value(record)
         return record.value
 
+    def strip_value(self, record: DHTRecord) -> bytes:
+        # (this node reads its own stored values back when it refreshes its cache)
+        return next(iter(self._signers.values())).strip_value(record)
+
     @property
     def priority(self) -> int:
         return 10  # like RSASignatureValidator: signs last, over the serialized value
