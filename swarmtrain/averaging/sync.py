@@ -132,6 +132,9 @@ class SwarmOptimizer(hivemind.Optimizer):
                 raise_if_stop_requested()
                 time.sleep(min(1.0 + 0.5 * attempt, 5.0))  # the donors are applying epoch `wanted` right now
             loaded = self.local_epoch >= wanted
+            # from now on our own epoch is a vote for the swarm's (averaging.progress.credible_epoch):
+            # we hold the swarm's state, or no donor could serve the epoch the records claimed
+            self.tracker.votes_own_epoch = True
             if not loaded:
                 logger.warning(f"could only get the state of epoch {self.local_epoch} (the swarm is at {wanted}); "
                                f"training on, the next rounds' checks will resynchronise")

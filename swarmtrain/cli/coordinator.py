@@ -63,7 +63,11 @@ def coordinator(ctx, config_path, identity, host_maddrs, announce_maddrs, log_ev
     from swarmtrain.signals import StopRequested, children_die_with_this_process, raise_on_stop_signals
 
     children_die_with_this_process()
-    config = load_run_config(config_path)
+    config = load_run_config(config_path)  # every value peers could not run is refused here, before publishing
+    if checkpoint_dir:
+        from swarmtrain.training.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(checkpoint_dir)
     identity = identity or str(default_identity_path(f"coordinator-{config.run_id}"))
     token_gated = config.access.mode == "token"  # the coordinator is the authority (see Coordinator)
     raise_on_stop_signals()

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
@@ -35,6 +35,11 @@ logger = logging.getLogger("swarmtrain.coordinator")
 async def _connected_peers(_dht, node) -> List[str]:
     # runs inside the DHT process (hence module level: it is pickled there)
     return [f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs]
+
+
+async def _connected_peer_ids(_dht, node) -> List[str]:
+    # runs inside the DHT process, like _connected_peers
+    return [str(info.peer_id) for info in await node.p2p.list_peers()]
 
 
 def _read_known_peers(path: Path) -> List[str]:
@@ -79,6 +84,7 @@ class Coordinator:
         # bootstrap node about the swarm that kept training without it
         self.known_peers_path = Path(f"{identity}.peers.json")
         self._remembered = set()
+        self._observed: Dict[str, float] = {}  # peer ID -> when last seen connected (time.monotonic())
         self.dht = None
         known = _read_known_peers(self.known_peers_path)
         for initial_peers in ([known, []] if known else [[]]):
@@ -139,7 +145,7 @@ class Coordinator:
             if time.monotonic() - self._published_at > RUN_CONFIG_TTL / 4:
                 self.publish()
             if time.monotonic() - last_poll >= 2.0:
-                self.metrics.update(self.aggregator.poll(self.dht))
+                self.metrics.update(self.aggregator.poll(self.dht, observed=self.observed_peers()))
                 last_poll = time.monotonic()
             if time.monotonic() - last_remember >= 2.0:  # a local call; the file is written on changes only
                 self.remember_peers()
@@ -157,6 +163,23 @@ class Coordinator:
                 )
                 last_log = time.monotonic()
             time.sleep(0.5)
+
+    def observed_peers(self) -> Set[str]:
+        """Peer IDs connected to this node now or within the last RECORD_TTL seconds. libp2p
+        authenticates them, so unlike a record's claims they cost something to multiply: only their
+        records count in the swarm's figures (a node publishing a thousand records under fresh keys is
+        still one peer)."""
+        try:
+            connected = self.dht.run_coroutine(_connected_peer_ids)
+        except Exception as error:
+            logger.debug(f"could not list peers: {error!r}")
+            connected = []
+        now = time.monotonic()
+        for peer_id in [*connected, str(self.dht.peer_id)]:
+            self._observed[peer_id] = now
+        for peer_id in [peer_id for peer_id, seen in self._observed.items() if now - seen > RECORD_TTL]:
+            del self._observed[peer_id]
+        return set(self._observed)
 
     def remember_peers(self) -> None:
         try:

@@ -34,8 +34,9 @@ from swarmtrain.peer.options import PeerOptions
 from swarmtrain.peer.resources import Machine, halved_after_out_of_memory, is_out_of_memory, pick_batch_size
 from swarmtrain.privacy import attach_privacy_head
 from swarmtrain.signals import children_ignore_interrupts, poll, raise_if_stop_requested
-from swarmtrain.training.checkpoint import (latest_checkpoint_path, load_checkpoint, model_state_mismatch,
-                                            optimizer_state_mismatch, save_checkpoint)
+from swarmtrain.training.checkpoint import (CheckpointError, check_checkpoint_dir, checkpoint_paths,
+                                            latest_checkpoint_path, load_checkpoint, model_state_mismatch,
+                                            optimizer_state_mismatch, read_meta, save_checkpoint)
 
 logger = logging.getLogger("swarmtrain.peer")
 FINGERPRINTS_KEPT = 64  # epochs whose parameter fingerprint the status file keeps
@@ -53,6 +54,8 @@ class Trainer:
 
     def __init__(self, swarm: JoinedSwarm, options: PeerOptions, status: PeerStatus, machine: Machine):
         self.swarm, self.options, self.status, self.machine = swarm, options, status, machine
+        if options.checkpoint_dir:  # refused now, in one line, rather than at the first save
+            check_checkpoint_dir(options.checkpoint_dir)
         self.config = swarm.config
         self.device = machine.device
         self.corpus = self.heldout = self.model = self.privacy_head = self.optimizer = self.reporter = None
@@ -94,8 +97,8 @@ class Trainer:
         status.epoch = optimizer.local_epoch
         if self.model is not None:
             status.heldout_loss.append([optimizer.local_epoch, self._heldout_loss()])
-            if self.options.checkpoint_dir:
-                path = self._save()
+            path = self._save() if self.options.checkpoint_dir else None
+            if path is not None:
                 status.checkpoint = str(path)
                 logger.info(f"state saved to {path}")
         status.write(self.options.status_file)
@@ -154,27 +157,28 @@ class Trainer:
                                target_batch_size=min(config.target_batch_size, corpus.train.shape[0]))
 
     def _checkpoint_to_resume(self):
-        """This peer's newest checkpoint, if it belongs to this run and fits its model; None otherwise,
-        with one warning line saying why. A checkpoint that does not fit is left on disk untouched."""
+        """This peer's newest intact checkpoint that belongs to this run and fits its model; None if there is
+        none. A damaged one (its files do not match the hashes in its meta.json), another run's or another
+        model's is skipped with one line saying why, and left on disk untouched: the next one is tried."""
         directory = self.options.checkpoint_dir
-        if not directory or latest_checkpoint_path(directory) is None:
+        if not directory:
             return None
-        try:
-            checkpoint = load_checkpoint(directory)
-        except Exception as error:  # unreadable: say so and start without it rather than not at all
-            logger.warning(f"cannot read the checkpoint in {directory} ({error}); starting without it")
-            return None
-        saved_run = checkpoint.meta.get("run_id")
-        if saved_run is not None and saved_run != self.config.run_id:
-            problem = f"it is of run {saved_run!r}, not {self.config.run_id!r}"
-        else:
+        for path in checkpoint_paths(directory):
+            try:
+                saved_run = read_meta(path).get("run_id")
+                if saved_run is not None and saved_run != self.config.run_id:
+                    logger.info(f"{path} is of run {saved_run!r}, not {self.config.run_id!r}: left alone")
+                    continue
+                checkpoint = load_checkpoint(path)
+            except CheckpointError as error:
+                logger.warning(f"{path} is damaged: {error}. It stays on disk; trying an older checkpoint")
+                continue
             problem = model_state_mismatch(self.model.state_dict(), checkpoint.model_state)
-        if problem is not None:
-            logger.warning(f"not resuming from {checkpoint.path}: {problem}. It stays on disk; this peer starts "
-                           f"afresh, from the swarm's state when the run is under way (use another --checkpoint-dir "
-                           f"to keep the two apart)")
-            return None
-        return checkpoint
+            if problem is None:
+                return checkpoint
+            logger.warning(f"not resuming from {checkpoint.path}: {problem}. It stays on disk (use another "
+                           f"--checkpoint-dir to keep the two apart); trying an older checkpoint")
+        return None
 
     def _catch_up_with_swarm(self) -> None:
         optimizer = self.optimizer
@@ -340,8 +344,9 @@ class Trainer:
         status.resynced_after = len(optimizer.rounds)
         if optimizer.tracker.global_progress.num_peers <= 1:
             checkpoint_dir = self.options.checkpoint_dir
-            if reason.startswith("its parameters or") and checkpoint_dir and latest_checkpoint_path(checkpoint_dir):
-                restored = load_checkpoint(checkpoint_dir)
+            newest = latest_checkpoint_path(checkpoint_dir, self.config.run_id) if checkpoint_dir else None
+            if reason.startswith("its parameters or") and newest is not None:
+                restored = load_checkpoint(newest)
                 logger.error(f"{reason}, and no peer to download from: back to {restored.path}")
                 optimizer.restore_checkpoint(self.model, restored.model_state, restored.optimizer_state)
                 status.restores = (status.restores or 0) + 1
@@ -368,6 +373,14 @@ class Trainer:
     def _heldout_loss(self) -> float:
         return heldout_loss(self.model, self.heldout, self.config.model.kind)
 
-    def _save(self) -> Path:
-        return save_checkpoint(self.options.checkpoint_dir, self.optimizer.local_epoch, self.model.state_dict(),
-                               self.optimizer.state_dict(), meta={"run_id": self.config.run_id, "version": __version__})
+    def _save(self) -> Optional[Path]:
+        """Save a checkpoint; None (one error line, training goes on) when the disk refuses it -- full, or
+        the directory went away since the start-up check."""
+        try:
+            return save_checkpoint(self.options.checkpoint_dir, self.optimizer.local_epoch, self.model.state_dict(),
+                                   self.optimizer.state_dict(),
+                                   meta={"run_id": self.config.run_id, "version": __version__})
+        except OSError as error:
+            logger.error(f"could not save a checkpoint to {self.options.checkpoint_dir}: "
+                         f"{error.strerror or error}; the previous ones are untouched")
+            return None
