@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from swarmtrain.data.cli import tokenizer as tokenizer_group
-from tests.conftest import TINY_CONFIG
-from tests.swarm_helpers import LocalSwarm, assert_no_tracebacks, max_parameter_difference
+from tests.support import TINY_CONFIG
+from tests.support.swarm import LocalSwarm, assert_no_tracebacks, max_parameter_difference
 
 pytestmark = pytest.mark.skip(reason="needs trainer integration (phase 2)")
 
