@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from swarmtrain.config import DataConfig, parse_run_config
 from swarmtrain.data import BYTE_VOCABULARY, VOCAB_SIZE, load_tokenizer, open_training_data
-from swarmtrain.data.cli import tokenizer as tokenizer_group
+from swarmtrain.cli.tokenizer import tokenizer as tokenizer_group
 from swarmtrain.errors import UserError
 from swarmtrain.models import (build_model, check_model, compute_loss, embedded_input_layer, heldout_loss,
                                objective_of)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from swarmtrain.config import DataConfig, parse_run_config
 from swarmtrain.data import load_tokenizer, open_training_data, pin_tokenizer, resolve_tokenizer
-from swarmtrain.data.cli import tokenizer as tokenizer_group
+from swarmtrain.cli.tokenizer import tokenizer as tokenizer_group
 from swarmtrain.data.tokenizer import cached_tokenizer_path, check_tokenizer
 from swarmtrain.errors import UserError
 

@@ -31,9 +31,10 @@ def _register_commands() -> None:
     from swarmtrain.cli.demo import demo
     from swarmtrain.cli.doctor import doctor
     from swarmtrain.cli.peer import identity_command, peer
+    from swarmtrain.cli.tokenizer import tokenizer
     from swarmtrain.privacy.cli import audit
 
-    for command in (coordinator, peer, identity_command, demo, doctor, audit):
+    for command in (coordinator, peer, identity_command, demo, doctor, audit, tokenizer):
         main.add_command(command)
 
 

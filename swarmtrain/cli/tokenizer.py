@@ -1,31 +1,23 @@
 """`swarmtrain tokenizer ...`: make the run's tokenizer from the organiser's corpus, and inspect one.
 
-The main CLI adds this group with `main.add_command(tokenizer)`.
+Registered in swarmtrain/cli/main.py; the work is done in swarmtrain/data (training.py, tokenizer.py).
 """
 from __future__ import annotations
 
-import re
+from typing import Optional
 
 import click
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+from swarmtrain.cli.options import ParsedValue
+from swarmtrain.units import parse_memory_size
 
 
-class _ByteSize(click.ParamType):
-    """A size such as 500MB, 2GB or 1GiB, or `all` (None)."""
-    name = "SIZE|all"
+def parse_text_size(text: str) -> Optional[int]:
+    """A size such as 500MB, 2GB or 1GiB, or `all` (None: no limit)."""
+    return None if str(text).strip().lower() == "all" else parse_memory_size(text)
 
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, int):
-            return value
-        if str(value).strip().lower() == "all":
-            return None
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-        unit = match.group(2).upper() if match else None
-        if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
-            self.fail(f"{value!r} is not a size; use e.g. 500MB, 2GB or all", param, ctx)
-        return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+TEXT_SIZE = ParsedValue("SIZE|all", parse_text_size, (int, type(None)))
 
 
 @click.group("tokenizer")
@@ -45,7 +37,7 @@ def tokenizer() -> None:
               help="bpe: byte-level BPE (GPT-2 / llama style; any text round-trips). unigram: SentencePiece's "
                    "unigram model (ALBERT / T5 style).")
 @click.option("--text-column", default="text", show_default=True, help="For a saved dataset: the column with the text.")
-@click.option("--max-bytes", type=_ByteSize(), default="1GB", show_default=True,
+@click.option("--max-bytes", type=TEXT_SIZE, default="1GB", show_default=True,
               help="Learn from at most this much text, taken from shards spread over the corpus; 'all' reads it all.")
 @click.option("--min-frequency", type=click.IntRange(min=1), default=2, show_default=True,
               help="bpe: a pair must occur this often to be merged.")
