@@ -1,21 +1,26 @@
 """Real tokenizers and streamed data through a real swarm (issue #15, phase 2).
 
-Written against the integration described in /work/notes/issue-15.md (the trainer reads through
-open_training_data and stores its position in the checkpoint, the coordinator pins and publishes the
-tokenizer, peers resolve it). Skipped until that lands; the data layer they rest on is tested
-directly in tests/test_data_stream.py, tests/test_tokenizer.py and tests/test_models.py.
+The trainer reads through open_training_data and stores its position in its checkpoints, the
+coordinator pins the tokenizer and publishes it in the DHT, peers without a copy get it from there.
+The data layer they rest on is tested directly in tests/test_data_stream.py, tests/test_tokenizer.py
+and tests/test_models.py.
 """
-import json
-
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from swarmtrain.data.cli import tokenizer as tokenizer_group
-from tests.support import TINY_CONFIG
+from swarmtrain.cli.tokenizer import tokenizer as tokenizer_group
+from tests.support import TINY_CONFIG, assert_one_line_error, run_cli
+from swarmtrain.training.checkpoint import latest_checkpoint_path, read_meta
 from tests.support.swarm import LocalSwarm, assert_no_tracebacks, max_parameter_difference
 
-pytestmark = pytest.mark.skip(reason="needs trainer integration (phase 2)")
+
+
+@pytest.fixture(autouse=True)
+def own_swarmtrain_home(tmp_path, monkeypatch):
+    """Peers cache a tokenizer fetched from the swarm in $SWARMTRAIN_HOME/tokenizers: one per test, or a
+    copy cached by an earlier run would be found instead of fetched."""
+    monkeypatch.setenv("SWARMTRAIN_HOME", str(tmp_path / "home"))
 
 MODELS = {
     "llama": {"kind": "auto", "model_type": "llama",
@@ -39,6 +44,7 @@ def _run_config(tmp_path, model: dict) -> tuple:
     assert result.exit_code == 0, result.output
     config = yaml.safe_load(TINY_CONFIG.read_text())
     config["model"] = model
+    config["target_batch_size"] = 64  # a few rounds in seconds, not minutes
     config["data"] = {"source": "text", "path": str(corpus), "tokenizer": str(tmp_path / "tok"), "seq_len": 32}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -62,29 +68,24 @@ def test_tiny_auto_models_train_through_the_swarm(tmp_path, name):
         swarm.close()
 
 
-def test_a_restarted_peer_continues_its_data_where_its_checkpoint_says(tmp_path):
-    path, _ = _run_config(tmp_path, MODELS["llama"])
-    swarm = LocalSwarm(tmp_path, path)
-    try:
-        swarm.start_peer(0, "--max-epochs", "4", "--checkpoint-every", "2")
-        swarm.wait_for_exit([0], timeout=300)
-        saved = json.loads(next((tmp_path / "peer-0").glob("epoch-*/meta.json")).read_text())["data_position"]
-        swarm.start_peer(0, "--max-epochs", "6")
-        swarm.wait_until(lambda: swarm.status(0).get("data_position_at_start") is not None, 120, "the restart")
-        assert swarm.status(0)["data_position_at_start"] == saved  # resumed, not replayed from the start
-        swarm.wait_for_exit([0], timeout=300)
-    finally:
-        swarm.close()
-
-
-def test_a_volunteer_gets_the_tokenizer_from_the_swarm_and_one_with_another_is_refused(tmp_path):
+def test_a_volunteer_gets_the_tokenizer_from_the_swarm_resumes_its_data_and_another_tokenizer_is_refused(tmp_path):
     path, corpus = _run_config(tmp_path, MODELS["llama"])
     swarm = LocalSwarm(tmp_path, path)
     try:
         (tmp_path / "tok").rename(tmp_path / "tok-moved")  # peers no longer find the organiser's copy...
         swarm.start_peer(0, "--max-epochs", "2")
         swarm.wait_for_exit([0], timeout=300)  # ...and get it from the swarm
-        assert "tokenizer" in swarm.log(0) and "from the swarm" in swarm.log(0)
+        fetched = "got the run's tokenizer from the swarm"
+        assert fetched in swarm.log(0)
+        # a restart continues where its checkpoint says in the corpus, not from the start
+        saved = read_meta(latest_checkpoint_path(tmp_path / "peer-0"))["data_position"]
+        assert saved["open"] or saved["pass"] > 0  # it did read part of the corpus
+        (tmp_path / "peer-0.json").unlink()  # (the first run's status says where that one started)
+        swarm.start_peer(0, "--max-epochs", "3")
+        swarm.wait_for_exit([0], timeout=300)
+        assert swarm.status(0)["data_position_at_start"] == saved
+        assert swarm.log(0).count(fetched) == 1  # the second time, from its cache
+        # a volunteer holding another tokenizer file at the run's path is refused
         other = CliRunner().invoke(tokenizer_group, ["train", "--data", str(corpus), "--vocab-size", "280",
                                                      "--out", str(tmp_path / "tok")])
         assert other.exit_code == 0
@@ -92,5 +93,26 @@ def test_a_volunteer_gets_the_tokenizer_from_the_swarm_and_one_with_another_is_r
         assert process.wait(120) != 0
         errors = [line for line in swarm.log(1).splitlines() if "Error" in line]
         assert len(errors) == 1 and "is not the run's" in errors[0]
+        assert "Traceback" not in swarm.log(1)
     finally:
         swarm.close()
+
+
+@pytest.mark.parametrize("problem", ["model vocab", "missing tokenizer"])
+def test_a_coordinator_refuses_a_tokenizer_the_run_cannot_use_in_one_line(tmp_path, problem):
+    model = dict(MODELS["llama"])
+    if problem == "model vocab":  # a config.json made for another tokenizer
+        model["config"] = {**model["config"], "vocab_size": 500}
+    path, _ = _run_config(tmp_path, model)
+    if problem == "missing tokenizer":
+        config = yaml.safe_load(path.read_text())
+        config["data"]["tokenizer"] = str(tmp_path / "no-such-tokenizer")
+        path.write_text(yaml.safe_dump(config))
+    identity = tmp_path / "coordinator.id"
+    result = run_cli("coordinator", "--config", str(path), "--identity", str(identity),
+                     "--host-maddrs", "/ip4/127.0.0.1/tcp/0")
+    if problem == "model vocab":
+        assert_one_line_error(result, "vocab_size is 500", "300 tokens")
+    else:
+        assert_one_line_error(result, "data.tokenizer", "no such file or directory")
+    assert not identity.exists()  # refused before anything was written or published

@@ -27,7 +27,6 @@ PAD_ID, MASK_ID, DOC_SEP_ID = 256, 257, 258
 VOCAB_SIZE = 259
 BYTES = "bytes"
 TOKENIZER_FILE = "tokenizer.json"
-DEFAULT_CACHE = Path("~/.swarmtrain/tokenizers")
 
 # special tokens by role, in order of preference (BERT, RoBERTa/SentencePiece, GPT, llama 3 spellings)
 SEPARATOR_NAMES = ("</s>", "<|endoftext|>", "[SEP]", "<eos>", "<|end_of_text|>")
@@ -184,7 +183,10 @@ def check_tokenizer(data_config, tokenizer: Tokenizer) -> None:
 
 
 def cached_tokenizer_path(sha256: str, cache_dir: Optional[Path] = None) -> Path:
-    return Path(cache_dir or DEFAULT_CACHE).expanduser() / f"{sha256}.json"
+    """Where a tokenizer fetched from a swarm is kept: ``cache_dir``, by default tokenizers/ in
+    $SWARMTRAIN_HOME (~/.swarmtrain, where the peer's identity lives too)."""
+    home = Path(os.environ.get("SWARMTRAIN_HOME", Path.home() / ".swarmtrain"))
+    return Path(cache_dir or home / "tokenizers").expanduser() / f"{sha256}.json"
 
 
 def _write_atomically(path: Path, content: bytes) -> None:

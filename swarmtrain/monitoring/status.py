@@ -43,6 +43,7 @@ class PeerStatus:
     resyncs: Optional[int] = None  # state downloads after drifting apart
     restores: Optional[int] = None  # returns to the last checkpoint (alone, with broken parameters)
     checkpoint: Optional[str] = None  # the checkpoint written at exit
+    data_position_at_start: Optional[dict] = None  # where in the corpus it started (swarmtrain.data: a checkpoint's)
     # trunk hosts (split runs)
     samples: Optional[int] = None
     rejected: Optional[int] = None  # requests refused as malformed
