@@ -4,7 +4,7 @@
     python benchmarks/peer_memory.py --configs tiny --label after      # tiny only, ~1 min
 
 For each config it starts a coordinator and one CPU peer on 127.0.0.1 (--batch-size auto, the
-default; ALBERT trains on the Python standard library's sources through --data, offline), samples
+default; ALBERT trains on the Python standard library's top-level modules through --data), samples
 the memory of the peer's whole process tree (the trainer, its DHT and averager processes, the p2p
 daemon) every 0.5 s until the peer has done --steps local steps, and records the peak of
 - PSS summed over the tree (proportional set size: each shared page counted once overall, so this
@@ -72,11 +72,24 @@ def tree_memory(root: int) -> tuple:
     return pss, rss
 
 
-def doctor_figure(maddr: str, config: Path, workdir: Path) -> dict:
+def data_directory(workdir: Path) -> Path:
+    """The standard library's top-level modules (~200 files, a few MB): the ALBERT peer's --data. (The
+    whole stdlib directory holds site-packages too: gigabytes of tokens.)"""
+    data = workdir / "data"
+    data.mkdir()
+    for source in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        (data / source.name).symlink_to(source)
+    return data
+
+
+def doctor_figure(maddr: str, config: Path, workdir: Path, data: list) -> dict:
+    help_text = subprocess.run([sys.executable, "-m", "swarmtrain", "doctor", "--help"], capture_output=True,
+                               text=True, cwd=REPO).stdout
+    data = data if "--data" in help_text else []  # the doctor before issue #16 had no --data
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "swarmtrain", "doctor", "--initial-peers", maddr, "--config",
-                             str(config), "--device", "cpu", "--json"], capture_output=True, text=True, cwd=REPO,
-                            timeout=900)
+                             str(config), "--device", "cpu", "--json", *data], capture_output=True, text=True,
+                            cwd=REPO, timeout=900)
     seconds = time.monotonic() - started
     rows = json.loads(result.stdout)
     [memory] = [row for row in rows if row["check"] == "memory"]
@@ -93,7 +106,7 @@ def measure(name: str, steps: int, timeout: float) -> dict:
     coordinator, maddr = start_coordinator(workdir, config)
     peer = None
     try:
-        extra = [] if name == "tiny" else ["--data", sysconfig.get_paths()["stdlib"]]
+        extra = [] if name == "tiny" else ["--data", str(data_directory(workdir))]
         peer = start_peer(workdir, 0, maddr, "--device", "cpu", "--eval-every", "0", "--checkpoint-every", "0",
                           *extra, threads=1)
         peak_pss = peak_rss = 0
@@ -111,7 +124,7 @@ def measure(name: str, steps: int, timeout: float) -> dict:
             time.sleep(0.5)
         if status.get("step", 0) < steps:
             raise RuntimeError(f"{name}: the peer did only {status.get('step', 0)} steps; log in {workdir}")
-        figure = doctor_figure(maddr, config, workdir)
+        figure = doctor_figure(maddr, config, workdir, extra)
     finally:
         if peer is not None:
             stop_process(peer)
