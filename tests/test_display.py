@@ -112,3 +112,19 @@ def test_long_phases_are_announced_and_short_ones_are_quiet(caplog):
     assert any(message.startswith("still loading the corpus (") for message in messages), messages
     assert any(message.startswith("loading the corpus: done in ") for message in messages), messages
     assert messages[-1].startswith("probing: stopped in "), messages
+
+
+def test_the_next_averaging_point_is_never_in_the_past():
+    """A resumed peer (or one that downloaded a donor's state kept overdue by lone epochs) said "next
+    averaging at epoch 16" while the swarm was at 27: an overdue point is due at the next epoch."""
+    from types import SimpleNamespace
+
+    from swarmtrain.averaging.local import LocalSwarmOptimizer
+    from swarmtrain.averaging.schedule import ControllerState
+
+    def next_point(next_epoch, local_epoch):
+        optimizer = SimpleNamespace(schedule_state=ControllerState(next_epoch, 3, 12), local_epoch=local_epoch)
+        return LocalSwarmOptimizer.next_averaging_epoch.fget(optimizer)
+
+    assert next_point(16, 27) == 28
+    assert next_point(30, 27) == 30

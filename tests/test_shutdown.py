@@ -159,6 +159,8 @@ def test_a_stopping_peer_saves_before_a_systemd_like_deadline(slow_swarm):
     _assert_saved_at_its_last_epoch(slow_swarm, 0)
     log = slow_swarm.log(0)
     assert "Traceback" not in log and "SIGTERM received: saving" in log, log[-3000:]
+    assert "held-out" not in log.split("SIGTERM received")[1], log[-3000:]  # no evaluation on the way out
+    assert "--batch-size auto: 8 samples per local step" in log, log[:3000]  # what auto chose is said
 
 
 @pytest.mark.timeout(300)
