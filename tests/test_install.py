@@ -33,7 +33,9 @@ def _copy_of_the_repository(destination: Path) -> Path:
 
 
 def _fresh_venv(path: Path) -> Path:
+    """A new venv with pip upgraded, as `make setup` does (older pips hide the build backend's warnings)."""
     venv.EnvBuilder(with_pip=True).create(path)
+    _run([path / "bin" / "python", "-m", "pip", "install", "--quiet", "--upgrade", "pip"], cwd=path)
     return path / "bin"
 
 
