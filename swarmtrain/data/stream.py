@@ -41,6 +41,14 @@ HELDOUT_SHARDS = 8  # held-out blocks come from the heads of this many shards (f
 POSITION_VERSION = 1
 
 
+def loader_memory_bytes(seq_len: int, heldout_blocks: int) -> int:
+    """An upper bound of what a peer's data holds in memory, whatever the corpus's size: the current
+    chunks of OPEN_SHARDS shards and the queue ahead of the model (tokens as 4 bytes at most), the
+    held-out blocks, and the text (and its token ids) of one tokenizer call per open shard."""
+    blocks = OPEN_SHARDS * CHUNK_BLOCKS + QUEUE_ITEMS * EMIT_BLOCKS + heldout_blocks
+    return blocks * seq_len * 4 + OPEN_SHARDS * TOKENIZE_BYTES * 2
+
+
 def _mix(values: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser, on uint64 arrays (wrapping arithmetic): a fast, well-spread hash."""
     values = values.astype(np.uint64, copy=True)
