@@ -282,3 +282,23 @@ def test_reconstruction_audit_default_defence_leaks_nothing_beyond_the_label(tmp
     assert "whitebox" in default["attacks"]
     assert default["dcor_u"]["mean"] < plain["dcor_u"]["mean"] - 0.3
     assert report["verdict"] == default["verdict"] and "no better than from the label alone" in report["verdict"]
+
+
+def test_the_data_owners_leakage_figure_is_the_audits_dcor_u():
+    """A split run's data owner reports head.measure() on its held-out data (Z as released, U statistic);
+    the audit reports dcor_u from leakage_figures: one estimator, one number."""
+    from swarmtrain.privacy.audits import leakage_figures
+    from swarmtrain.privacy.config import PrivacyConfig
+    from swarmtrain.privacy.digits import DigitsNet, load_digits_splits
+    from swarmtrain.privacy.split import owner_privacy_head
+
+    splits = load_digits_splits(seed=0)
+    torch.manual_seed(0)
+    bottom = DigitsNet(cut_width=32).features
+    head = owner_privacy_head(bottom, PrivacyConfig(enabled=True, split={}), "3", num_classes=10, seed=0)
+    with torch.no_grad():
+        bottom(splits.test_x)
+        owner_figure = head.measure()
+    audit_figures = leakage_figures(splits.test_x, head.shared_activation)
+    assert owner_figure == pytest.approx(audit_figures["dcor_u"], abs=1e-6)
+    assert head.stats.leakage_statistic == "u" and head.stats.batch_size == audit_figures["dcor_n"] == 447
