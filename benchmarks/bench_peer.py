@@ -35,7 +35,7 @@ class _ThrottledEvent(threading.Event):
     """hivemind's tracker publishes this peer's progress to the DHT (a signed record, stored on
     several nodes) every time the event is set, i.e. after every local step; with the tiny model's
     ~20 ms steps that was most of what crossed a peer's link, so swarmtrain's tracker now publishes
-    at most once per second (swarmtrain.peer.optimizer.PROGRESS_REPORT_PERIOD). Diagnostic
+    at most once per second (swarmtrain.averaging.progress.PROGRESS_REPORT_PERIOD). Diagnostic
     (``--progress-every``): replace that with this event, which drops the reports within `period`."""
 
     def __init__(self, period: float):
@@ -87,7 +87,7 @@ def _instrumented(config, model, *args, **kwargs):
 
     def shutdown(*shutdown_args, **shutdown_kwargs):
         try:
-            record["traffic"] = optimizer.traffic
+            record["traffic"] = optimizer.traffic.to_dict()
             (BENCH_DIR / "bench.json").write_text(json.dumps(record))
         finally:
             return honest_shutdown(*shutdown_args, **shutdown_kwargs)

@@ -36,7 +36,7 @@ RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
 from swarmtrain.demo import stop_process  # noqa: E402
-from swarmtrain.identity import load_or_create_identity, peer_id_of  # noqa: E402
+from swarmtrain.net.identity import load_or_create_identity, peer_id_of  # noqa: E402
 
 HUB, SUBNET, PORT = "chaos-hub", "10.78.0", 4300
 EVAL_EVERY = 5  # epochs between held-out measurements: the runs are compared at equal epochs too

@@ -138,7 +138,8 @@ def _wire_peer(rank, num_peers, shapes, rounds, quick, address_queue, barrier, r
     import hivemind
 
     from swarmtrain.compression.averager import CountingPowerSGDGradientAverager, CountingGradientAverager
-    from swarmtrain.compression.averager import make_grad_averager_factory
+    from swarmtrain.compression.factory import make_averager_factory
+    from swarmtrain.compression.spec import parse_compression_spec
 
     from hivemind.compression import BlockwiseQuantization, CompressionInfo
 
@@ -167,7 +168,7 @@ def _wire_peer(rank, num_peers, shapes, rounds, quick, address_queue, barrier, r
             elif config["kind"] == "powersgd":
                 averager = CountingPowerSGDGradientAverager(averager_rank=config["rank"], **common)
             else:
-                averager = make_grad_averager_factory(config["spec"])(**common)
+                averager = make_averager_factory(parse_compression_spec(config["spec"]))(**common)
             barrier.wait(120)
             for _ in range(rounds):
                 for parameter in parameters:
@@ -248,7 +249,7 @@ def _markov_bytes(num_sequences, length, seed):
 
 def _make_inner_optimizer(optimizer_spec: str):
     """"adam:0.003", "sgd:0.3" (SGD with momentum 0.9, the optimizer of the GaussianK paper) or
-    "frozenadam:0.003:20" (swarmtrain.peer.frozen_adam: Adam, no weight decay like "adam", whose variance
+    "frozenadam:0.003:20" (swarmtrain.training.frozen_adam: Adam, no weight decay like "adam", whose variance
     is updated by the first 20 epochs' gradients and then frozen)."""
     from functools import partial
 
@@ -257,7 +258,7 @@ def _make_inner_optimizer(optimizer_spec: str):
     if name == "sgd":
         return partial(torch.optim.SGD, lr=float(lr or 0.3), momentum=0.9)
     if name == "frozenadam":
-        from swarmtrain.peer.frozen_adam import FrozenVarianceAdamW
+        from swarmtrain.training.frozen_adam import FrozenVarianceAdamW
 
         if not freeze:
             raise SystemExit("--convergence-optimizer frozenadam:LR:W needs W, the epochs before the freeze")
@@ -285,8 +286,9 @@ def _convergence_peer(rank, num_peers, spec, epochs, target_batch, address_queue
     import hivemind
     import transformers
 
-    from swarmtrain.compression.averager import make_grad_averager_factory
+    from swarmtrain.compression.factory import make_averager_factory
     from swarmtrain.compression.feedback import DensitySchedule
+    from swarmtrain.compression.spec import parse_compression_spec
 
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
@@ -317,8 +319,8 @@ def _convergence_peer(rank, num_peers, spec, epochs, target_batch, address_queue
         dht=dht, run_id=f"convergence_{spec.replace(':', '_').replace('.', 'p').replace('+', '_')}_{warmup or 0}",
         params=model.parameters(), optimizer=_make_inner_optimizer(optimizer_spec), target_batch_size=target_batch,
         batch_size_per_step=batch, matchmaking_time=2.0, averaging_timeout=30.0, client_mode=False,
-        average_state_every=10**6, grad_averager_factory=make_grad_averager_factory(spec, density_schedule=schedule,
-                                                                           request_timeout=1.0),
+        average_state_every=10**6, grad_averager_factory=make_averager_factory(parse_compression_spec(spec),
+                                                                      density_schedule=schedule, request_timeout=1.0),
         averager_opts=dict(request_timeout=1.0), verbose=False,
     )
     train = _markov_bytes(4096, 64, seed=100 + rank)

@@ -3,7 +3,7 @@
     python benchmarks/memory.py                     # -> benchmarks/results/memory.json
 
 The model is built exactly as peers build it (swarmtrain.models.build_model with the config's seed);
-each optimizer comes from swarmtrain.peer.optimizer.make_torch_optimizer_factory, the factory peers
+each optimizer comes from swarmtrain.training.optimizers.make_torch_optimizer_factory, the factory peers
 use, with only `name` and `eight_bit` changed. After one step the bytes of every tensor in
 `optimizer.state` are summed (element size x count, so 8-bit states count 1 byte per entry and
 their per-block scales / quantization maps count too). The step uses random gradients: the state's
@@ -35,7 +35,7 @@ from swarmtrain.config import load_run_config  # noqa: E402
 from swarmtrain.models import build_model, compute_loss  # noqa: E402
 from swarmtrain.peer.resources import (GPU_MEMORY_SHARE, MAX_AUTO_BATCH, Precision,  # noqa: E402
                                        measure_step_bytes, optimizer_extra_bytes)
-from swarmtrain.peer.optimizer import make_torch_optimizer_factory  # noqa: E402
+from swarmtrain.training.optimizers import make_torch_optimizer_factory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

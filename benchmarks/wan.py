@@ -298,7 +298,7 @@ def _stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
 def run_once(name: str, averaging: dict, net, workdir: Path, *, epochs: int, seed: int, peers: int,
              batch_multiplier: int, identities: List[Path], timeout: float, progress_every: float = 0.0,
              log=print) -> RunResult:
-    from swarmtrain.identity import load_or_create_identity, peer_id_of
+    from swarmtrain.net.identity import load_or_create_identity, peer_id_of
 
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "run.yaml"
@@ -490,7 +490,7 @@ def install_signal_handlers() -> None:
 
 
 def run_suite(args, names: List[str], seeds: List[int], output: Path, log=print) -> dict:
-    from swarmtrain.identity import load_or_create_identity
+    from swarmtrain.net.identity import load_or_create_identity
 
     all_configs = configurations(args.epochs, args.period, args.density)
     install_signal_handlers()

@@ -54,7 +54,7 @@ class Swarm:
 def start_coordinator(workdir: Path, config_path: Path, *extra: str, port: Optional[int] = None,
                       identity: Optional[Path] = None, metrics_port: int = 0) -> tuple[subprocess.Popen, str]:
     """Start `swarmtrain coordinator` and wait until it has published the run; returns its maddr."""
-    from swarmtrain.identity import load_or_create_identity, peer_id_of
+    from swarmtrain.net.identity import load_or_create_identity, peer_id_of
 
     identity = identity or workdir / "coordinator.id"
     peer_id = peer_id_of(load_or_create_identity(identity).get_public_key())
@@ -136,7 +136,7 @@ def _table(swarm: Swarm, started: float, epochs: int) -> Table:
 
 def parameter_spread(checkpoint_dirs: List[Path]) -> Optional[float]:
     """Largest absolute difference of any parameter between the peers' final checkpoints."""
-    from swarmtrain.checkpoint import latest_checkpoint_path, load_checkpoint
+    from swarmtrain.training.checkpoint import latest_checkpoint_path, load_checkpoint
 
     states = [load_checkpoint(d).model_state for d in checkpoint_dirs if latest_checkpoint_path(d) is not None]
     if len(states) < 2:
@@ -188,7 +188,7 @@ def run_demo(num_peers: int, config_path: Optional[str], epochs: int, batch_size
 
 
 def _summary(console: Console, swarm: Swarm, config, started: float, interrupted: bool) -> int:
-    from swarmtrain.peer.optimizer import NO_OTHER_PEERS
+    from swarmtrain.averaging.rounds import NO_OTHER_PEERS
 
     statuses = [swarm.read_status(i) for i in range(len(swarm.peers))]
     failed = [i for i, p in enumerate(swarm.peers) if p.returncode not in (0, -signal.SIGINT)]

@@ -1,11 +1,16 @@
-"""Signal handling for processes that own hivemind children (DHT, averagers, the p2p daemon)."""
+"""Signal handling for processes that own hivemind children (DHT, averagers, the p2p daemon), and
+waits that a stop signal interrupts."""
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
+from typing import Callable, Optional, TypeVar
+
+T = TypeVar("T")
 
 
 class StopRequested(KeyboardInterrupt):
@@ -26,6 +31,22 @@ def raise_if_stop_requested() -> None:
     logs and carries on after most errors inside an averaging round)."""
     if _stop_signal:
         raise StopRequested(_stop_signal[0])
+
+
+def poll(check: Callable[[], Optional[T]], *, timeout: float, interval: float) -> Optional[T]:
+    """Call `check` every `interval` seconds until it returns something other than None, and return
+    that; None once `timeout` seconds have passed. A stop request (Ctrl+C, SIGTERM) ends the wait with
+    StopRequested, even when `check` runs code that swallows the signal handler's exception."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        raise_if_stop_requested()
+        time.sleep(min(interval, remaining))
 
 
 @contextmanager

@@ -22,13 +22,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from swarmtrain.access import (AccessTable, TokenAuthorizer, TokenError, check_token, format_time, issue_token,
-                               parse_expiry, parse_token)
-from swarmtrain.identity import load_or_create_identity, peer_id_of
-from tests.swarm_helpers import count_state_download_messages
-
-REPO = Path(__file__).resolve().parent.parent
-TINY_CONFIG = REPO / "swarmtrain" / "configs" / "tiny.yaml"
+from swarmtrain.access.authorizer import TokenAuthorizer
+from swarmtrain.access.guard import AccessTable
+from swarmtrain.access.tokens import TokenError, check_token, format_time, issue_token, parse_expiry, parse_token
+from swarmtrain.net.identity import load_or_create_identity, peer_id_of
+from tests.support import REPO, TINY_CONFIG, assert_one_line_error, run_cli
+from tests.support.swarm import count_state_download_messages
 HOUR = 3600.0
 
 
@@ -176,21 +175,6 @@ def _found(*token_texts):
 # --------------------------------------------------------------------------------------------
 
 
-def _cli(*args, timeout=120):
-    env = dict(os.environ, HIVEMIND_LOGLEVEL="ERROR")
-    return subprocess.run([sys.executable, "-m", "swarmtrain", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=REPO)
-
-
-def _one_line_error(result, *fragments):
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
 def _invoke(command, *args):
     """A swarmtrain subcommand in process (these fail before anything starts), seen like `_cli`'s result."""
     from click.testing import CliRunner
@@ -201,25 +185,25 @@ def _invoke(command, *args):
 
 
 def test_issue_token_bad_inputs_are_one_line(tmp_path, keys):
-    from swarmtrain.cli import issue_token_command
+    from swarmtrain.cli.coordinator import issue_token_command
 
     identity = tmp_path / "coordinator.id"
     load_or_create_identity(identity)
     _, volunteer_id = keys.volunteer
     common = ("--identity", str(identity), "--name", "alice")
-    _one_line_error(_invoke(issue_token_command, *common, "--peer-id", str(volunteer_id), "--expires", "7x"),
+    assert_one_line_error(_invoke(issue_token_command, *common, "--peer-id", str(volunteer_id), "--expires", "7x"),
                     "--expires '7x'", "7d")
-    _one_line_error(_invoke(issue_token_command, *common, "--peer-id", "QmNotAPeer0"), "is not a peer ID",
+    assert_one_line_error(_invoke(issue_token_command, *common, "--peer-id", "QmNotAPeer0"), "is not a peer ID",
                     "swarmtrain identity")
-    _one_line_error(_invoke(issue_token_command, "--identity", str(tmp_path / "missing.id"), "--name", "alice",
+    assert_one_line_error(_invoke(issue_token_command, "--identity", str(tmp_path / "missing.id"), "--name", "alice",
                             "--peer-id", str(volunteer_id)), "does not exist")
-    _one_line_error(_invoke(issue_token_command, *common, "--name", "al ice", "--peer-id", str(volunteer_id)),
+    assert_one_line_error(_invoke(issue_token_command, *common, "--name", "al ice", "--peer-id", str(volunteer_id)),
                     "name 'al ice'")
 
 
 def test_peer_token_mistakes_are_one_line(tmp_path, keys):
     """Checked before joining: none of these needs the swarm (the address names nobody listening)."""
-    from swarmtrain.cli import peer
+    from swarmtrain.cli.peer import peer
 
     authority_key, authority_id = keys.authority
     identity = tmp_path / "me.id"
@@ -227,21 +211,21 @@ def test_peer_token_mistakes_are_one_line(tmp_path, keys):
     _, other_id = keys.other
     args = ("--initial-peers", f"/ip4/127.0.0.1/tcp/9/p2p/{authority_id}", "--identity", str(identity), "--device", "cpu")
     expired = issue_token(authority_key, "alice", my_id, time.time() - 60).to_text()
-    _one_line_error(_invoke(peer, *args, "--token", expired), "your token expired on", "ask the organiser for a new one")
+    assert_one_line_error(_invoke(peer, *args, "--token", expired), "your token expired on", "ask the organiser for a new one")
     elsewhere = issue_token(authority_key, "alice", other_id, time.time() + HOUR).to_text()
-    _one_line_error(_invoke(peer, *args, "--token", elsewhere),
+    assert_one_line_error(_invoke(peer, *args, "--token", elsewhere),
                     f"issued for peer {other_id}, but your identity is {my_id}", "--identity")
     (tmp_path / "token.txt").write_text(elsewhere[:300] + "\n")
-    _one_line_error(_invoke(peer, *args, "--token-file", str(tmp_path / "token.txt")), "damaged")
-    _one_line_error(_invoke(peer, *args, "--token", elsewhere, "--token-file", str(tmp_path / "token.txt")),
+    assert_one_line_error(_invoke(peer, *args, "--token-file", str(tmp_path / "token.txt")), "damaged")
+    assert_one_line_error(_invoke(peer, *args, "--token", elsewhere, "--token-file", str(tmp_path / "token.txt")),
                     "--token or --token-file, not both")
     wrong_coordinator = ("--initial-peers", f"/ip4/127.0.0.1/tcp/9/p2p/{other_id}", "--identity", str(identity))
     mine = issue_token(authority_key, "alice", my_id, time.time() + HOUR).to_text()
-    _one_line_error(_invoke(peer, *wrong_coordinator, "--token", mine), f"issued by {authority_id}")
+    assert_one_line_error(_invoke(peer, *wrong_coordinator, "--token", mine), f"issued by {authority_id}")
 
 
 def test_doctor_token_row(tmp_path, keys):
-    from swarmtrain import doctor
+    from swarmtrain.cli import doctor
 
     authority_key, authority_id = keys.authority
     identity = tmp_path / "me.id"
@@ -286,7 +270,7 @@ def token_swarm(tmp_path_factory):
     import yaml
 
     from swarmtrain.demo import free_port, start_coordinator
-    from tests.swarm_helpers import LocalSwarm
+    from tests.support.swarm import LocalSwarm
 
     workdir = tmp_path_factory.mktemp("token-swarm")
     config = yaml.safe_load(TINY_CONFIG.read_text())
@@ -304,8 +288,8 @@ def token_swarm(tmp_path_factory):
     handed_over = {}
 
     def volunteer_asks_organiser():
-        handed_over["identity"] = printed = _cli("identity", "--identity", str(identities[0]))
-        handed_over["issued"] = _cli("coordinator", "issue-token", "--identity", str(workdir / "coordinator.id"),
+        handed_over["identity"] = printed = run_cli("identity", "--identity", str(identities[0]), quiet_hivemind=True)
+        handed_over["issued"] = run_cli("coordinator", "issue-token", "--identity", str(workdir / "coordinator.id"),
                                      "--name", "alice", "--peer-id", printed.stdout.strip(), "--expires", "2h",
                                      "--initial-peers", maddr)
 
@@ -375,7 +359,7 @@ def token_swarm(tmp_path_factory):
                                   run_id], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  start_new_session=True, env=env)
         # and volunteer 1 checks its setup with the doctor, token included
-        doctor = subprocess.Popen([sys.executable, "-m", "swarmtrain.doctor", "--initial-peers", maddr, "--device", "cpu",
+        doctor = subprocess.Popen([sys.executable, "-m", "swarmtrain", "doctor", "--initial-peers", maddr, "--device", "cpu",
                                    "--token-file", str(workdir / "bob.token"), "--identity", str(identities[1]),
                                    "--json", "--timeout", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, start_new_session=True, env=env)
@@ -386,7 +370,7 @@ def token_swarm(tmp_path_factory):
         doctor_stdout, doctor_stderr = doctor.communicate(timeout=240)
         assert "Traceback" not in doctor_stderr, doctor_stderr[-3000:]
 
-        from swarmtrain.checkpoint import latest_checkpoint_path
+        from swarmtrain.training.checkpoint import latest_checkpoint_path
 
         swarm.wait_until(lambda: poll_coordinator() and averaged_together(3) and set(peer_ids) <= seen_by_coordinator
                          and latest_checkpoint_path(workdir / "coordinator-checkpoints") is not None,
@@ -417,7 +401,7 @@ def test_authorized_peers_train_together_and_are_seen(token_swarm):
 
 
 def test_the_authority_downloads_the_state_from_guarded_peers(token_swarm):
-    from swarmtrain.checkpoint import latest_checkpoint_path
+    from swarmtrain.training.checkpoint import latest_checkpoint_path
 
     assert latest_checkpoint_path(token_swarm.coordinator_checkpoints) is not None
 
@@ -430,7 +414,7 @@ def test_doctor_reaches_a_token_gated_swarm_with_a_token(token_swarm):
 
 
 def test_peer_without_token_cannot_fetch_the_run_config(token_swarm):
-    _one_line_error(token_swarm.no_token, "did not let this node into the swarm's DHT", "--token")
+    assert_one_line_error(token_swarm.no_token, "did not let this node into the swarm's DHT", "--token")
 
 
 def test_rogues_cannot_read_or_publish_records(token_swarm):
@@ -549,7 +533,7 @@ def _rogue_record(peer_id: str):
 
 def _attempt(dht, signer, run_id: str, honest: str) -> dict:
     from swarmtrain.monitoring.records import publish_record
-    from swarmtrain.network import RUN_CONFIG_KEY
+    from swarmtrain.net.run_config import RUN_CONFIG_KEY
 
     found = dht.get(RUN_CONFIG_KEY, latest=True)
     result = {"config_found": found is not None and bool(found.value)}
@@ -561,7 +545,8 @@ def _attempt(dht, signer, run_id: str, honest: str) -> dict:
 def _rogue(workdir: Path, coordinator: str, honest: str, run_id: str) -> dict:
     from hivemind.utils import get_dht_time
 
-    from swarmtrain.access import TokenAuthorizer, access_record_key, peer_access
+    from swarmtrain.access.authorizer import TokenAuthorizer, peer_access
+    from swarmtrain.access.guard import access_record_key
 
     class UncheckedAuthorizer(TokenAuthorizer):
         """Sends its token without checking it first (hivemind's base asserts it is valid)."""

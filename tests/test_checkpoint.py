@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from swarmtrain import checkpoint as ckpt
+from swarmtrain.training import checkpoint as ckpt
 
 
 def _state():
@@ -56,7 +56,7 @@ def _adamw_state(model):
 
 
 def test_a_checkpoint_of_another_model_or_optimizer_is_named_as_such():
-    from swarmtrain.checkpoint import model_state_mismatch, optimizer_state_mismatch
+    from swarmtrain.training.checkpoint import model_state_mismatch, optimizer_state_mismatch
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     assert model_state_mismatch(model.state_dict(), model.state_dict()) is None

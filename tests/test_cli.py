@@ -3,7 +3,7 @@ import click
 import pytest
 
 from swarmtrain.cli import main
-from tests.conftest import run_cli
+from tests.support import assert_one_line_error, run_cli
 
 
 def _commands(group, prefix=()):
@@ -28,43 +28,34 @@ def test_top_level_help_names_the_user_stories():
         assert command in result.stdout
 
 
-def _assert_clean_failure(result, *fragments):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]
-    assert len(error_lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0], error_lines[0]
-
-
 def test_invalid_config_is_one_line(tmp_path, tiny_config_text):
     path = tmp_path / "run.yaml"
     path.write_text(tiny_config_text.replace("compression: none", "compression: zip"))
-    _assert_clean_failure(run_cli("coordinator", "--config", str(path)), "averaging.compression", "gaussiank:RHO")
+    assert_one_line_error(run_cli("coordinator", "--config", str(path)), "averaging.compression", "gaussiank:RHO")
 
 
 def test_malformed_config_is_one_line(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("run_id: [unclosed\n")
-    _assert_clean_failure(run_cli("coordinator", "--config", str(path)), "not valid YAML")
+    assert_one_line_error(run_cli("coordinator", "--config", str(path)), "not valid YAML")
 
 
 def test_missing_config_file():
-    _assert_clean_failure(run_cli("coordinator", "--config", "/nonexistent/run.yaml"), "does not exist")
+    assert_one_line_error(run_cli("coordinator", "--config", "/nonexistent/run.yaml"), "does not exist")
 
 
 def test_malformed_initial_peer():
-    _assert_clean_failure(run_cli("peer", "--initial-peers", "localhost:31337"), "not a multiaddr")
+    assert_one_line_error(run_cli("peer", "--initial-peers", "localhost:31337"), "not a multiaddr")
 
 
 def test_initial_peer_without_peer_id():
-    _assert_clean_failure(run_cli("peer", "--initial-peers", "/ip4/127.0.0.1/tcp/31337"), "/p2p/")
+    assert_one_line_error(run_cli("peer", "--initial-peers", "/ip4/127.0.0.1/tcp/31337"), "/p2p/")
 
 
 def test_unreachable_initial_peer():
     # a valid address where nobody listens (port 9 is discard; nothing runs there on loopback)
     maddr = "/ip4/127.0.0.1/tcp/9/p2p/QmZ91vG83M6qeh2SkS1B9VoF2qVKbgEgDxPBx9vCjK4tKn"
-    _assert_clean_failure(run_cli("peer", "--initial-peers", maddr, "--device", "cpu"), "could not reach any initial peer")
+    assert_one_line_error(run_cli("peer", "--initial-peers", maddr, "--device", "cpu"), "could not reach any initial peer")
 
 
 def test_cuda_on_a_machine_without_it():
@@ -73,7 +64,7 @@ def test_cuda_on_a_machine_without_it():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     maddr = "/ip4/127.0.0.1/tcp/9/p2p/QmZ91vG83M6qeh2SkS1B9VoF2qVKbgEgDxPBx9vCjK4tKn"
-    _assert_clean_failure(run_cli("peer", "--initial-peers", maddr, "--device", "cuda"), "no CUDA")
+    assert_one_line_error(run_cli("peer", "--initial-peers", maddr, "--device", "cuda"), "no CUDA")
 
 
 def test_bad_flag_value():
@@ -87,7 +78,7 @@ def test_a_dht_request_from_an_exited_process_is_not_a_traceback():
     import logging
     import sys
 
-    from swarmtrain.cli import _OneLineForExpectedRoundFailures
+    from swarmtrain.cli.logs import OneLineForExpectedRoundFailures
 
     def rebuild_connection():
         raise FileNotFoundError(2, "No such file or directory")
@@ -100,14 +91,14 @@ def test_a_dht_request_from_an_exited_process_is_not_a_traceback():
                                      None, sys.exc_info(), func="_run")
 
     record = record_of(rebuild_connection)
-    _OneLineForExpectedRoundFailures().filter(record)
+    OneLineForExpectedRoundFailures().filter(record)
     assert record.exc_info is None and record.levelno == logging.DEBUG and "exited" in record.getMessage()
 
     def open_a_file():  # the same error from anywhere else keeps its traceback
         raise FileNotFoundError(2, "No such file or directory")
 
     other = record_of(open_a_file)
-    assert _OneLineForExpectedRoundFailures().filter(other) and other.exc_info is not None
+    assert OneLineForExpectedRoundFailures().filter(other) and other.exc_info is not None
     assert other.levelno == logging.ERROR
 
 
@@ -117,8 +108,8 @@ def test_a_request_pipe_from_an_exited_process_does_not_kill_the_dht_process():
     hivemind logs and skips, and the log filter makes that one debug line."""
     import logging
 
-    from swarmtrain.cli import _OneLineForExpectedRoundFailures
-    from swarmtrain.network import _RequestPipe
+    from swarmtrain.cli.logs import OneLineForExpectedRoundFailures
+    from swarmtrain.net.dht import RequestPipe
 
     class HalfHandedOver:  # the sender exited while its reply pipe was being handed over
         def recv(self):
@@ -132,11 +123,11 @@ def test_a_request_pipe_from_an_exited_process_does_not_kill_the_dht_process():
             raise EOFError
 
     with pytest.raises(ConnectionResetError) as caught:
-        _RequestPipe(HalfHandedOver()).recv()
+        RequestPipe(HalfHandedOver()).recv()
     with pytest.raises(EOFError):
-        _RequestPipe(Closed()).recv()
+        RequestPipe(Closed()).recv()
 
     record = logging.LogRecord("hivemind.dht.dht", logging.ERROR, __file__, 1, "reset", None,
                                (ConnectionResetError, caught.value, caught.value.__traceback__), func="_run")
-    _OneLineForExpectedRoundFailures().filter(record)
+    OneLineForExpectedRoundFailures().filter(record)
     assert record.exc_info is None and record.levelno == logging.DEBUG

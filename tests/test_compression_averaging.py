@@ -1,76 +1,39 @@
 """Sparse gradient averaging over a real hivemind swarm on 127.0.0.1 (forked peers, real DHT, real
 butterfly groups): error-feedback conservation, bit-identical results, rejection of a corrupt sender."""
-import multiprocessing as mp
-import queue
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-import hivemind
-from swarmtrain.compression.averager import SparseAllReduceRound, make_grad_averager_factory
+from swarmtrain.compression.sparse_round import SparseAllReduceRound
 from swarmtrain.compression.wire import decode_sparse, encode_sparse
+from tests.support.forked import ForkedPeers, accumulate_random_gradients, make_test_averager
 
 NUMEL = 60_000
 
 
-def _start_dht(rank, address_queue, num_peers):
-    options = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=False, start=True)
-    if rank == 0:
-        dht = hivemind.DHT(**options)
-        addresses = [str(address) for address in dht.get_visible_maddrs()]
-        for _ in range(num_peers - 1):
-            address_queue.put(addresses)
-        return dht
-    return hivemind.DHT(initial_peers=address_queue.get(timeout=60), **options)
+def _peer(peers, rank, spec, rounds, corrupt_rank):
+    if rank == corrupt_rank:
+        # this peer sends parts with a NaN to the other reducers (its own span stays honest)
+        honest_exchange = SparseAllReduceRound._exchange_with_reducer
 
+        async def corrupt_exchange(self, reducer_peer, payload):
+            part = decode_sparse(payload)
+            values = part.values.clone()
+            values[:1] = float("nan")
+            return await honest_exchange(self, reducer_peer, encode_sparse(part.indices, values, part.numel, "fp32"))
 
-def _make_averager(spec, dht, *, prefix, num_peers, min_group_size, numel=NUMEL):
-    """Two parameters (a matrix and a vector) and an averager over them, with loopback timeouts."""
-    parameters = [torch.nn.Parameter(torch.zeros(numel // 3, 3)), torch.nn.Parameter(torch.zeros(numel // 2))]
-    averager = make_grad_averager_factory(spec)(
-        parameters=parameters, dht=dht, prefix=prefix, min_matchmaking_time=2.0, request_timeout=1.0,
-        target_group_size=num_peers, min_group_size=min_group_size, client_mode=False, next_chunk_timeout=3.0,
-        start=True,
-    )
-    return parameters, averager
-
-
-def _accumulate_random_gradients(averager, parameters, generator, rank) -> torch.Tensor:
-    """Heavy-tailed, peer-specific gradients of different scales, accumulated once; returned flat."""
-    raw = []
-    for parameter in parameters:
-        grad = torch.randn(parameter.shape, generator=generator) ** 3 * (1 + rank)
-        parameter.grad = grad.clone()
-        raw.append(grad.reshape(-1))
-    averager.accumulate_grads_(batch_size=4)
-    return torch.cat(raw)
-
-
-def _peer(rank, num_peers, spec, rounds, corrupt_rank, address_queue, result_queue, done_event):
-    # one torch thread in forked peers: OpenMP pools inherited from a parent that already ran parallel
-    # ops (earlier tests) are not fork-safe, and 2 shared cores gain nothing from more threads
-    torch.set_num_threads(1)
+        SparseAllReduceRound._exchange_with_reducer = corrupt_exchange
     dht = averager = None
     try:
-        if rank == corrupt_rank:
-            # this peer sends parts with a NaN to the other reducers (its own span stays honest)
-            honest_exchange = SparseAllReduceRound._exchange_with_reducer
-
-            async def corrupt_exchange(self, reducer_peer, payload):
-                part = decode_sparse(payload)
-                values = part.values.clone()
-                values[:1] = float("nan")
-                return await honest_exchange(self, reducer_peer, encode_sparse(part.indices, values, part.numel, "fp32"))
-
-            SparseAllReduceRound._exchange_with_reducer = corrupt_exchange
-        dht = _start_dht(rank, address_queue, num_peers)
-        parameters, averager = _make_averager(spec, dht, prefix="compression_test", num_peers=num_peers,
-                                              min_group_size=num_peers)
+        dht = peers.start_dht(rank)
+        parameters, averager = make_test_averager(spec, dht, prefix="compression_test", num_peers=peers.num_peers,
+                                                  min_group_size=peers.num_peers, numel=NUMEL)
         generator = torch.Generator().manual_seed(100 + rank)
         rounds_log = []
         for _ in range(rounds):
-            raw = _accumulate_random_gradients(averager, parameters, generator, rank)
+            raw = accumulate_random_gradients(averager, parameters, generator, rank)
             try:
                 # the corrupt peer's step fails and hivemind retries it until the timeout, long after
                 # the honest peers are done: a short one keeps this test short
@@ -82,10 +45,9 @@ def _peer(rank, num_peers, spec, rounds, corrupt_rank, address_queue, result_que
                 applied = torch.cat([grad.reshape(-1) for grad in grads]).clone()
             averager.reset_accumulated_grads_()
             rounds_log.append((raw.numpy(), applied.numpy(), ok))
-        result_queue.put((rank, rounds_log, averager.residual.numpy().copy(), averager.stats.snapshot()))
-        done_event.wait(30)  # keep serving until every peer has its results
-    except BaseException as e:
-        result_queue.put((rank, repr(e), None, None))
+        peers.report(rank, (rounds_log, averager.residual.numpy().copy(),
+                            dataclasses.asdict(averager.stats.snapshot())))
+        peers.wait_until_done(30)  # keep serving until every peer has its results
     finally:
         if averager is not None:
             averager.shutdown()
@@ -94,29 +56,8 @@ def _peer(rank, num_peers, spec, rounds, corrupt_rank, address_queue, result_que
 
 
 def _run_swarm(num_peers, spec, rounds, corrupt_rank=-1):
-    context = mp.get_context("fork")
-    address_queue, result_queue, done_event = context.Queue(), context.Queue(), context.Event()
-    processes = [
-        context.Process(target=_peer, args=(rank, num_peers, spec, rounds, corrupt_rank, address_queue,
-                                            result_queue, done_event))
-        for rank in range(num_peers)
-    ]
-    for process in processes:
-        process.start()
-    try:
-        results = [result_queue.get(timeout=60 + 15 * rounds) for _ in range(num_peers)]
-    except queue.Empty:
-        results = []
-    finally:
-        done_event.set()
-        for process in processes:
-            process.join(timeout=20)
-            if process.is_alive():
-                process.kill()
-    assert len(results) == num_peers, "a peer did not report"
-    for rank, log, _, _ in results:
-        assert not isinstance(log, str), f"peer {rank} crashed: {log}"
-    return sorted(results, key=lambda result: result[0])
+    results = ForkedPeers(num_peers).run(_peer, spec, rounds, corrupt_rank, timeout=60 + 15 * rounds, join_timeout=20)
+    return [(rank, *results[rank]) for rank in sorted(results)]
 
 
 def test_sparse_rounds_conserve_mass_and_agree_bitwise():

@@ -7,17 +7,15 @@ double-counted), and the next rounds succeed in the smaller group with bit-ident
 exact conservation. The peer is killed with SIGKILL together with its DHT, its averager process and
 their p2p daemons (its own process group) when the first part for the span it reduces arrives.
 """
-import multiprocessing as mp
 import os
-import queue
 import signal
 
 import numpy as np
 import pytest
 import torch
 
-from swarmtrain.compression.averager import SparseAllReduceRound
-from tests.test_compression_averaging import _accumulate_random_gradients, _make_averager, _start_dht
+from swarmtrain.compression.sparse_round import SparseAllReduceRound
+from tests.support.forked import ForkedPeers, accumulate_random_gradients, make_test_averager
 
 NUM_PEERS, DYING_RANK, ROUNDS = 3, 2, 5
 NUMEL = 30_000
@@ -43,21 +41,20 @@ def _die_mid_round():
     SparseAllReduceRound.rpc_aggregate_part = rpc_then_die
 
 
-def _peer(rank, address_queue, barrier, result_queue, done_event):
-    torch.set_num_threads(1)  # forked peers: no inherited OpenMP pools, 2 shared cores
+def _peer(peers, rank):
     if rank == DYING_RANK:
         os.setsid()  # its DHT, averager and p2p daemons inherit this group: one killpg ends them all
         _die_mid_round()
     dht = averager = None
     try:
-        dht = _start_dht(rank, address_queue, NUM_PEERS)
-        parameters, averager = _make_averager("gaussiank:0.01", dht, prefix="peer_death_test", num_peers=NUM_PEERS,
-                                              min_group_size=2, numel=NUMEL)
+        dht = peers.start_dht(rank)
+        parameters, averager = make_test_averager("gaussiank:0.01", dht, prefix="peer_death_test", num_peers=NUM_PEERS,
+                                                  min_group_size=2, numel=NUMEL)
         generator = torch.Generator().manual_seed(100 + rank)
-        barrier.wait(60)  # every averager is up: the first round can include everyone
+        peers.barrier.wait(60)  # every averager is up: the first round can include everyone
         log = []
         for _ in range(ROUNDS):
-            raw = _accumulate_random_gradients(averager, parameters, generator, rank)
+            raw = accumulate_random_gradients(averager, parameters, generator, rank)
             residual_before = averager.residual.numpy().copy()
             members = []  # ranks in our group; [] when the round failed
             try:
@@ -69,10 +66,8 @@ def _peer(rank, address_queue, barrier, result_queue, done_event):
             averager.reset_accumulated_grads_()
             log.append(dict(raw=raw.numpy(), applied=applied.numpy(), members=members,
                             residual_before=residual_before, residual_after=averager.residual.numpy().copy()))
-        result_queue.put((rank, log))
-        done_event.wait(60)  # keep serving until every survivor has its results
-    except BaseException as e:
-        result_queue.put((rank, repr(e)))
+        peers.report(rank, log)
+        peers.wait_until_done(60)  # keep serving until every survivor has its results
     finally:
         if averager is not None:
             averager.shutdown()
@@ -82,35 +77,16 @@ def _peer(rank, address_queue, barrier, result_queue, done_event):
 
 @pytest.mark.slow
 def test_survivors_carry_on_after_a_peer_dies_mid_round():
-    context = mp.get_context("fork")
-    address_queue, result_queue, done_event = context.Queue(), context.Queue(), context.Event()
-    barrier = context.Barrier(NUM_PEERS)
-    processes = [context.Process(target=_peer, args=(rank, address_queue, barrier, result_queue, done_event))
-                 for rank in range(NUM_PEERS)]
-    for process in processes:
-        process.start()
     survivors = [rank for rank in range(NUM_PEERS) if rank != DYING_RANK]
-    results = {}
+    peers = ForkedPeers(NUM_PEERS)
     try:
-        for _ in survivors:
-            rank, log = result_queue.get(timeout=60 + 60 * ROUNDS)
-            results[rank] = log
-    except queue.Empty:
-        pass
+        results = peers.run(_peer, timeout=60 + 60 * ROUNDS, expect=survivors)
     finally:
-        done_event.set()
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
         try:  # whatever is left of the dying peer's group (it should be gone already)
-            os.killpg(processes[DYING_RANK].pid, signal.SIGKILL)
+            os.killpg(peers.processes[DYING_RANK].pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    assert processes[DYING_RANK].exitcode == -signal.SIGKILL, "the dying peer did not die mid-round"
-    assert sorted(results) == survivors, f"a survivor did not report: {results}"
-    for rank, log in results.items():
-        assert not isinstance(log, str), f"survivor {rank} crashed: {log}"
+    assert peers.processes[DYING_RANK].exitcode == -signal.SIGKILL, "the dying peer did not die mid-round"
     logs = [results[rank] for rank in survivors]
     groups = [[entry["members"] for entry in log] for log in logs]
     print("groups per round:", groups)

@@ -1,12 +1,15 @@
 """The sparse reducer's rules, without a network: weighting, clamping, validation, re-sparsification."""
 import asyncio
+import dataclasses
 
 import pytest
 import torch
 
 from hivemind.averaging.partition import AllreduceException
-from swarmtrain.compression.averager import _spans, _SpanReducer
+from swarmtrain.compression.sparse_reduce import spans
+from swarmtrain.compression.sparse_round import SpanReducer
 from swarmtrain.compression.wire import SparsePart, WireFormatError, decode_sparse
+from tests.support.forked import ForkedPeers
 
 
 def _part(numel, indices, values):
@@ -19,7 +22,7 @@ def _run(coroutine_function):
 
 def test_weighted_average_resparsified_to_density():
     async def scenario():
-        reducer = _SpanReducer(span_length=100, num_senders=2, density=0.02, value_format="fp32", max_weight=10.0)
+        reducer = SpanReducer(span_length=100, num_senders=2, density=0.02, value_format="fp32", max_weight=10.0)
         reducer.add(0, 1.0, _part(100, [1, 5, 9], [4.0, -1.0, 0.5]))
         assert not reducer.result.done()
         reducer.add(1, 3.0, _part(100, [5, 9, 50], [2.0, 8.0, -0.1]))
@@ -34,7 +37,7 @@ def test_weighted_average_resparsified_to_density():
 
 def test_weights_are_clamped_and_invalid_ones_rejected():
     async def scenario():
-        reducer = _SpanReducer(10, 3, density=1.0, value_format="fp32", max_weight=2.0)
+        reducer = SpanReducer(10, 3, density=1.0, value_format="fp32", max_weight=2.0)
         for bad_weight in (float("nan"), float("inf"), -1.0):
             with pytest.raises(AllreduceException):
                 reducer.add(0, bad_weight, _part(10, [0], [1.0]))
@@ -55,7 +58,7 @@ def test_weights_are_clamped_and_invalid_ones_rejected():
 
 def test_requantization_error_is_recorded_for_the_reducer_residual():
     async def scenario():
-        reducer = _SpanReducer(1000, 1, density=0.01, value_format="fp16", max_weight=10.0)
+        reducer = SpanReducer(1000, 1, density=0.01, value_format="fp16", max_weight=10.0)
         reducer.add(0, 1.0, _part(1000, [3, 400], [0.1, 1 / 3]))
         applied = decode_sparse(await reducer.result, 1000)
         error = reducer.requantization_error
@@ -67,21 +70,17 @@ def test_requantization_error_is_recorded_for_the_reducer_residual():
 
 
 def test_spans_cover_the_vector_in_proportion():
-    spans = _spans(1000, [1.0, 0.0, 3.0])
-    assert spans == [(0, 250), (250, 250), (250, 1000)]  # a client-mode peer (0 share) reduces nothing
+    cut = spans(1000, [1.0, 0.0, 3.0])
+    assert cut == [(0, 250), (250, 250), (250, 1000)]  # a client-mode peer (0 share) reduces nothing
 
 
-def _construct_averager_in_child(result_queue):
-    import hivemind
+def _construct_averager_in_child(peers, rank):
 
     from swarmtrain.compression.averager import SparseGradientAverager
     from swarmtrain.compression.feedback import DensitySchedule
     from swarmtrain.compression.spec import parse_compression_spec
 
-    # one torch thread in forked peers: OpenMP pools inherited from a parent that already ran parallel
-    # ops (earlier tests) are not fork-safe, and 2 shared cores gain nothing from more threads
-    torch.set_num_threads(1)
-    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=False, start=True)
+    dht = peers.start_dht(rank)
     try:
         parameters = [torch.nn.Parameter(torch.zeros(10, 10))]
         averager = SparseGradientAverager(
@@ -97,12 +96,11 @@ def _construct_averager_in_child(result_queue):
             dense_refused = False
         except ValueError:
             dense_refused = True
-        result_queue.put(dict(
+        peers.report(rank, dict(
             prefix=averager.prefix, densities=densities, shared=averager.residual.is_shared(),
-            residual_numel=averager.residual.numel(), snapshot=averager.stats.snapshot(), dense_refused=dense_refused,
+            residual_numel=averager.residual.numel(), snapshot=dataclasses.asdict(averager.stats.snapshot()),
+            dense_refused=dense_refused,
         ))
-    except BaseException as e:
-        result_queue.put(repr(e))
     finally:
         dht.shutdown()
 
@@ -110,22 +108,10 @@ def _construct_averager_in_child(result_queue):
 def test_sparse_averager_schedule_prefix_and_stats():
     # in a forked child: a DHT in the pytest process would leave hivemind threads behind, and a later
     # test forking swarm peers from a threaded process can deadlock in the child
-    import multiprocessing as mp
+    from swarmtrain.compression.wire import SPARSE_WIRE_VERSION
 
-    from swarmtrain.compression.wire import WIRE_VERSION
-
-    context = mp.get_context("fork")
-    result_queue = context.Queue()
-    child = context.Process(target=_construct_averager_in_child, args=(result_queue,))
-    child.start()
-    try:
-        result = result_queue.get(timeout=60)
-    finally:
-        child.join(timeout=30)
-        if child.is_alive():
-            child.kill()
-    assert not isinstance(result, str), result
-    assert result["prefix"].endswith(f"_sparsewire{WIRE_VERSION}")  # other wire versions never match
+    result = ForkedPeers(1).run(_construct_averager_in_child, timeout=60)[0]
+    assert result["prefix"].endswith(f"_sparsewire{SPARSE_WIRE_VERSION}")  # other wire versions never match
     assert result["densities"][0] == pytest.approx(1 / 64) and result["densities"][1] == 0.001
     assert result["shared"] and result["residual_numel"] == 100
     assert result["snapshot"]["rounds_ok"] == 0 and "bytes_sent_total" in result["snapshot"]

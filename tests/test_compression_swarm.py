@@ -1,7 +1,6 @@
 """hivemind.Optimizer with the GaussianK sparse gradient averager in a real 3-peer swarm on 127.0.0.1:
 every averaging round succeeds and parameters stay bit-identical across peers, epoch after epoch."""
-import multiprocessing as mp
-import queue
+import dataclasses
 import time
 from functools import partial
 
@@ -10,7 +9,9 @@ import pytest
 import torch
 
 import hivemind
-from swarmtrain.compression.averager import make_grad_averager_factory
+from swarmtrain.compression.factory import make_averager_factory
+from swarmtrain.compression.spec import parse_compression_spec
+from tests.support.forked import ForkedPeers
 
 NUM_PEERS, EPOCHS = 3, 4
 BATCH, STEP_SECONDS = 16, 0.05
@@ -23,29 +24,20 @@ def _make_model():
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
 
 
-def _peer(rank, address_queue, barrier, result_queue):
-    # one torch thread in forked peers: OpenMP pools inherited from a parent that already ran parallel
-    # ops (earlier tests) are not fork-safe, and 2 shared cores gain nothing from more threads
-    torch.set_num_threads(1)
+def _peer(peers, rank):
     dht = optimizer = None
     try:
-        options = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=False, start=True)
-        if rank == 0:
-            dht = hivemind.DHT(**options)
-            for _ in range(NUM_PEERS - 1):
-                address_queue.put([str(a) for a in dht.get_visible_maddrs()])
-        else:
-            dht = hivemind.DHT(initial_peers=address_queue.get(timeout=60), **options)
+        dht = peers.start_dht(rank)
         model = _make_model()
         optimizer = hivemind.Optimizer(
             dht=dht, run_id="compression_swarm_test", params=model.parameters(),
             optimizer=partial(torch.optim.SGD, lr=0.05), target_batch_size=TARGET_BATCH,
             batch_size_per_step=BATCH, matchmaking_time=2.0, averaging_timeout=30.0, client_mode=False,
             average_state_every=1000,  # no parameter averaging: identity must come from the gradients alone
-            grad_averager_factory=make_grad_averager_factory("gaussiank:0.01", request_timeout=1.0),
+            grad_averager_factory=make_averager_factory(parse_compression_spec("gaussiank:0.01"), request_timeout=1.0),
             averager_opts=dict(request_timeout=1.0), verbose=False,
         )
-        barrier.wait(60)
+        peers.barrier.wait(60)
         # the first epoch is stepped locally by a peer whose progress tracker has not seen the others yet
         # (hivemind skips averaging when it believes it is alone): wait until all peers are visible
         wait_until = time.monotonic() + 30
@@ -66,11 +58,8 @@ def _peer(rank, address_queue, barrier, result_queue):
                 flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
                 snapshots[optimizer.local_epoch] = flat
             time.sleep(STEP_SECONDS)  # stands for real compute; keeps 3 peers polite on a 2-core machine
-        stats = optimizer.grad_averager.stats.snapshot()
-        result_queue.put((rank, snapshots, stats))
-        barrier.wait(60)
-    except BaseException as e:
-        result_queue.put((rank, repr(e), None))
+        peers.report(rank, (snapshots, dataclasses.asdict(optimizer.grad_averager.stats.snapshot())))
+        peers.barrier.wait(60)
     finally:
         if optimizer is not None:
             optimizer.shutdown()
@@ -80,27 +69,8 @@ def _peer(rank, address_queue, barrier, result_queue):
 
 @pytest.mark.slow
 def test_optimizer_swarm_gaussiank_keeps_parameters_identical():
-    context = mp.get_context("fork")
-    address_queue, result_queue, barrier = context.Queue(), context.Queue(), context.Barrier(NUM_PEERS)
-    processes = [context.Process(target=_peer, args=(rank, address_queue, barrier, result_queue))
-                 for rank in range(NUM_PEERS)]
-    for process in processes:
-        process.start()
-    results = []
-    try:
-        for _ in range(NUM_PEERS):
-            results.append(result_queue.get(timeout=240))
-    except queue.Empty:
-        pass
-    finally:
-        for process in processes:
-            process.join(timeout=60)
-            if process.is_alive():
-                process.kill()
-    assert len(results) == NUM_PEERS
-    for rank, snapshots, _ in results:
-        assert not isinstance(snapshots, str), f"peer {rank} crashed: {snapshots}"
-    results.sort(key=lambda result: result[0])
+    reported = ForkedPeers(NUM_PEERS).run(_peer, timeout=240, join_timeout=60)
+    results = [(rank, *reported[rank]) for rank in sorted(reported)]
     initial = torch.cat([p.detach().reshape(-1) for p in _make_model().parameters()]).numpy()
     for epoch in range(1, EPOCHS + 1):
         reference = results[0][1][epoch]

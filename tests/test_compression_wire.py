@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from swarmtrain.compression.wire import (
-    WIRE_VERSION,
+    SPARSE_WIRE_VERSION,
     WireFormatError,
     _varint_decode,
     _varint_encode,
@@ -59,7 +59,7 @@ def test_compact_at_one_percent():
 
 def test_other_wire_version_is_refused():
     encoded = bytearray(encode_sparse(*_sparse(100, 5), 100, "fp16"))
-    encoded[0] = WIRE_VERSION + 1
+    encoded[0] = SPARSE_WIRE_VERSION + 1
     with pytest.raises(WireFormatError, match="version"):
         decode_sparse(bytes(encoded))
 
@@ -82,7 +82,7 @@ def test_malformed_messages_are_rejected():
         with pytest.raises(WireFormatError, match="non-finite"):
             decode_sparse(encode_sparse(indices, nan_values, numel, value_format))
     # hand-built: a repeated index (zero delta) and an index beyond the span
-    header = bytes([WIRE_VERSION, 1 << 1])
+    header = bytes([SPARSE_WIRE_VERSION, 1 << 1])
     repeated = header + bytes([10, 2, 2, 3, 0]) + np.ones(2, np.float16).tobytes()
     with pytest.raises(WireFormatError, match="increasing"):
         decode_sparse(repeated)

@@ -4,7 +4,7 @@ import yaml
 
 from swarmtrain.config import load_run_config, parse_run_config
 from swarmtrain.errors import UserError
-from tests.conftest import REPO, TINY_CONFIG
+from tests.support import REPO, TINY_CONFIG
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "swarmtrain" / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarmtrain import doctor as doctor_module
+from swarmtrain.cli import doctor as doctor_module
+from swarmtrain.peer import resources
 from swarmtrain.config import load_run_config
 from swarmtrain.demo import free_port, start_coordinator, stop_process
 
@@ -34,7 +35,7 @@ def run_doctor(tmp_path: Path, *args: str, timeout: float = 150) -> tuple[int, s
     """`python -m swarmtrain.doctor ARGS` as a user runs it; its whole process group is swept after."""
     out, err = tmp_path / "doctor.out", tmp_path / "doctor.err"
     env = dict(os.environ, HIVEMIND_LOGLEVEL="ERROR")
-    process = subprocess.Popen([sys.executable, "-m", "swarmtrain.doctor", *args], stdout=open(out, "w"),
+    process = subprocess.Popen([sys.executable, "-m", "swarmtrain", "doctor", *args], stdout=open(out, "w"),
                                stderr=open(err, "w"), start_new_session=True, env=env)
     try:
         code = process.wait(timeout)
@@ -156,10 +157,10 @@ def test_flag_mistakes_are_one_line(tmp_path, args, message):
 
 def test_memory_estimate_counts_optimizer_state():
     num_params = 10_000_000
-    _, fp32 = doctor_module.memory_needed(num_params, eight_bit=False, device="cpu")
-    _, eight_bit = doctor_module.memory_needed(num_params, eight_bit=True, device="cpu")
+    _, fp32 = resources.memory_needed(num_params, eight_bit=False, device="cpu")
+    _, eight_bit = resources.memory_needed(num_params, eight_bit=True, device="cpu")
     assert fp32 == num_params * (12 + 8 + 8) and eight_bit == num_params * (12 + 8 + 2)
-    gpu, host = doctor_module.memory_needed(num_params, eight_bit=False, device="cuda:0")
+    gpu, host = resources.memory_needed(num_params, eight_bit=False, device="cuda:0")
     assert gpu == num_params * 12 and host == num_params * 16
 
 
@@ -168,7 +169,7 @@ def test_memory_row_fails_when_the_run_does_not_fit(monkeypatch):
     from swarmtrain.models import build_model
 
     real = build_model(config.model, config.data.seq_len, config.seed)  # the meta-device count must match it
-    assert doctor_module.count_parameters(config) == sum(p.numel() for p in real.parameters())
+    assert resources.count_parameters(config) == sum(p.numel() for p in real.parameters())
     monkeypatch.setattr(doctor_module, "free_host_memory", lambda: 100 * 2**20)
     row = doctor_module.check_memory(config, "cpu")
     assert row.status == "fix" and "not enough RAM" in row.detail

@@ -6,8 +6,8 @@ import torch
 
 from swarmtrain.config import OptimizerConfig, parse_run_config
 from swarmtrain.errors import UserError
-from swarmtrain.peer.frozen_adam import FrozenVarianceAdamW
-from swarmtrain.peer.optimizer import make_torch_optimizer_factory
+from swarmtrain.training.frozen_adam import FrozenVarianceAdamW
+from swarmtrain.training.optimizers import make_torch_optimizer_factory
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 

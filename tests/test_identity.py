@@ -1,7 +1,7 @@
 """A persistent identity gives the same peer ID, and it is the DHT's own."""
 import hivemind
 
-from swarmtrain.identity import load_or_create_identity, peer_id_of
+from swarmtrain.net.identity import load_or_create_identity, peer_id_of
 
 
 def test_identity_is_persistent_and_matches_the_dht(tmp_path):

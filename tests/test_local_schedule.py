@@ -6,10 +6,12 @@ import pytest
 import torch
 import transformers
 
-from swarmtrain.peer.schedule import (FINGERPRINT_SIZE, SKETCH_SIZE, ControllerSettings, ControllerState,
-                                      MemberRecord, count_sketch, decide_after_round, first_round_epoch,
-                                      in_step_with, lr_multiplier, parse_records, parse_schedule, plan_period,
-                                      reference_member, sketch_divergence, state_after_failure)
+from swarmtrain.averaging.schedule import (FINGERPRINT_SIZE, SKETCH_SIZE, ControllerSettings, ControllerState,
+                                           MemberRecord, count_sketch, decide_after_round, first_round_epoch,
+                                           in_step_with, parse_records, plan_period, reference_member,
+                                           sketch_divergence, state_after_failure)
+from swarmtrain.config import parse_schedule
+from swarmtrain.training.optimizers import lr_multiplier
 
 
 def _settings(schedule="adaptive", total=48, budget=12, **kwargs):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from swarmtrain.peer.local import LocalStateAverager
+from swarmtrain.averaging.local import LocalStateAverager
 
 PREFIX = "localstate_state_averager"
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from swarmtrain.demo import stop_process
-from tests.conftest import TINY_CONFIG
-from tests.swarm_helpers import LocalSwarm, assert_no_tracebacks, max_parameter_difference
+from tests.support import TINY_CONFIG
+from tests.support.swarm import LocalSwarm, assert_no_tracebacks, max_parameter_difference
 
 
 def _local_swarm(tmp_path, total_epochs=None, **averaging) -> LocalSwarm:

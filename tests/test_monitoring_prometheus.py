@@ -3,7 +3,6 @@
 import time
 
 import pytest
-from prometheus_fixture import prometheus  # noqa: F401  (the fixture)
 
 from swarmtrain.monitoring.aggregate import SwarmAggregator
 from swarmtrain.monitoring.dashboard import dashboard_queries

@@ -8,14 +8,13 @@ import urllib.request
 
 import pytest
 import yaml
-from prometheus_fixture import prometheus  # noqa: F401  (the fixture)
 
-from swarmtrain.checkpoint import latest_checkpoint_path, load_checkpoint
+from swarmtrain.training.checkpoint import latest_checkpoint_path, load_checkpoint
 from swarmtrain.demo import free_port, start_coordinator, stop_process
 from swarmtrain.monitoring.dashboard import dashboard_queries
-from swarmtrain.peer.reporting import RECORD_TTL
-from tests.conftest import TINY_CONFIG
-from tests.swarm_helpers import LocalSwarm, max_parameter_difference
+from swarmtrain.monitoring.records import RECORD_TTL
+from tests.support import TINY_CONFIG
+from tests.support.swarm import LocalSwarm, max_parameter_difference
 
 
 

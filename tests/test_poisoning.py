@@ -9,10 +9,10 @@ import torch
 import yaml
 
 from swarmtrain.demo import free_port
-from tests.conftest import TINY_CONFIG
-from tests.swarm_helpers import LocalSwarm, max_parameter_difference
+from tests.support import TINY_CONFIG
+from tests.support.swarm import LocalSwarm, max_parameter_difference
 
-POISONING_PEER = Path(__file__).resolve().parent / "poisoning_peer.py"
+POISONING_PEER = Path(__file__).resolve().parent / "support" / "poisoning_peer.py"
 
 
 def _poisoning_command(*args):

@@ -2,7 +2,7 @@
 
 A coordinator publishes a split run (privacy.split); two `swarmtrain peer --role trunk` processes
 host the trunk, announce themselves in the DHT and average the trunk between them; one
-`swarmtrain peer --role data-owner` process (wrapped by tests/recording_peer.py, which records every
+`swarmtrain peer --role data-owner` process (wrapped by tests/support/recording_peer.py, which records every
 message it and its DHT process hand to the p2p daemon) finds a trunk host and trains through it.
 
 Asserts: the owner learns (held-out accuracy >= MIN_TEST_ACCURACY, chance is 0.10), and everything
@@ -25,14 +25,14 @@ from hivemind.utils import MSGPackSerializer
 from swarmtrain.demo import start_peer
 from swarmtrain.privacy.digits import load_digits_splits
 from swarmtrain.privacy.split import SPLIT_PROTOCOL_VERSION, handler_names
-from tests.swarm_helpers import LocalSwarm
+from tests.support.swarm import LocalSwarm
 
 CUT_WIDTH = 32  # != 64 input pixels: a Z-shaped message cannot be an X-shaped one
 BATCH = 64
 MAX_STEPS = 200  # ~14 passes over the 900 private samples
 MIN_TEST_ACCURACY = 0.60  # chance is 0.10 on 10 balanced classes: a margin of 0.5
 RUN_ID = "split-swarm-test"
-RECORDER = Path(__file__).parent / "recording_peer.py"
+RECORDER = Path(__file__).parent / "support" / "recording_peer.py"
 
 CONFIG = {
     "run_id": RUN_ID,
@@ -182,7 +182,7 @@ def test_the_example_split_config_has_no_model_section():
     assert config.model is None and config.privacy.split is not None
     # the places that build the run's model say what a split run does instead of failing on the missing model
     from swarmtrain.coordinator.state import StateKeeper
-    from swarmtrain.doctor import OK, check_memory
+    from swarmtrain.cli.doctor import OK, check_memory
     from swarmtrain.errors import UserError
 
     assert check_memory(config, "cpu").status == OK
@@ -192,7 +192,7 @@ def test_the_example_split_config_has_no_model_section():
 
 def test_owner_data_file_is_checked(tmp_path):
     from swarmtrain.errors import UserError
-    from swarmtrain.privacy.swarm import load_owner_data
+    from swarmtrain.privacy.data_owner import load_owner_data
 
     good = tmp_path / "good.npz"
     np.savez(good, x=np.random.rand(50, 8, 8), y=np.arange(50) % 10)

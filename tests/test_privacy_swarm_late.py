@@ -13,7 +13,8 @@ import torch
 from swarmtrain.privacy.config import SplitConfig
 from swarmtrain.privacy.digits import NUM_CLASSES
 from swarmtrain.privacy.split import TrunkHost
-from swarmtrain.privacy.swarm import TRUNK_STATE_FORMAT, TrunkAverager, split_models, validate_trunk_state
+from swarmtrain.privacy.swarm import split_models
+from swarmtrain.privacy.trunk_host import TRUNK_STATE_FORMAT, TrunkAverager, validate_trunk_state
 
 SPLIT = SplitConfig(cut_width=16, hidden=32, trunk_hidden=32, average_every=3600.0, averaging_timeout=10.0)
 

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tests.swarm_helpers import count_state_download_messages
+from tests.support.swarm import count_state_download_messages
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_ID = "split-token-test"
@@ -44,7 +44,7 @@ CONFIG = {
 
 
 def _key_and_id(path: Path):
-    from swarmtrain.identity import load_or_create_identity, peer_id_of
+    from swarmtrain.net.identity import load_or_create_identity, peer_id_of
 
     key = load_or_create_identity(path)
     return key, peer_id_of(key.get_public_key())
@@ -52,9 +52,9 @@ def _key_and_id(path: Path):
 
 @pytest.fixture(scope="module")
 def token_split_swarm(tmp_path_factory):
-    from swarmtrain.access import issue_token
+    from swarmtrain.access.tokens import issue_token
     from swarmtrain.demo import free_port
-    from tests.swarm_helpers import LocalSwarm
+    from tests.support.swarm import LocalSwarm
 
     workdir = tmp_path_factory.mktemp("token-split")
     (workdir / "split.yaml").write_text(yaml.safe_dump(CONFIG))
@@ -140,7 +140,7 @@ async def _rogue(trunk_maddr: str, run_id: str) -> dict:
     from hivemind.utils.asyncio import anext
 
     from swarmtrain.privacy.split import SPLIT_PROTOCOL_VERSION, _serialize, handler_names
-    from swarmtrain.privacy.swarm import TrunkStateAverager
+    from swarmtrain.privacy.trunk_host import TrunkStateAverager
 
     p2p = await P2P.create(initial_peers=[trunk_maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     trunk = PeerID.from_base58(trunk_maddr.rsplit("/p2p/", 1)[1])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmtrain.reachability import host_and_announce_maddrs
+from swarmtrain.net.addresses import host_and_announce_maddrs
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -271,7 +271,7 @@ def test_natted_peer_trains_as_a_client(lab, tmp_path):
 def _serve(host_maddr: str, initial_peers: list[str]) -> None:
     import hivemind
 
-    from swarmtrain.reachability import serve_reachability_checks
+    from swarmtrain.net.reachability import serve_reachability_checks
 
     dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=[host_maddr], startup_timeout=60, start=True)
     serve_reachability_checks(dht)
@@ -289,7 +289,7 @@ def _check(initial_peer: str, arguments: list[str]) -> None:
 
     import hivemind
 
-    from swarmtrain.reachability import start_dht_checking_reachability
+    from swarmtrain.net.reachability import start_dht_checking_reachability
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int)

@@ -8,9 +8,9 @@ from swarmtrain.data import load_corpus
 from swarmtrain.errors import UserError
 from swarmtrain.models import build_model, compute_loss
 from swarmtrain.peer.resources import (CPU_DEFAULT_BATCH, choose_batch_size, halved_after_out_of_memory,
-                                       measure_step_bytes, optimizer_extra_bytes, parse_memory_size,
-                                       pick_batch_size, resolve_precision)
-from tests.conftest import TINY_CONFIG, run_cli
+                                       measure_step_bytes, optimizer_extra_bytes, pick_batch_size, resolve_precision)
+from swarmtrain.units import parse_memory_size
+from tests.support import TINY_CONFIG, run_cli
 
 CPU = torch.device("cpu")
 

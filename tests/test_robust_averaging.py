@@ -5,10 +5,12 @@ import asyncio
 import pytest
 import torch
 
-from swarmtrain.compression.averager import RejectedPart, RobustTensorPartReducer, _SpanReducer
+from swarmtrain.averaging.sync import FINGERPRINT_SIZE, reference_fingerprint
+from swarmtrain.compression.averager import RobustTensorPartReducer
 from swarmtrain.compression.robust import RobustPolicy, aggregate
+from swarmtrain.compression.sparse_round import RejectedPart, SpanReducer
 from swarmtrain.compression.wire import SparsePart, decode_sparse
-from swarmtrain.peer.optimizer import FINGERPRINT_SIZE, fingerprints_match, reference_fingerprint
+from swarmtrain.training.fingerprint import fingerprints_match
 
 
 def _honest(seed, size=1000):
@@ -89,7 +91,7 @@ def test_dense_part_reducer_drops_the_poisoner_and_completes_for_the_others():
 
 def test_sparse_span_reducer_rejects_an_outsized_sender():
     async def scenario():
-        reducer = _SpanReducer(100, 3, density=1.0, value_format="fp32", max_weight=10.0)
+        reducer = SpanReducer(100, 3, density=1.0, value_format="fp32", max_weight=10.0)
         reducer.add(0, 1.0, SparsePart(100, torch.tensor([1, 2]), torch.tensor([1.0, -1.0])))
         reducer.add(1, 1.0, SparsePart(100, torch.tensor([2, 3]), torch.tensor([-3.0, 1.0])))
         reducer.add(2, 1.0, SparsePart(100, torch.tensor([1, 3]), torch.tensor([1e6, -1e6])))

@@ -4,9 +4,9 @@ import time
 
 import pytest
 
-from swarmtrain.checkpoint import latest_checkpoint_path, load_checkpoint
-from tests.conftest import TINY_CONFIG
-from tests.swarm_helpers import LocalSwarm
+from swarmtrain.training.checkpoint import latest_checkpoint_path, load_checkpoint
+from tests.support import TINY_CONFIG
+from tests.support.swarm import LocalSwarm
 
 EXIT_BUDGET_SECONDS = 10.0
 

@@ -4,8 +4,8 @@ import signal
 import pytest
 import yaml
 
-from tests.conftest import TINY_CONFIG
-from tests.swarm_helpers import LocalSwarm, assert_no_tracebacks, max_parameter_difference
+from tests.support import TINY_CONFIG
+from tests.support.swarm import LocalSwarm, assert_no_tracebacks, max_parameter_difference
 
 
 
@@ -90,7 +90,7 @@ def test_a_lone_peer_waits_then_trains_and_resumes_what_fits_of_its_checkpoint(s
     optimizer's state (say from an 8-bit run), and nobody else shows up."""
     import torch
 
-    from swarmtrain.checkpoint import save_checkpoint
+    from swarmtrain.training.checkpoint import save_checkpoint
     from swarmtrain.config import load_run_config
     from swarmtrain.data import load_corpus
     from swarmtrain.models import build_model, heldout_loss
@@ -171,9 +171,9 @@ def test_late_joiner_and_killed_peer(swarm):
 def test_progress_reports_are_throttled_but_never_lost():
     """hivemind's tracker publishes a peer's progress after every step; ours at most once per period,
     deferring (not dropping) what comes sooner, and an epoch change at once."""
-    from swarmtrain.peer.optimizer import _AtMostEvery
+    from swarmtrain.averaging.progress import AtMostEvery
 
-    event = _AtMostEvery(0.3)
+    event = AtMostEvery(0.3)
     event.set()
     assert event.is_set()
     event.clear()

@@ -1,21 +1,15 @@
-"""Gradient compression for swarm averaging: sparsifiers, error feedback, the sparse wire format and
-hivemind gradient averagers.
+"""Gradient compression for swarm averaging.
 
-The averager module imports hivemind (slow); it is loaded lazily so that ``swarmtrain.compression.spec``
-stays cheap to import for config parsing.
+- ``spec``: the ``averaging.compression`` value (none, fp16, topk/randomk/gaussiank:RHO[+8bit]);
+- ``selection``: the sparsifiers (GaussianK, exact top-k, random-k), O(d) and sort-free;
+- ``feedback``: error feedback and the density warm-up schedule;
+- ``wire``: the compact, versioned encoding of a sparse part (indices + rounded values);
+- ``robust``: the checks and robust aggregation every reducer runs on the parts it receives;
+- ``sparse_round``: one sparse all-reduce round (senders, re-sparsifying reducers, residuals);
+- ``averager``: hivemind gradient averagers (the sparse one, byte-counting dense ones);
+- ``factory``: ``make_averager_factory(spec, ...)``, the ``grad_averager_factory`` for hivemind.Optimizer;
+- ``stats``: what an averager measured, shared with the training process.
+
+Only ``spec`` is light to import (config parsing); the others import torch, and ``averager`` /
+``factory`` / ``sparse_round`` import hivemind.
 """
-from swarmtrain.compression.feedback import DensitySchedule, ErrorFeedbackSparsifier
-from swarmtrain.compression.selection import SELECTORS, gaussiank, randomk, target_count, topk
-from swarmtrain.compression.spec import CompressionSpec, parse_compression_spec
-from swarmtrain.compression.stats import CompressionStats
-from swarmtrain.compression.wire import WIRE_VERSION, WireFormatError, decode_sparse, encode_sparse
-
-_LAZY = {"make_grad_averager_factory", "SparseGradientAverager", "CountingGradientAverager"}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        from swarmtrain.compression import averager
-
-        return getattr(averager, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,400 +1,47 @@
 """Gradient averagers for hivemind.Optimizer: a sparse one (GaussianK / top-k / random-k with error
-feedback over a sparse butterfly all-reduce) and byte-counting wrappers of hivemind's dense ones.
-
-Sparse round, for a group of n peers (senders = non-auxiliary peers, reducers = peers with a non-zero
-share from ``load_balance_peers``; the flat gradient index space is cut into one contiguous span per
-reducer, as hivemind's butterfly all-reduce does)::
-
-    sender i:   g_i = accumulated gradient + residual_i
-                S_i = select(g_i, rho)                       (O(d), GaussianK by default)
-                for each reducer r: send encode(S_i ∩ span_r, g_i[...])  -> r      (O(k) bytes in total)
-    reducer r:  avg_r = Σ_i w_i · part_i / Σ_i w_i           (w_i self-reported, validated, clamped)
-                keep the ~rho·|span_r| largest entries of avg_r (exact top-k over the <= n·k support)
-                B_r = encode(kept entries)  -> sent back to every sender, and decoded by r itself too
-    sender i:   applied = ⊕_r decode(B_r)      (bit-identical on every peer: same bytes, same decoder)
-                residual_i = g_i − (own sent values at the kept positions)
-
-so every contributor gets back, in its residual, whatever of its own contribution did not make it into
-the applied average, and Σ_i w_i·g_i = (Σ_i w_i)·applied + Σ_i w_i·residual_i (with equal weights:
-n·applied + Σ residuals = Σ raw gradients). The reducer's re-encoding of the average (fp16 / 8-bit
-rounding) is absorbed into the reducer's own residual so the identity stays exact up to float32
-arithmetic. Nothing is written (neither averaged gradients nor residuals) unless the whole round
-succeeds for this peer; a failed round leaves hivemind.Optimizer's local gradients and the residuals as
-they were. Senders that stay silent past ``sender_timeout`` or send malformed / non-finite parts or
-invalid weights are dropped by the reducer (the round completes for the others, all of whom still
-decode identical bytes); a reducer that fails makes the round fail for its senders, exactly like a
-failed round in hivemind.
-
-Wire: one stream per (sender, reducer) pair through the averager's ``rpc_aggregate_part`` route; the
-payload is chunked into AveragingData messages whose first one carries the payload length. Payloads are
-encoded by ``wire.py`` (versioned: peers of another wire version are refused, and the matchmaking prefix
-carries the wire version so such peers do not even meet).
+feedback over the sparse all-reduce of ``sparse_round``) and byte-counting wrappers of hivemind's
+dense ones, whose reducers check every part they receive (``robust``).
 """
 from __future__ import annotations
 
 import asyncio
 import math
 import time
-from functools import partial
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Set
+from typing import Dict, Optional
 
 import torch
-
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
-from hivemind.compression import Float16Compression, NoCompression
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
-from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.p2p import PeerID
 from hivemind.utils import get_logger
-from hivemind.utils.asyncio import aiter_with_timeout, anext, enter_asynchronously
+from hivemind.utils.asyncio import enter_asynchronously
 
+from swarmtrain import hivemind_compat
 from swarmtrain.compression.feedback import DensitySchedule
 from swarmtrain.compression.robust import RobustPolicy, aggregate
-from swarmtrain.compression.selection import SELECTORS, target_count
-from swarmtrain.compression.spec import CompressionSpec, parse_compression_spec
+from swarmtrain.compression.selection import SELECTORS
+from swarmtrain.compression.sparse_reduce import share_of
+from swarmtrain.compression.sparse_round import RejectedPart, SparseAllReduceRound
+from swarmtrain.compression.spec import CompressionSpec
 from swarmtrain.compression.stats import CompressionStats
-from swarmtrain.compression.wire import WIRE_VERSION, SparsePart, WireFormatError, decode_sparse, encode_sparse
+from swarmtrain.compression.wire import SPARSE_WIRE_VERSION, decode_sparse, encode_sparse
 
 logger = get_logger(__name__)
 
-CHUNK_BYTES = 2**19  # same order as hivemind's part_size_bytes: keeps single p2p messages small
 DEFAULT_MAX_SAMPLE_WEIGHT = 2.0**20  # a self-reported weight above this is clamped
-SILENT_SENDER_GRACE = 3.0  # a reducer drops senders silent for this many sender_timeouts (see below)
 
 
-class RejectedPart(AllreduceException):
-    """The reducer left a sender's part out of the average (non-finite, outsized...)."""
+class SparseGradientAverager(hivemind_compat.CleanShutdownMixin, GradientAverager):
+    """hivemind GradientAverager whose all-reduce is the sparse, error-feedback round of sparse_round.py.
 
-
-def _share_of(peer_fractions: Sequence[float], index: int) -> float:
-    total = float(sum(peer_fractions))
-    return float(peer_fractions[index]) / total if total > 0 else 0.0
-
-
-def _spans(total: int, peer_fractions: Sequence[float]) -> List[tuple]:
-    """Contiguous [start, end) of the flat index space per peer, proportional to its fraction."""
-    total_fraction = float(sum(peer_fractions))
-    bounds, acc = [0], 0.0
-    for fraction in peer_fractions:
-        acc += fraction
-        bounds.append(int(round(acc / total_fraction * total)) if total_fraction > 0 else 0)
-    bounds[-1] = total
-    return [(bounds[i], bounds[i + 1]) for i in range(len(peer_fractions))]
-
-
-class _SpanReducer:
-    """Collects the sparse parts of one span from all senders, then produces the encoded average once."""
-
-    def __init__(self, span_length: int, num_senders: int, density: float, value_format: str, max_weight: float,
-                 policy: RobustPolicy = RobustPolicy()):
-        self.span_length, self.num_senders = span_length, num_senders
-        self.density, self.value_format, self.max_weight = density, value_format, max_weight
-        self.policy = policy
-        self.parts: Dict[int, tuple] = {}  # sender index -> (weight, SparsePart)
-        self.banned: Set[int] = set()
-        self.rejected: Dict[int, str] = {}  # sender index -> why its part was left out of the average
-        self.result: asyncio.Future = asyncio.get_event_loop().create_future()
-        self.requantization_error: Optional[SparsePart] = None  # (applied - exact average) at kept entries
-        self.total_weight = 0.0
-
-    def add(self, sender_index: int, weight: float, part: SparsePart):
-        if self.result.done():
-            raise AllreduceException("span already reduced (sender too late or banned)")
-        if sender_index in self.banned or sender_index in self.parts:
-            raise AllreduceException(f"sender {sender_index} is banned or sent twice")
-        if not math.isfinite(weight) or weight < 0:
-            raise AllreduceException(f"invalid weight {weight}")
-        if part.numel != self.span_length:
-            raise WireFormatError(f"part length {part.numel} != span length {self.span_length}")
-        self.parts[sender_index] = (min(weight, self.max_weight), part)
-        self._maybe_finish()
-
-    def ban(self, sender_index: int):
-        if sender_index not in self.parts and not self.result.done():
-            self.banned.add(sender_index)
-            self._maybe_finish()
-
-    def _maybe_finish(self):
-        if not self.result.done() and len(self.parts) + len(self.banned) >= self.num_senders:
-            try:
-                self.result.set_result(self._reduce())
-            except Exception as e:
-                self.result.set_exception(e)
-
-    def _reduce(self) -> bytes:
-        """Weighted average over the union of the received supports, re-sparsified, encoded.
-
-        Works on the <= n·k support only (never allocates the dense span), so the reducer's cost is
-        O(n·k·log(n·k)) and it stays cheap even when the span is large.
-        """
-        senders = [index for index, (weight, _) in self.parts.items() if weight > 0]
-        if not senders:
-            return encode_sparse(torch.zeros(0, dtype=torch.long), torch.zeros(0), self.span_length, self.value_format)
-        support = torch.unique(torch.cat([self.parts[index][1].indices for index in senders]))  # sorted
-        # each part as a vector over the union support: the checks and robust rules see exactly the
-        # mass each sender contributed, and nothing dense is allocated
-        vectors = []
-        for index in senders:
-            part = self.parts[index][1]
-            vector = torch.zeros(len(support), dtype=torch.float32)
-            vector[torch.searchsorted(support, part.indices)] = part.values
-            vectors.append(vector)
-        result = aggregate(vectors, [self.parts[index][0] for index in senders], self.policy)
-        self.rejected = {senders[position]: reason for position, reason in result.rejected.items()}
-        self.total_weight = result.total_weight
-        if result.total_weight <= 0:
-            return encode_sparse(torch.zeros(0, dtype=torch.long), torch.zeros(0), self.span_length, self.value_format)
-        average = result.average
-        keep = min(len(support), target_count(self.span_length, self.density))
-        # exact top-k is affordable here: it runs over the <= n·k support, not over the span
-        chosen = torch.sort(torch.topk(average.abs(), keep, sorted=False).indices).values
-        kept, exact_values = support[chosen], average[chosen]
-        encoded = encode_sparse(kept, exact_values, self.span_length, self.value_format)
-        applied = decode_sparse(encoded, self.span_length)
-        self.requantization_error = SparsePart(self.span_length, kept, applied.values - exact_values)
-        return encoded
-
-
-class SparseAllReduceRound:
-    """One sparse all-reduce round in one group; also the servicer for that group's incoming parts."""
-
-    def __init__(self, *, averager: "SparseGradientAverager", group_info: GroupInfo, peer_fractions, modes,
-                 weight: float, density: float, sender_timeout: Optional[float], reducer_timeout: Optional[float]):
-        self.averager = averager
-        self.group_id, self.peer_ids = group_info.group_id, tuple(group_info.peer_ids)
-        self.peer_id = averager.peer_id
-        self.my_index = self.peer_ids.index(self.peer_id)
-        self.modes = modes
-        self.spans = _spans(averager.total_numel, peer_fractions)
-        self.reducer_indices = [i for i, (start, end) in enumerate(self.spans) if end > start]
-        self.sender_peer_ids = [pid for pid, mode in zip(self.peer_ids, modes) if mode != AveragingMode.AUX]
-        self.is_sender = modes[self.my_index] != AveragingMode.AUX
-        self.weight = float(weight)
-        self.density = density
-        self.sender_timeout, self.reducer_timeout = sender_timeout, reducer_timeout
-        self.silent_sender_grace = None if sender_timeout is None else SILENT_SENDER_GRACE * sender_timeout
-        # a sender waits for a reducer's answer as long as that reducer may wait for a silent peer, plus
-        # hivemind's reducer_timeout for the answer itself
-        self.answer_timeout = None
-        if reducer_timeout is not None:
-            self.answer_timeout = reducer_timeout + (self.silent_sender_grace or 0.0)
-        self.bytes_sent = self.bytes_received = 0
-        start, end = self.spans[self.my_index]
-        self.reducer = None
-        if end > start:
-            self.reducer = _SpanReducer(end - start, len(self.sender_peer_ids), density,
-                                        averager.value_format, averager.max_sample_weight, averager.robust_policy)
-        self.senders_started: Set[PeerID] = {self.peer_id} if self.is_sender else set()
-        # remote senders still waiting for this peer's averaged span; the round stays open until they
-        # got it, or a peer that finished first could shut down before its answers left
-        self.own_part_ready = asyncio.Event()
-        self.answers_pending: Set[PeerID] = set()
-        self.all_answered = asyncio.Event()
-        if self.reducer is not None:
-            self.answers_pending = {pid for pid in self.sender_peer_ids if pid != self.peer_id}
-        if not self.answers_pending:
-            self.all_answered.set()
-
-    # ---------------------------------------------------------------- reducer side (incoming RPC)
-    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext):
-        sender = context.remote_id
-        if self.reducer is None or sender not in self.sender_peer_ids:
-            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
-            return
-        sender_index = self.sender_peer_ids.index(sender)
-        self.senders_started.add(sender)
-        try:
-            payload, weight = await self._receive_payload(
-                stream, averaging_pb2.PART_FOR_AVERAGING, self.sender_timeout
-            )
-            part = decode_sparse(payload, expected_numel=self.reducer.span_length)
-            self.reducer.add(sender_index, weight, part)  # raises on invalid weight / late / duplicate
-            encoded_average = await asyncio.shield(self.reducer.result)
-            if sender_index in self.reducer.rejected:
-                raise RejectedPart(self.reducer.rejected[sender_index])
-        except Exception as e:
-            # a bad part or a late sender: drop this sender from the span's average, tell it so
-            logger.warning(f"dropping sender {sender} from sparse all-reduce: {e!r}")
-            self.averager.stats.record_rejection(sender)
-            self.reducer.ban(sender_index)
-            self.answers_pending.discard(sender)
-            if not self.answers_pending:
-                self.all_answered.set()
-            yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
-            return
-        try:
-            for message in self._payload_messages(encoded_average, averaging_pb2.AVERAGED_PART):
-                self.bytes_sent += message.ByteSize()
-                yield message
-        finally:
-            # the generator resumes after the stream took the last message: the answer is on its way
-            self.answers_pending.discard(sender)
-            if not self.answers_pending:
-                self.all_answered.set()
-
-    async def _receive_payload(self, stream, expected_code, timeout: Optional[float]) -> tuple:
-        """Read a chunked payload and the stream to its very end.
-
-        Stopping as soon as the announced bytes are in would close our side while the peer may still be
-        writing its end-of-stream marker; under load that surfaced as BrokenPipeError on the peer and a
-        failed round, so both sides always consume the other's stream completely (as hivemind does).
-        """
-        first = await asyncio.wait_for(anext(stream), timeout)
-        self.bytes_received += first.ByteSize()
-        if first.code != expected_code or first.group_id != self.group_id or len(first.tensor_part.size) != 1:
-            raise AllreduceException(f"unexpected message {averaging_pb2.MessageCode.Name(first.code)} or group")
-        expected_length = first.tensor_part.size[0]
-        chunks, received = [first.tensor_part.buffer], len(first.tensor_part.buffer)
-        async for message in aiter_with_timeout(stream, timeout):
-            self.bytes_received += message.ByteSize()
-            chunks.append(message.tensor_part.buffer)
-            received += len(message.tensor_part.buffer)
-            if received > expected_length:
-                break
-        if received != expected_length:
-            raise WireFormatError(f"payload has {received} bytes, announced {expected_length}")
-        return b"".join(chunks), first.weight
-
-    def _payload_messages(self, payload: bytes, code) -> List[averaging_pb2.AveragingData]:
-        messages = []
-        for offset in range(0, max(1, len(payload)), CHUNK_BYTES):
-            tensor = runtime_pb2.Tensor(buffer=payload[offset : offset + CHUNK_BYTES])
-            if offset == 0:
-                tensor.size.append(len(payload))
-            messages.append(averaging_pb2.AveragingData(code=code, group_id=self.group_id, weight=self.weight,
-                                                        tensor_part=tensor))
-        return messages
-
-    async def _ban_silent_senders(self):
-        """Like hivemind: senders that did not even start within sender_timeout are dropped.
-
-        The clock starts once this peer has finished its own selection and encoding: senders can only
-        connect after theirs, and a fixed clock from the start of the round would ban every peer whose
-        gradient is merely large. The grace is SILENT_SENDER_GRACE x sender_timeout: with hivemind.Optimizer
-        sender_timeout defaults to matchmaking_time (~2 s), and a loaded 2-core machine made honest peers
-        miss a 1x grace; a dropped honest peer retries in another group and its parameters diverge."""
-        if self.sender_timeout is None or self.reducer is None:
-            return
-        await self.own_part_ready.wait()
-        await asyncio.sleep(self.silent_sender_grace)
-        for index, peer_id in enumerate(self.sender_peer_ids):
-            if peer_id not in self.senders_started:
-                self.reducer.ban(index)
-                self.answers_pending.discard(peer_id)
-        if not self.answers_pending:
-            self.all_answered.set()
-
-    async def _wait_answers_delivered(self):
-        try:
-            await asyncio.wait_for(self.all_answered.wait(), self.reducer_timeout or 5.0)
-        except asyncio.TimeoutError:
-            logger.debug("some senders did not collect their averaged span in time")
-
-    # ---------------------------------------------------------------- sender side
-    async def _exchange_with_reducer(self, reducer_peer: PeerID, payload: bytes) -> bytes:
-        messages = self._payload_messages(payload, averaging_pb2.PART_FOR_AVERAGING)
-
-        async def outgoing():
-            for message in messages:
-                self.bytes_sent += message.ByteSize()
-                yield message
-
-        stub = type(self.averager).get_stub(self.averager._p2p, reducer_peer, namespace=self.averager.prefix)
-        stream = await stub.rpc_aggregate_part(outgoing())
-        try:
-            payload, _ = await self._receive_payload(stream, averaging_pb2.AVERAGED_PART, self.answer_timeout)
-        except AllreduceException as e:
-            raise AllreduceException(f"reducer {reducer_peer} refused our part or failed: {e}") from e
-        return payload
-
-    async def run(self, flat_gradient: torch.Tensor, residual: torch.Tensor):
-        """Returns (applied, new_residual, sent_nonzeros, selection_seconds) or None for auxiliary peers."""
-        silent_sender_task = asyncio.create_task(self._ban_silent_senders())
-        try:
-            if not self.is_sender:
-                self.own_part_ready.set()
-                if self.reducer is not None:
-                    await self.reducer.result
-                    await self._wait_answers_delivered()
-                return None
-            loop = asyncio.get_event_loop()
-            corrected = flat_gradient + residual
-            started = time.perf_counter()
-            selected = await loop.run_in_executor(None, self.averager.selector, corrected, self.density)
-            selection_seconds = time.perf_counter() - started
-            selected = torch.sort(selected).values
-
-            payloads, positions = {}, torch.searchsorted(selected, torch.tensor([s for s, _ in self.spans]))
-            for reducer_index in self.reducer_indices:
-                start, end = self.spans[reducer_index]
-                lo = int(positions[reducer_index])
-                hi = int(torch.searchsorted(selected, torch.tensor(end)))
-                span_indices = selected[lo:hi]
-                payloads[reducer_index] = encode_sparse(span_indices - start, corrected[span_indices], end - start,
-                                                        self.averager.value_format)
-
-            self.own_part_ready.set()
-
-            async def exchange(reducer_index: int) -> bytes:
-                if reducer_index == self.my_index:
-                    part = decode_sparse(payloads[reducer_index], self.reducer.span_length)
-                    own_index = self.sender_peer_ids.index(self.peer_id)
-                    self.reducer.add(own_index, self.weight, part)
-                    encoded = await asyncio.shield(self.reducer.result)
-                    if own_index in self.reducer.rejected:
-                        raise RejectedPart(f"our own part: {self.reducer.rejected[own_index]}")
-                    return encoded
-                return await self._exchange_with_reducer(self.peer_ids[reducer_index], payloads[reducer_index])
-
-            averaged_payloads = await asyncio.gather(*(exchange(r) for r in self.reducer_indices))
-
-            # everything below uses decoded bytes only, so every peer computes bit-identical results
-            applied = torch.zeros_like(corrected)
-            new_residual = corrected.clone()
-            sent_nonzeros = 0
-            # a zero-weight contribution is not part of any average: all of it stays in the residual
-            contributed = min(self.weight, self.averager.max_sample_weight) > 0
-            for reducer_index, averaged_payload in zip(self.reducer_indices, averaged_payloads):
-                start, end = self.spans[reducer_index]
-                average = decode_sparse(averaged_payload, end - start)
-                applied[start + average.indices] = average.values
-                mine = decode_sparse(payloads[reducer_index], end - start)  # what the reducer saw from us
-                sent_nonzeros += len(mine.indices)
-                if not contributed:
-                    continue
-                kept = torch.isin(mine.indices, average.indices)
-                new_residual.index_add_(0, start + mine.indices[kept], mine.values[kept], alpha=-1.0)
-            if self.reducer is not None and self.reducer.requantization_error is not None:
-                # keep Σw·applied + Σ w_i·residual_i exact: the rounding of the broadcast average goes
-                # into the reducer's own residual, scaled from "average" units to "one peer" units
-                error = self.reducer.requantization_error
-                if self.weight > 0 and len(error.indices):
-                    start = self.spans[self.my_index][0]
-                    scale = self.reducer.total_weight / min(self.weight, self.averager.max_sample_weight)
-                    new_residual.index_add_(0, start + error.indices, error.values, alpha=-scale)
-            await self._wait_answers_delivered()
-            return applied, new_residual, sent_nonzeros, selection_seconds
-        except Exception:
-            # our own round failed, but the others may still be waiting for our span: keep serving it
-            # (bounded by reducer_timeout) instead of vanishing and making their round time out too
-            if self.reducer is not None:
-                try:
-                    await asyncio.wait_for(asyncio.shield(self.reducer.result), self.answer_timeout or 5.0)
-                except BaseException:
-                    pass
-                await self._wait_answers_delivered()
-            raise
-        finally:
-            silent_sender_task.cancel()
-
-
-class SparseGradientAverager(GradientAverager):
-    """hivemind GradientAverager whose all-reduce is the sparse, error-feedback round described above.
+    :param parameters, dht, kwargs: hivemind GradientAverager's
+    :param prefix: the matchmaking prefix; the sparse wire version is appended, so that peers speaking
+      another version never meet
 
     :param spec: a sparse CompressionSpec (topk / randomk / gaussiank, optional +8bit values)
     :param density_schedule: overrides ``spec.density`` with a warm-up schedule, indexed by the number of
@@ -429,7 +76,7 @@ class SparseGradientAverager(GradientAverager):
         self._schedule_epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.stats = stats if stats is not None else CompressionStats()
         # the wire version in the matchmaking key: peers speaking another version never form a group
-        super().__init__(parameters, dht=dht, prefix=f"{prefix}_sparsewire{WIRE_VERSION}", **kwargs)
+        super().__init__(parameters, dht=dht, prefix=f"{prefix}_sparsewire{SPARSE_WIRE_VERSION}", **kwargs)
 
     def set_schedule_epoch(self, epoch: int):
         self._schedule_epoch.fill_(int(epoch))
@@ -448,7 +95,7 @@ class SparseGradientAverager(GradientAverager):
             peer_fractions = await asyncio.get_event_loop().run_in_executor(
                 None, load_balance_peers, self.total_numel, download_bandwidths, min_vector_size
             )
-            reduce_share = _share_of(peer_fractions, group_info.peer_ids.index(self.peer_id))
+            reduce_share = share_of(peer_fractions, group_info.peer_ids.index(self.peer_id))
             weight = kwargs.get("weight")
             weight = 1.0 if weight is None else float(weight)
             round_ = SparseAllReduceRound(
@@ -456,7 +103,7 @@ class SparseGradientAverager(GradientAverager):
                 density=self.current_density(), sender_timeout=kwargs.get("sender_timeout"),
                 reducer_timeout=kwargs.get("reducer_timeout"),
             )
-            self._running_groups[group_info.group_id].set_result(round_)
+            hivemind_compat.running_group_future(self, group_info.group_id).set_result(round_)
 
             async with enter_asynchronously(self.get_tensors()) as averaged_grads:
                 flat_gradient = torch.cat([grad.detach().reshape(-1).float().cpu() for grad in averaged_grads])
@@ -497,7 +144,16 @@ class SparseGradientAverager(GradientAverager):
 class RobustTensorPartReducer(TensorPartReducer):
     """hivemind's part reducer, but a part is averaged only once every sender's copy of it is in, through
     :func:`robust.aggregate`: non-finite and outsized parts are rejected (their sender is banned from
-    the rest of the round, as hivemind bans a silent one) instead of poisoning everyone's average."""
+    the rest of the round, as hivemind bans a silent one) instead of poisoning everyone's average.
+
+    :param part_shapes: the shapes of the parts, as hivemind's reducer takes them
+    :param num_senders: senders in the group
+    :param policy: checks and aggregation rule (robust.py)
+    :param max_weight: a self-reported weight above this is clamped
+    :param on_rejected: called with (sender index, reason) for each rejected sender
+    :param local_sender_index: this peer's own index among the senders (its rejected part is left out
+      without failing its round), or None
+    """
 
     def __init__(self, part_shapes, num_senders: int, policy: RobustPolicy, max_weight: float,
                  on_rejected=lambda sender_index, reason: None, local_sender_index: Optional[int] = None):
@@ -617,9 +273,16 @@ class _ByteCountingAllReduceRunner(AllReduceRunner):
             yield message
 
 
-class ByteCountingMixin:
+class ByteCountingMixin(hivemind_compat.CleanShutdownMixin):
     """Gives a hivemind averager (GradientAverager, PowerSGDGradientAverager, ...) a ``stats`` object with
-    the bytes its all-reduce rounds put on the wire. Mix in before the hivemind class."""
+    the bytes its all-reduce rounds put on the wire, and reducers that check every part they receive.
+    Mix in before the hivemind class.
+
+    :param stats: a CompressionStats to write to (one is created otherwise)
+    :param robust_policy: checks and aggregation rule for the parts this peer reduces (robust.py)
+    :param max_sample_weight: a self-reported weight above this is clamped
+    :param args, kwargs: the hivemind averager's own
+    """
 
     def __init__(self, *args, stats: Optional[CompressionStats] = None, robust_policy: RobustPolicy = RobustPolicy(),
                  max_sample_weight: float = DEFAULT_MAX_SAMPLE_WEIGHT, **kwargs):
@@ -634,22 +297,22 @@ class ByteCountingMixin:
         # same steps as hivemind's DecentralizedAverager._run_allreduce_inplace_, with a counting runner
         group_id = group_info.group_id if group_id is None else group_id
         runner = _ByteCountingAllReduceRunner(
-            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
+            p2p=hivemind_compat.averager_p2p(self), servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
             ordered_peer_ids=group_info.peer_ids, robust_policy=self.robust_policy, stats=self.stats,
             max_sample_weight=self.max_sample_weight, **kwargs,
         )
-        self._running_groups[group_id].set_result(runner)
+        hivemind_compat.running_group_future(self, group_id).set_result(runner)
         self._round_runners.append(runner)
         my_index = group_info.peer_ids.index(self.peer_id)
         if kwargs.get("peer_fractions") is not None:
-            self._reduce_share = _share_of(kwargs["peer_fractions"], my_index)
+            self._reduce_share = share_of(kwargs["peer_fractions"], my_index)
         if runner.modes[my_index] != AveragingMode.AUX:
             index = 0
             async for update in runner:
                 if not bool(torch.isfinite(update).all()):
                     # a reducer that answers with garbage: this round must not touch our gradients
                     raise AllreduceException("a reducer sent back a non-finite average")
-                tensors[index].add_(update, alpha=self._averaging_alpha)
+                tensors[index].add_(update, alpha=hivemind_compat.averaging_alpha(self))
                 index += 1
             if runner.tensor_part_container.failed_size:
                 # hivemind would keep our own values for a failed reducer's span and call the round a
@@ -685,34 +348,3 @@ class CountingGradientAverager(ByteCountingMixin, GradientAverager):
 
 class CountingPowerSGDGradientAverager(ByteCountingMixin, PowerSGDGradientAverager):
     """hivemind's PowerSGD averager with byte stats (used as a baseline in the benchmark)."""
-
-
-def make_grad_averager_factory(spec, density_schedule: Optional[DensitySchedule] = None, access=None,
-                               **averager_kwargs):
-    """A ``grad_averager_factory`` for ``hivemind.Optimizer`` implementing a compression spec.
-
-    ``spec`` is a CompressionSpec or its text form. Dense specs map to hivemind's GradientAverager with
-    NoCompression / Float16Compression; sparse ones to :class:`SparseGradientAverager`. Extra keyword
-    arguments (e.g. ``max_sample_weight``, ``stats``, or hivemind averager options such as
-    ``request_timeout`` that hivemind.Optimizer does not forward) are passed to the averager. Either way
-    the averager exposes ``.stats`` (:class:`CompressionStats`). On a token-gated run (``access``, by
-    default this process's active ``swarmtrain.access.LocalAccess``) the averager refuses averaging RPCs
-    from peers without a valid access token.
-    """
-    from swarmtrain.access import with_access_guard
-
-    if isinstance(spec, str):
-        spec = parse_compression_spec(spec)
-    if spec.is_sparse:
-        return partial(with_access_guard(SparseGradientAverager, access), spec=spec, density_schedule=density_schedule,
-                       **averager_kwargs)
-    if density_schedule is not None:
-        raise ValueError("a density schedule only applies to sparse compression specs")
-    codec = Float16Compression() if spec.method == "fp16" else NoCompression()
-    averager_class = with_access_guard(CountingGradientAverager, access)
-
-    def dense_factory(*args, **kwargs):
-        kwargs["compression"] = codec  # Optimizer passes its grad_compression; the spec decides
-        return averager_class(*args, **{**kwargs, **averager_kwargs})
-
-    return dense_factory

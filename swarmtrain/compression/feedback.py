@@ -21,6 +21,11 @@ class DensitySchedule:
     """Density per epoch: geometric interpolation from ``initial`` down to ``target`` over
     ``warmup_epochs`` epochs, then ``target``.
 
+    :param target: the density after the warm-ups, in (0, 1]
+    :param initial: the density at the start of the geometric warm-up (None: no warm-up)
+    :param warmup_epochs: epochs of the geometric warm-up
+    :param dense_epochs: epochs at density 1 before everything else (the 1-bit Adam warm-up)
+
     Geometric because the useful quantity is the compression ratio 1/rho, which the reference runs
     step by constant factors (1/64 -> 0.004 -> 0.001); a linear ramp would spend almost all warm-up
     epochs near the dense end.
@@ -38,6 +43,16 @@ class DensitySchedule:
         if self.warmup_epochs < 0 or self.dense_epochs < 0:
             raise ValueError("warmup_epochs and dense_epochs must be >= 0")
 
+    @classmethod
+    def for_spec(cls, spec, *, dense_warmup_epochs: int = 0, density_warmup_epochs: int = 0) -> Optional["DensitySchedule"]:
+        """A sparse spec's density per epoch from the run config's warm-ups (``averaging.dense_warmup_epochs``
+        at density 1, then the geometric warm-up from 1/64 over ``averaging.density_warmup_epochs``);
+        None for a dense spec or a constant density."""
+        if not spec.is_sparse or not (density_warmup_epochs or dense_warmup_epochs):
+            return None
+        return cls(spec.density, initial=max(spec.density, 1 / 64), dense_epochs=dense_warmup_epochs,
+                   warmup_epochs=density_warmup_epochs)
+
     def __call__(self, epoch: int) -> float:
         if epoch < self.dense_epochs:
             return 1.0
@@ -53,6 +68,12 @@ class ErrorFeedbackSparsifier:
 
     Invariant after every call: ``sent_dense + residual_after == grad + residual_before`` exactly, where
     ``sent_dense`` is the dense form of the returned (indices, values).
+
+    :param numel: length of the flat gradient
+    :param method: the selection (gaussiank, topk, randomk) when no `selector` is given
+    :param schedule: the density per epoch (give this or `density`)
+    :param density: a constant density
+    :param selector: a selection function (vector, density) -> indices, instead of `method`'s
     """
 
     def __init__(self, numel: int, method: str = "gaussiank", schedule: Optional[DensitySchedule] = None,

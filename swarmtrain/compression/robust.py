@@ -32,6 +32,15 @@ AGGREGATIONS = ("mean", "clip", "centered_clip")
 
 @dataclass(frozen=True)
 class RobustPolicy:
+    """What a reducer does with the parts it receives (the run config's averaging.aggregation and
+    averaging.max_norm_ratio; the rest are fixed).
+
+    :param aggregation: mean, clip or centered_clip (see the module docstring)
+    :param max_norm_ratio: a part whose norm exceeds this x the group's median is rejected (0: never)
+    :param max_weight_ratio: a self-reported weight above this x the median weight is clamped (0: never)
+    :param min_group_for_outliers: the norm and weight rules need at least this many valid parts
+    :param centered_clip_iterations: iterations of CenteredClip
+    """
     aggregation: Literal["mean", "clip", "centered_clip"] = "mean"
     max_norm_ratio: float = 10.0  # 0 disables outlier rejection
     max_weight_ratio: float = 4.0  # 0 disables weight clamping
@@ -115,7 +124,3 @@ def _robust_mean(stacked: torch.Tensor, weights: torch.Tensor, policy: RobustPol
             break
         center = center + _weighted_mean(_clip_to(offsets, tau), weights)
     return center
-
-
-def robust_policy_from_config(averaging) -> RobustPolicy:
-    return RobustPolicy(aggregation=averaging.aggregation, max_norm_ratio=averaging.max_norm_ratio)

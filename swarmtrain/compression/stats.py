@@ -4,10 +4,10 @@ process that owns the averager.
 The averager runs its rounds in a forked child process, so plain attributes written there are invisible
 to the training process. The numbers therefore live in one float64 tensor in shared memory (created
 before the fork); the child writes it under a multiprocessing lock and any process reads it with
-:meth:`CompressionStats.snapshot`, which returns a plain dict, e.g.::
+:meth:`CompressionStats.snapshot`, which returns an :class:`AveragingTraffic`, e.g.::
 
     stats = optimizer.grad_averager.stats          # or averager.stats
-    stats.snapshot()["bytes_sent_total"]
+    stats.snapshot().bytes_sent_total
 
 Fields (bytes are protobuf-serialized sizes of the averaging messages this peer actually sent or
 received, i.e. what went into the p2p stream before libp2p framing; the peer's own share, which never
@@ -31,26 +31,44 @@ touches the network, is not counted):
 from __future__ import annotations
 
 import multiprocessing as mp
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import List, Optional, Tuple
 
 import torch
 
-STAT_FIELDS = (
-    "rounds_ok",
-    "rounds_failed",
-    "bytes_sent_total",
-    "bytes_received_total",
-    "last_bytes_sent",
-    "last_bytes_received",
-    "last_density",
-    "last_applied_density",
-    "last_selection_seconds",
-    "last_round_seconds",
-    "last_group_size",
-    "last_reduce_share",
-    "last_round_ok",
-    "parts_rejected_total",
-)
+
+
+@dataclass(frozen=True)
+class AveragingTraffic:
+    """What a peer's averager measured, read at one moment (the fields are described above)."""
+
+    rounds_ok: float = 0.0
+    rounds_failed: float = 0.0
+    bytes_sent_total: float = 0.0
+    bytes_received_total: float = 0.0
+    last_bytes_sent: float = 0.0
+    last_bytes_received: float = 0.0
+    last_density: float = 0.0
+    last_applied_density: float = 0.0
+    last_selection_seconds: float = 0.0
+    last_round_seconds: float = 0.0
+    last_group_size: float = 0.0
+    last_reduce_share: float = 0.0
+    last_round_ok: float = 0.0
+    parts_rejected_total: float = 0.0
+    rejected_peers: Tuple[str, ...] = field(default=())  # the senders of the latest rejected parts
+    control_bytes_total: float = 0.0  # local mode: the round records gathered beside the averaged delta
+
+    def to_dict(self) -> dict:
+        """The numbers, for a status file (the rejected senders are in the peer's record instead)."""
+        data = asdict(self)
+        del data["rejected_peers"]
+        return data
+
+
+# what the shared tensor holds: every number of AveragingTraffic that the averager's process writes
+STAT_FIELDS = tuple(item.name for item in fields(AveragingTraffic)
+                    if item.name not in ("rejected_peers", "control_bytes_total"))
 REJECTION_SLOTS, PEER_ID_BYTES = 8, 64
 _INDEX = {name: position for position, name in enumerate(STAT_FIELDS)}
 
@@ -64,10 +82,10 @@ class CompressionStats:
         self._rejected = torch.zeros(REJECTION_SLOTS, PEER_ID_BYTES, dtype=torch.uint8).share_memory_()
         self._lock = mp.Lock()
 
-    def snapshot(self) -> Dict[str, float]:
+    def snapshot(self) -> AveragingTraffic:
         with self._lock:
             values = self._values.tolist()
-        return dict(zip(STAT_FIELDS, values))
+        return AveragingTraffic(**dict(zip(STAT_FIELDS, values)), rejected_peers=tuple(self.recent_rejections()))
 
     def record_round(self, *, ok: bool, bytes_sent: int, bytes_received: int, seconds: float, group_size: int,
                      density: Optional[float] = None, applied_density: Optional[float] = None,

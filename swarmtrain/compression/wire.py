@@ -2,7 +2,7 @@
 
 Layout (all integers LEB128 varints unless noted)::
 
-    byte    WIRE_VERSION          peers refuse any other version
+    byte    SPARSE_WIRE_VERSION          peers refuse any other version
     byte    flags                 bit 0: indices as bitmap (else delta varints); bits 1-2: value format
     varint  numel                 length of the dense span the indices point into
     varint  count                 number of (index, value) pairs
@@ -27,7 +27,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-WIRE_VERSION = 1
+SPARSE_WIRE_VERSION = 1  # of this message format (the swarm protocol has its own: net.run_config.PROTOCOL_VERSION)
 VALUE_FORMATS = {"fp32": 0, "fp16": 1, "8bit": 2}
 _FORMAT_NAMES = {code: name for name, code in VALUE_FORMATS.items()}
 EIGHT_BIT_BLOCK = 1024  # values per absmax; 4 bytes / 1024 values is 0.4% overhead
@@ -178,7 +178,7 @@ def encode_sparse(indices: torch.Tensor, values: torch.Tensor, numel: int, value
         flags |= _FLAG_BITMAP
     else:
         index_section = varint_section
-    header = bytes([WIRE_VERSION, flags]) + _header_varint(numel) + _header_varint(count)
+    header = bytes([SPARSE_WIRE_VERSION, flags]) + _header_varint(numel) + _header_varint(count)
     header += _header_varint(len(index_section))
     return header + index_section + _encode_values(values, value_format)
 
@@ -188,8 +188,8 @@ def decode_sparse(data: bytes, expected_numel: int = None) -> SparsePart:
     buffer = memoryview(data)
     if len(buffer) < 2:
         raise WireFormatError("message too short")
-    if buffer[0] != WIRE_VERSION:
-        raise WireFormatError(f"wire version {buffer[0]} is not ours ({WIRE_VERSION}); refusing to average")
+    if buffer[0] != SPARSE_WIRE_VERSION:
+        raise WireFormatError(f"wire version {buffer[0]} is not ours ({SPARSE_WIRE_VERSION}); refusing to average")
     flags = buffer[1]
     value_format = _FORMAT_NAMES.get(flags >> 1)
     if value_format is None:

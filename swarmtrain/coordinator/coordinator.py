@@ -10,52 +10,36 @@ import logging
 import os
 import time
 from pathlib import Path
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
-import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.optim.progress_tracker import TrainingProgressSchema
 
+from swarmtrain.access.authorizer import coordinator_access
 from swarmtrain.config import RunConfig
 from swarmtrain.errors import UserError
-from swarmtrain.identity import load_or_create_identity
-from swarmtrain.monitoring import SwarmAggregator, SwarmMetrics, record_validators
-from swarmtrain.network import RUN_CONFIG_TTL, make_dht, progress_records, publish_run_config
-from swarmtrain.peer.reporting import RECORD_TTL, serve_metrics
-from swarmtrain.reachability import serve_reachability_checks
+from swarmtrain.monitoring.aggregate import SwarmAggregator
+from swarmtrain.monitoring.metrics import SwarmMetrics, serve_metrics
+from swarmtrain.monitoring.records import RECORD_TTL, record_validators
+from swarmtrain.net.dht import make_dht
+from swarmtrain.net.identity import load_or_create_identity
+from swarmtrain.net.progress import SwarmProgress, read_swarm_progress
+from swarmtrain.net.reachability import serve_reachability_checks
+from swarmtrain.net.run_config import RUN_CONFIG_TTL, publish_run_config
 from swarmtrain.signals import children_ignore_interrupts, raise_if_stop_requested
 
 logger = logging.getLogger("swarmtrain.coordinator")
 
 
-@dataclass
-class SwarmProgress:
-    epoch: int
-    peers: int
-    clients: int
-    samples_accumulated: int
-    samples_per_second: float
-    eta_seconds: float
-
-
-def read_swarm_progress(dht: hivemind.DHT, run_id: str, target_batch_size: int) -> SwarmProgress:
-    """Summarise the progress records hivemind's trackers publish."""
-    records = progress_records(dht, run_id, max_age=60.0)
-    if not records:
-        return SwarmProgress(0, 0, 0, 0, 0.0, float("inf"))
-    epoch = max(r.epoch for r in records)
-    current = [r for r in records if r.epoch == epoch]
-    samples = sum(r.samples_accumulated for r in current)
-    speed = sum(r.samples_per_second for r in records)
-    eta = max(target_batch_size - samples, 0) / speed if speed > 0 else float("inf")
-    return SwarmProgress(epoch, len(records), sum(r.client_mode for r in records), samples, speed, eta)
-
-
 async def _connected_peers(_dht, node) -> List[str]:
     # runs inside the DHT process (hence module level: it is pickled there)
     return [f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs]
+
+
+async def _connected_peer_ids(_dht, node) -> List[str]:
+    # runs inside the DHT process, like _connected_peers
+    return [str(info.peer_id) for info in await node.p2p.list_peers()]
 
 
 def _read_known_peers(path: Path) -> List[str]:
@@ -70,6 +54,21 @@ def join_command(maddrs: Sequence[str]) -> str:
 
 
 class Coordinator:
+    """The swarm's bootstrap node, publisher of the run config, tracker and (optionally) checkpointer.
+
+    :param config: the run config it publishes
+    :param identity: its private key file (the same file, the same address after a restart)
+    :param host_maddrs: addresses to listen on
+    :param announce_maddrs: public addresses to tell peers, when they differ
+    :param metrics_host: interface of the /metrics and /status server
+    :param metrics_port: its port (None: no server)
+    :param per_peer_metrics: also export one series per peer
+    :param checkpoint_dir: download the state from peers and save it here periodically (None: never)
+    :param checkpoint_every: seconds between checkpoints
+    :param keep_checkpoints: how many of the newest to keep
+    :param resume_from: a checkpoint (directory) to start the swarm from
+    """
+
     def __init__(self, config: RunConfig, *, identity: str, host_maddrs: Sequence[str],
                  announce_maddrs: Sequence[str] = (), metrics_host: str = "0.0.0.0",
                  metrics_port: Optional[int] = None, per_peer_metrics: bool = False, checkpoint_dir: Optional[str] = None,
@@ -78,10 +77,14 @@ class Coordinator:
         self.checkpoint_dir, self.checkpoint_every, self.keep_checkpoints = checkpoint_dir, checkpoint_every, keep_checkpoints
         self.private_key = load_or_create_identity(identity)
         self.signature_validator = RSASignatureValidator(self.private_key)
+        # on a token-gated run the coordinator is the authority: its DHT and its averager accept the
+        # tokens its key signed
+        self.access = coordinator_access(self.private_key) if config.access.mode == "token" else None
         # after a restart, rejoin through the peers seen last time: nobody else would tell a fresh
         # bootstrap node about the swarm that kept training without it
         self.known_peers_path = Path(f"{identity}.peers.json")
         self._remembered = set()
+        self._observed: Dict[str, float] = {}  # peer ID -> when last seen connected (time.monotonic())
         self.dht = None
         known = _read_known_peers(self.known_peers_path)
         for initial_peers in ([known, []] if known else [[]]):
@@ -94,6 +97,7 @@ class Coordinator:
                         identity_path=identity,
                         client_mode=False,
                         signature_validator=self.signature_validator,
+                        access=self.access,
                     )
                 break
             except UserError:
@@ -115,7 +119,7 @@ class Coordinator:
         if checkpoint_dir is not None or resume_from is not None:
             from swarmtrain.coordinator.state import StateKeeper  # torch and the model: only when needed
 
-            self.state = StateKeeper(config, self.dht, resume_from)
+            self.state = StateKeeper(config, self.dht, resume_from, access=self.access)
         self.initial_epoch = self.state.resumed_epoch if self.state is not None else 0
 
     @property
@@ -141,7 +145,7 @@ class Coordinator:
             if time.monotonic() - self._published_at > RUN_CONFIG_TTL / 4:
                 self.publish()
             if time.monotonic() - last_poll >= 2.0:
-                self.metrics.update(self.aggregator.poll(self.dht))
+                self.metrics.update(self.aggregator.poll(self.dht, observed=self.observed_peers()))
                 last_poll = time.monotonic()
             if time.monotonic() - last_remember >= 2.0:  # a local call; the file is written on changes only
                 self.remember_peers()
@@ -159,6 +163,23 @@ class Coordinator:
                 )
                 last_log = time.monotonic()
             time.sleep(0.5)
+
+    def observed_peers(self) -> Set[str]:
+        """Peer IDs connected to this node now or within the last RECORD_TTL seconds. libp2p
+        authenticates them, so unlike a record's claims they cost something to multiply: only their
+        records count in the swarm's figures (a node publishing a thousand records under fresh keys is
+        still one peer)."""
+        try:
+            connected = self.dht.run_coroutine(_connected_peer_ids)
+        except Exception as error:
+            logger.debug(f"could not list peers: {error!r}")
+            connected = []
+        now = time.monotonic()
+        for peer_id in [*connected, str(self.dht.peer_id)]:
+            self._observed[peer_id] = now
+        for peer_id in [peer_id for peer_id, seen in self._observed.items() if now - seen > RECORD_TTL]:
+            del self._observed[peer_id]
+        return set(self._observed)
 
     def remember_peers(self) -> None:
         try:

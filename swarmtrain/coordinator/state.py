@@ -15,19 +15,29 @@ import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from swarmtrain import __version__
-from swarmtrain.access import with_access_guard
-from swarmtrain.checkpoint import load_checkpoint, save_checkpoint
+from swarmtrain.access.guard import with_access_guard
 from swarmtrain.config import RunConfig
 from swarmtrain.errors import UserError
 from swarmtrain.models import build_model
-from swarmtrain.peer.optimizer import make_scheduler_factory, make_torch_optimizer_factory
 from swarmtrain.signals import children_ignore_interrupts
+from swarmtrain.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from swarmtrain.training.optimizers import make_scheduler_factory, make_torch_optimizer_factory
 
 logger = logging.getLogger("swarmtrain.coordinator")
 
 
 class StateKeeper:
-    def __init__(self, config: RunConfig, dht: hivemind.DHT, resume_from: Optional[str] = None):
+    """The coordinator's state averager: it downloads the swarm's state for checkpoints and, on --resume,
+    serves a saved one to the first peers.
+
+    :param config: the run config (the model and optimizer must be the peers')
+    :param dht: the coordinator's DHT
+    :param resume_from: a checkpoint (directory) to start the swarm from, or None
+    :param access: on a token-gated run, the coordinator's LocalAccess (it serves its state to token
+      holders only); None on an open run
+    """
+
+    def __init__(self, config: RunConfig, dht: hivemind.DHT, resume_from: Optional[str] = None, *, access=None):
         self.config = config
         if config.model is None:  # a split run: the trunk lives on its hosts, the bottoms with the data owners
             raise UserError("--checkpoint-dir / --resume: a split run (privacy.split) has no coordinator checkpoints; "
@@ -37,9 +47,12 @@ class StateKeeper:
         checkpoint = None
         if resume_from is not None:
             try:
-                checkpoint = load_checkpoint(resume_from)
+                checkpoint = load_checkpoint(resume_from, run_id=config.run_id)
             except FileNotFoundError:
-                raise UserError(f"--resume {resume_from}: no checkpoint there") from None
+                raise UserError(f"--resume {resume_from}: no intact checkpoint of run {config.run_id!r} there") from None
+            except CheckpointError as error:
+                raise UserError(f"--resume {resume_from}: that checkpoint is damaged ({error}); give an intact one, "
+                                "or the directory that holds it to use the newest intact one") from None
             if checkpoint.meta.get("run_id") not in (None, config.run_id):
                 raise UserError(f"--resume {resume_from}: that checkpoint is of run {checkpoint.meta['run_id']!r}, "
                                 f"not {config.run_id!r}")
@@ -47,7 +60,7 @@ class StateKeeper:
         with children_ignore_interrupts():
             # same prefix, parameters and optimizer as the peers' state averagers (see hivemind.Optimizer)
             # on a token-gated run a resumed coordinator serves its state to token holders only
-            self.averager = with_access_guard(TrainingStateAverager)(
+            self.averager = with_access_guard(TrainingStateAverager, access)(
                 dht=dht, prefix=f"{config.run_id}_state_averager",
                 optimizer=make_torch_optimizer_factory(config.optimizer), params=self.model.parameters(),
                 scheduler=make_scheduler_factory(config.optimizer),

@@ -68,9 +68,11 @@ def _series(title, targets, unit="none", description="", **extra) -> dict:
     return _panel("timeseries", title, targets, unit, description, options=options, **extra)
 
 
-def _rows() -> List[Tuple[str, List[Tuple[int, int, dict]]]]:
-    """(row title, [(width, height, panel), ...]) in reading order."""
-    swarm = [
+Row = List[Tuple[int, int, dict]]  # (width, height, panel) in reading order
+
+
+def _swarm_row() -> Row:
+    return [
         (4, 5, _stat("Peers alive", "sum(swarmtrain_peers_alive)", description="Peers with a fresh DHT record")),
         (4, 5, _stat("Epoch", "swarmtrain_epoch")),
         (
@@ -112,11 +114,17 @@ def _rows() -> List[Tuple[str, List[Tuple[int, int, dict]]]]:
             ),
         ),
     ]
-    training = [
+
+
+def _training_row() -> Row:
+    return [
         (12, 8, _series("Throughput", [_target("A", "swarmtrain_throughput_samples_per_second", "samples/s")])),
         (12, 8, _series("Mean training loss", [_target("A", "swarmtrain_loss", "loss")])),
     ]
-    communication = [
+
+
+def _communication_row() -> Row:
+    return [
         (
             12,
             8,
@@ -155,31 +163,19 @@ def _rows() -> List[Tuple[str, List[Tuple[int, int, dict]]]]:
             ),
         ),
     ]
-    privacy = [
-        (
-            12,
-            8,
-            _series(
-                "Leakage (max dCor)",
-                [_target("A", "swarmtrain_privacy_leakage_dcor_max", "max dCor")],
-                description="Distance correlation between raw data and shared activations; lower is better",
-                min=0,
-                max=1,
-                thresholds=_thresholds((None, "green"), (0.3, "orange"), (0.6, "red")),
-            ),
-        ),
-        (
-            12,
-            8,
-            _series(
-                "Leakage by peer",
-                [_target("A", "swarmtrain_peer_leakage_dcor", "{{peer_id}}")],
-                description="Needs the coordinator's per-peer metrics",
-                min=0,
-                max=1,
-            ),
-        ),
-    ]
+
+
+def _privacy_row() -> Row:
+    leakage = "Distance correlation between raw data and shared activations; lower is better"
+    worst = _series("Leakage (max dCor)", [_target("A", "swarmtrain_privacy_leakage_dcor_max", "max dCor")],
+                    description=leakage, min=0, max=1,
+                    thresholds=_thresholds((None, "green"), (0.3, "orange"), (0.6, "red")))
+    by_peer = _series("Leakage by peer", [_target("A", "swarmtrain_peer_leakage_dcor", "{{peer_id}}")],
+                      description="Needs the coordinator's per-peer metrics", min=0, max=1)
+    return [(12, 8, worst), (12, 8, by_peer)]
+
+
+def _peers_row() -> Row:
     peer_queries = [
         ("A", "swarmtrain_peer_step"),
         ("B", "swarmtrain_peer_epoch"),
@@ -211,8 +207,13 @@ def _rows() -> List[Tuple[str, List[Tuple[int, int, dict]]]]:
             },
         ],
     )
-    peers = [(24, 10, table)]
-    return [("Swarm", swarm), ("Training", training), ("Communication", communication), ("Privacy", privacy), ("Peers", peers)]
+    return [(24, 10, table)]
+
+
+def _rows() -> List[Tuple[str, Row]]:
+    """(row title, panels) in reading order."""
+    return [("Swarm", _swarm_row()), ("Training", _training_row()), ("Communication", _communication_row()),
+            ("Privacy", _privacy_row()), ("Peers", _peers_row())]
 
 
 def build_dashboard() -> dict:

@@ -21,10 +21,12 @@ from typing import Callable, Iterable, Iterator, List, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 import swarmtrain
+from swarmtrain.errors import UserError
 from swarmtrain.monitoring.aggregate import PeerSummary, SwarmStatus
 from swarmtrain.monitoring.records import PeerRecord, short_owner
 
@@ -40,8 +42,46 @@ def _gauge(name: str, documentation: str, value: Optional[float], **labels) -> I
     yield family
 
 
+# swarm-level gauges: (metric name without the prefix, help text, SwarmStatus field); one left out of
+# a scrape while its field is None
+SWARM_GAUGES = (
+    ("status_timestamp_seconds", "Unix time of the last poll of the peer records", "time"),
+    ("epoch", "Swarm epoch (the highest one a majority of the alive peers reach)", "epoch"),
+    ("throughput_samples_per_second", "Training samples per second, summed over alive peers", "samples_per_second"),
+    ("epoch_accumulated_samples", "Samples accumulated toward the current epoch", "samples_accumulated"),
+    ("target_batch_samples", "Samples per swarm epoch (target batch size)", "target_batch_size"),
+    ("epoch_progress_ratio", "Progress of the current epoch, 0..1", "epoch_progress"),
+    ("epoch_eta_seconds", "Estimated seconds to the next epoch", "eta_seconds"),
+    ("loss", "Mean of the alive peers' last training loss", "mean_loss"),
+    ("averaging_round_success_ratio", "Share of the alive peers' averaging rounds that succeeded, 0..1",
+     "round_success_ratio"),
+    ("averaging_round_duration_seconds", "Mean duration of the peers' last averaging round", "mean_round_seconds"),
+    ("averaging_group_peers", "Mean size of the peers' last averaging group", "mean_group_size"),
+    ("compression_density_ratio", "Mean fraction of gradient entries sent by compressing peers, 0..1",
+     "compression_density"),
+    ("privacy_leakage_dcor_max", "Highest distance correlation (0..1) at the cut layer among alive peers",
+     "leakage_dcor_max"),
+)
+# metrics with one label: (name, help, label, ((label value, SwarmStatus field), ...)); a name ending in
+# _total is a counter
+SWARM_BY_LABEL = (
+    ("averaging_rounds_total", "Averaging rounds reported by peers, by result", "result",
+     (("ok", "rounds_ok_total"), ("failed", "rounds_failed_total"))),
+    ("network_bytes_total", "Bytes on the wire reported by peers, by direction", "direction",
+     (("sent", "bytes_sent_total"), ("received", "bytes_received_total"))),
+    ("network_throughput_bytes_per_second",
+     "Bytes per second on the wire, summed over alive peers (from their counters between records)", "direction",
+     (("sent", "bytes_sent_per_second"), ("received", "bytes_received_per_second"))),
+)
+
+
 class SwarmStatusCollector(Collector):
-    """Swarm-level metrics from the latest ``SwarmStatus`` (as set by the coordinator's poll loop)."""
+    """Swarm-level metrics from the latest ``SwarmStatus`` (as set by the coordinator's poll loop).
+
+    :param get_status: returns the latest SwarmStatus (None before the first poll)
+    :param per_peer: also export one series per peer
+    :param max_peers: at most this many peers (and rejected senders) get series
+    """
 
     def __init__(self, get_status: Callable[[], Optional[SwarmStatus]], per_peer: bool = False, max_peers: int = 200):
         self._get_status = get_status
@@ -55,64 +95,18 @@ class SwarmStatusCollector(Collector):
         yield info
         if status is None:
             return
-
-        yield from _gauge("status_timestamp_seconds", "Unix time of the last poll of the peer records", status.time)
         alive = GaugeMetricFamily(f"{PREFIX}_peers_alive", "Peers with a fresh record, by role", labels=["role"])
         for role, count in sorted(status.peers_alive.items()):
             alive.add_metric([role], count)
         yield alive
-
-        yield from _gauge("epoch", "Swarm epoch (the most advanced peer's)", status.epoch)
-        yield from _gauge(
-            "throughput_samples_per_second", "Training samples per second, summed over alive peers",
-            status.samples_per_second,
-        )
-        yield from _gauge(
-            "epoch_accumulated_samples", "Samples accumulated toward the current epoch", status.samples_accumulated
-        )
-        yield from _gauge("target_batch_samples", "Samples per swarm epoch (target batch size)", status.target_batch_size)
-        yield from _gauge("epoch_progress_ratio", "Progress of the current epoch, 0..1", status.epoch_progress)
-        yield from _gauge("epoch_eta_seconds", "Estimated seconds to the next epoch", status.eta_seconds)
-        yield from _gauge("loss", "Mean of the alive peers' last training loss", status.mean_loss)
-
-        rounds = CounterMetricFamily(
-            f"{PREFIX}_averaging_rounds", "Averaging rounds reported by peers, by result", labels=["result"]
-        )
-        rounds.add_metric(["ok"], status.rounds_ok_total)
-        rounds.add_metric(["failed"], status.rounds_failed_total)
-        yield rounds
-        yield from _gauge(
-            "averaging_round_success_ratio", "Share of the alive peers' averaging rounds that succeeded, 0..1",
-            status.round_success_ratio,
-        )
-        yield from _gauge(
-            "averaging_round_duration_seconds", "Mean duration of the peers' last averaging round",
-            status.mean_round_seconds,
-        )
-        yield from _gauge("averaging_group_peers", "Mean size of the peers' last averaging group", status.mean_group_size)
-
-        wire = CounterMetricFamily(
-            f"{PREFIX}_network_bytes", "Bytes on the wire reported by peers, by direction", labels=["direction"]
-        )
-        wire.add_metric(["sent"], status.bytes_sent_total)
-        wire.add_metric(["received"], status.bytes_received_total)
-        yield wire
-        wire_rate = GaugeMetricFamily(
-            f"{PREFIX}_network_throughput_bytes_per_second",
-            "Bytes per second on the wire, summed over alive peers (from their counters between records)",
-            labels=["direction"],
-        )
-        wire_rate.add_metric(["sent"], status.bytes_sent_per_second)
-        wire_rate.add_metric(["received"], status.bytes_received_per_second)
-        yield wire_rate
-        yield from _gauge(
-            "compression_density_ratio", "Mean fraction of gradient entries sent by compressing peers, 0..1",
-            status.compression_density,
-        )
-        yield from _gauge(
-            "privacy_leakage_dcor_max", "Highest distance correlation (0..1) at the cut layer among alive peers",
-            status.leakage_dcor_max,
-        )
+        for name, documentation, field in SWARM_GAUGES:
+            yield from _gauge(name, documentation, getattr(status, field))
+        for name, documentation, label, fields in SWARM_BY_LABEL:
+            kind = CounterMetricFamily if name.endswith("_total") else GaugeMetricFamily
+            family = kind(f"{PREFIX}_{name.removesuffix('_total')}", documentation, labels=[label])
+            for value, field in fields:
+                family.add_metric([value], getattr(status, field))
+            yield family
         rejected = CounterMetricFamily(
             f"{PREFIX}_averaging_rejected_parts",
             "Gradient parts that reducers left out of an average (non-finite, outsized or malformed)",
@@ -166,7 +160,11 @@ def peer_families(rows: List[PeerSummary]) -> Iterator[Metric]:
 
 
 class SwarmMetrics:
-    """The coordinator's exporter state: call ``update(status)`` after each poll, ``serve()`` once."""
+    """The coordinator's exporter state: call ``update(status)`` after each poll, ``serve()`` once.
+
+    :param per_peer: also export one series per peer
+    :param max_peers: at most this many peers get series
+    """
 
     def __init__(self, per_peer: bool = False, max_peers: int = 200):
         self.registry = CollectorRegistry(auto_describe=False)
@@ -184,7 +182,8 @@ class SwarmMetrics:
         return generate_latest(self.registry)
 
     def serve(self, host: str = "127.0.0.1", port: int = 9400) -> "MetricsServer":
-        return MetricsServer(self.registry, lambda: self._status.to_dict() if self._status else None, host, port).start()
+        return MetricsServer(self.registry, lambda: self._status.to_dict() if self._status else None, host, port,
+                             state=lambda: self._status).start()
 
 
 class PeerMetrics:
@@ -208,7 +207,8 @@ class PeerMetrics:
         return generate_latest(self.registry)
 
     def serve(self, host: str = "127.0.0.1", port: int = 9401) -> "MetricsServer":
-        return MetricsServer(self.registry, lambda: self._record.dict() if self._record else None, host, port).start()
+        return MetricsServer(self.registry, lambda: self._record.dict() if self._record else None, host, port,
+                             state=lambda: self._record).start()
 
     def _row(self) -> Optional[PeerSummary]:
         record = self._record
@@ -231,9 +231,15 @@ class _PeerRecordCollector(Collector):
             yield from peer_families([row])
 
 
+SCRAPER_BACKLOG = 128  # connections the kernel queues for the server (socketserver's default: 5)
+
+
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a stuck scrape must not keep the process alive at exit
     allow_reuse_address = True
+    # with socketserver's 5, the sixth of a burst of simultaneous scrapers (Prometheus, Grafana, a few
+    # dashboards) had its SYN dropped and retried after a second: p99 ~1 s under 20 clients
+    request_queue_size = SCRAPER_BACKLOG
 
 
 class _IPv6ThreadingWSGIServer(_ThreadingWSGIServer):
@@ -250,12 +256,27 @@ class MetricsServer:
 
     ``port=0`` picks a free port (see ``.port``). ``stop()`` (or leaving the ``with`` block) closes the
     socket and joins the thread.
+
+    With ``state`` (the object the collectors render, replaced whole on each update), a scrape between
+    two updates gets the bytes rendered for the first one (per exposition format): the coordinator
+    polls every 2 s, and a burst of scrapers then costs one rendering, not one each.
+
+    :param registry: the collectors /metrics renders
+    :param get_status: returns the JSON-able status /status answers (None: 503 until there is one)
+    :param host: interface to listen on
+    :param port: port to listen on (0: a free one)
+    :param state: returns what the registry's collectors render (None: render every scrape)
     """
 
-    def __init__(self, registry: CollectorRegistry, get_status: Callable[[], Optional[dict]], host: str, port: int):
+    def __init__(self, registry: CollectorRegistry, get_status: Callable[[], Optional[dict]], host: str, port: int,
+                 state: Optional[Callable[[], object]] = None):
         self.host = host
+        self._registry = registry
         self._metrics_app = make_wsgi_app(registry)
         self._get_status = get_status
+        self._state = state
+        self._rendered = {}  # content type -> (state object, body)
+        self._render_lock = threading.Lock()
         server_class = _IPv6ThreadingWSGIServer if ":" in host else _ThreadingWSGIServer
         self._server = make_server(host, port, self._app, server_class=server_class, handler_class=_QuietHandler)
         self.port = self._server.server_port
@@ -287,7 +308,11 @@ class MetricsServer:
     def _app(self, environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            return self._metrics_app(environ, start_response)
+            if self._state is None or environ.get("REQUEST_METHOD") != "GET" or environ.get("QUERY_STRING"):
+                return self._metrics_app(environ, start_response)
+            content_type, body = self._render(environ.get("HTTP_ACCEPT"))
+            start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+            return [body]
         if path == "/status":
             status = self._get_status()
             body = json.dumps(status if status is not None else {"error": "no status yet"}).encode()
@@ -300,3 +325,22 @@ class MetricsServer:
             return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
         return [b"not found\n"]
+
+
+    def _render(self, accept: Optional[str]):
+        encoder, content_type = choose_encoder(accept)
+        state = self._state()
+        with self._render_lock:
+            cached = self._rendered.get(content_type)
+            if cached is None or cached[0] is not state:
+                cached = self._rendered[content_type] = (state, encoder(self._registry))
+        return content_type, cached[1]
+
+
+def serve_metrics(metrics, host: str, port: int) -> MetricsServer:
+    """Start a /metrics server for SwarmMetrics or PeerMetrics; a port that is taken is the user's to
+    change, not a traceback."""
+    try:
+        return metrics.serve(host, port)
+    except OSError as error:
+        raise UserError(f"cannot serve metrics on {host}:{port} ({error.strerror}); choose another --metrics-port") from None

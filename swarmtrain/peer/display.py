@@ -12,6 +12,12 @@ logger = logging.getLogger("swarmtrain.peer")
 
 
 class ProgressDisplay:
+    """The live progress bar (on a terminal) or one log line per epoch.
+
+    :param target_batch_size: samples per swarm epoch (the bar's length)
+    :param enabled: show the live bar (None: when stderr is a terminal)
+    """
+
     def __init__(self, target_batch_size: int, enabled: Optional[bool] = None):
         self.target = target_batch_size
         self.enabled = sys.stderr.isatty() if enabled is None else enabled

@@ -12,7 +12,7 @@ range and needs no scaling.
 Batch size: probe forward+backward at 1, 2, 4, ... samples and keep the largest that stays within
 the budget. The budget is what the volunteer gives (--max-memory, or on a GPU 90% of its memory)
 minus what hivemind's optimizer will add later (gradient accumulators, averaged gradients,
-optimizer state; swarmtrain.doctor's per-parameter figures), since the probe runs before the
+optimizer state; the per-parameter figures below), since the probe runs before the
 optimizer exists. On a GPU the probe reads the allocator's peak; on a CPU there is no allocator
 peak to read (and RSS never goes down), so it counts what the step holds at its peak: weights,
 gradients and every tensor autograd saves for the backward pass.
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from swarmtrain.errors import UserError
+from swarmtrain.units import format_bytes
 
 logger = logging.getLogger("swarmtrain.peer")
 
@@ -36,29 +36,14 @@ GPU_MEMORY_SHARE = 0.9   # default budget on a GPU: this share of its total memo
 MAX_AUTO_BATCH = 256     # beyond this per step, more samples per step buy nothing on one device
 CPU_DEFAULT_BATCH = 8    # --batch-size auto on a CPU without --max-memory: no probe, the old default
 
-_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4,
-          "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
-          "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
-
-
-def parse_memory_size(text: str) -> int:
-    """'8GB' (10^9), '7.5GiB' or '7.5G' (2^30), '512MiB', or plain bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"{text!r} is not a memory size; write it like 6GB, 5.5GiB or 800MB")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"{text!r}: the memory size must be positive")
-    return size
-
-
-def format_bytes(size: float) -> str:
-    for unit, scale in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
-        if abs(size) >= scale:
-            return f"{size / scale:.2f} {unit}"
-    return f"{int(size)} B"
-
+# Bytes per parameter that a peer holds, by where hivemind.Optimizer keeps them (offload_optimizer
+# is on for swarmtrain's sync mode): the model and its .grad on the training device; gradient
+# accumulators beside them; the averaged gradients (shared memory), the offloaded fp32 master
+# parameters and the optimizer state on the host.
+DEVICE_BYTES_PER_PARAM = 4 + 4 + 4  # weights, .grad, accumulated gradients
+HOST_BYTES_PER_PARAM = 4 + 4  # averaged gradients, offloaded master parameters
+FP32_STATE_BYTES_PER_PARAM = 2 * 4  # Adam/LAMB: two fp32 moments
+EIGHT_BIT_STATE_BYTES_PER_PARAM = 2  # two 8-bit moments (+ small per-block scales), see benchmarks/memory.py
 
 # ------------------------------------------------------------------------------------------------
 # precision
@@ -90,6 +75,22 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         return Precision(name, "cuda")
     # on a CPU, bf16 autocast works but is slower than fp32 on most CPUs: only when asked for
     return Precision("fp32" if name == "auto" else name, device.type)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where and how this peer computes, resolved from --device and --precision."""
+
+    device: torch.device
+    precision: Precision
+
+
+def resolve_machine(device: str, precision: str) -> Machine:
+    """The device and precision for the flags; one-line UserErrors for what this machine lacks."""
+    from swarmtrain.peer.options import resolve_device
+
+    resolved = resolve_device(device)
+    return Machine(resolved, resolve_precision(precision, resolved))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,10 +187,27 @@ def choose_batch_size(model: torch.nn.Module, loss_of_batch: Callable[[int], tor
     return choice
 
 
+def count_parameters(config) -> int:
+    """Parameters of the run's model, built on the meta device: no memory, no weight init."""
+    from swarmtrain.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(config.model, config.data.seq_len, config.seed)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def memory_needed(num_params: int, eight_bit: bool, device: str) -> Tuple[int, int]:
+    """(bytes on the training device, bytes in host RAM); on the CPU both are RAM."""
+    state = EIGHT_BIT_STATE_BYTES_PER_PARAM if eight_bit else FP32_STATE_BYTES_PER_PARAM
+    on_device = num_params * DEVICE_BYTES_PER_PARAM
+    on_host = num_params * (HOST_BYTES_PER_PARAM + state)
+    if device == "cpu":
+        return 0, on_device + on_host
+    return on_device, on_host
+
+
 def optimizer_extra_bytes(num_params: int, eight_bit: bool, device: torch.device) -> int:
     """What hivemind's optimizer adds, on the probed device, beyond the weights and .grad the probe saw."""
-    from swarmtrain.doctor import DEVICE_BYTES_PER_PARAM, memory_needed
-
     on_device, on_host = memory_needed(num_params, eight_bit, device.type)
     if device.type == "cpu":  # one memory: the accumulators, averaged gradients, master weights and state
         return on_host - num_params * 8  # memory_needed's CPU figure counts weights and .grad too

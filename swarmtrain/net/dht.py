@@ -1,52 +1,22 @@
-"""Joining the DHT, and the run config record that the coordinator publishes into it."""
+"""Starting this node's DHT (one-line errors for unreachable or malformed addresses), and keeping its
+neighbourhood fresh."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from functools import partial
-from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
-from hivemind.optim.progress_tracker import LocalTrainingProgress
-from hivemind.utils import get_dht_time
-from hivemind.utils.multiaddr import Multiaddr
 
-from swarmtrain.config import RunConfig, parse_run_config
+from swarmtrain import hivemind_compat
 from swarmtrain.errors import UserError
-from swarmtrain.identity import peer_id_of
+from swarmtrain.net.addresses import peer_id_in
 
 logger = logging.getLogger(__name__)
-
-RUN_CONFIG_KEY = "swarmtrain_run_config"
-RUN_CONFIG_TTL = 3600.0  # the coordinator re-publishes well before this expires
-WIRE_VERSION = 1  # bumped when peers of different versions can no longer train together
-
-
-def parse_initial_peers(values: Iterable[str]) -> List[str]:
-    """Check that each value is a full multiaddr with a peer ID; one clear line if not."""
-    result = []
-    for value in values:
-        for item in value.replace(",", " ").split():
-            try:
-                maddr = Multiaddr(item)
-            except Exception:
-                raise UserError(
-                    f"initial peer {item!r} is not a multiaddr; copy it from the coordinator's output, "
-                    "e.g. /ip4/203.0.113.5/tcp/31337/p2p/Qm..."
-                ) from None
-            if "/p2p/" not in str(maddr):
-                raise UserError(f"initial peer {item!r} lacks the /p2p/<peer id> part; copy the full address")
-            result.append(str(maddr))
-    return result
-
-
-def peer_id_in(maddr: str) -> PeerID:
-    return PeerID.from_base58(maddr.rsplit("/p2p/", 1)[1])
 
 
 def raised_in(error: BaseException, function_name: str) -> bool:
@@ -63,14 +33,17 @@ def raised_in(error: BaseException, function_name: str) -> bool:
     return False
 
 
-class _RequestPipe:
+class RequestPipe:
     """The DHT process's end of its request pipe.
 
     A request carries the reply pipe of the process that sent it. When that process exits while the
     DHT process unpickles the request (an averager that stops right after a last DHT call), Python
     raises EOFError from ``rebuild_connection``. hivemind's request loop catches OSError there, not
     EOFError, so its DHT process died with a traceback. Raised as ConnectionResetError it takes
-    hivemind's path for a broken request: logged (one debug line, see swarmtrain.cli) and skipped."""
+    hivemind's path for a broken request: logged (one debug line, see swarmtrain.cli.logs) and skipped.
+
+    :param pipe: hivemind's end of the pipe
+    """
 
     def __init__(self, pipe):
         self._pipe = pipe
@@ -91,7 +64,7 @@ class SwarmDHT(hivemind.DHT):
     """hivemind.DHT whose process survives a request from a process that exited mid-handover."""
 
     def run(self) -> None:  # runs in the DHT's own process
-        self._inner_pipe = _RequestPipe(self._inner_pipe)
+        hivemind_compat.set_dht_request_pipe(self, RequestPipe(hivemind_compat.dht_request_pipe(self)))
         super().run()
 
 
@@ -104,17 +77,25 @@ def make_dht(
     client_mode: bool = False,
     signature_validator: Optional[RSASignatureValidator] = None,
     startup_timeout: float = 30.0,
+    access=None,
     authorizer=None,
 ) -> hivemind.DHT:
     """Start this node's DHT; unreachable or malformed addresses become one-line UserErrors.
 
-    On a token-gated run (an access activated with ``swarmtrain.access.activate``) the DHT signs its
-    requests with the access's token and refuses peers without one; `authorizer` overrides that."""
-    from swarmtrain.access import active_access
-
+    :param initial_peers: multiaddrs (with /p2p/<peer id>) of nodes already in the swarm; none for the first node
+    :param host_maddrs: addresses to listen on
+    :param announce_maddrs: addresses to tell other peers, when they differ from the listen addresses
+    :param identity_path: the private key file that fixes the peer ID (None: a new ID)
+    :param client_mode: do not accept incoming connections (behind NAT)
+    :param signature_validator: this node's RSASignatureValidator, so its signed records are accepted
+    :param startup_timeout: seconds the p2p daemon may take to start
+    :param access: on a token-gated run, this node's LocalAccess: the DHT signs its requests with its
+      token and refuses peers without one (None: an open run)
+    :param authorizer: a hivemind authorizer to use instead of the access's (tests)
+    """
     validators = [signature_validator] if signature_validator is not None else []
-    if authorizer is None and active_access() is not None:
-        authorizer = active_access().authorizer()
+    if authorizer is None and access is not None:
+        authorizer = access.authorizer()
     try:
         return SwarmDHT(
             initial_peers=list(initial_peers),
@@ -157,85 +138,6 @@ def make_dht(
         raise UserError(f"could not start the networking daemon: {text}") from None
 
 
-@dataclass
-class PublishedRun:
-    config: RunConfig
-    owner: PeerID
-    wire_version: int
-    initial_epoch: int = 0  # > 0 when the coordinator resumed the run from a checkpoint
-
-
-def publish_run_config(dht: hivemind.DHT, config: RunConfig, signature_validator: RSASignatureValidator,
-                       initial_epoch: int = 0) -> bool:
-    """Store the config under our own `[owner:<key>]` subkey: the DHT signs it with our key and
-    every node rejects a record under that subkey that we did not sign, so nobody else can
-    replace it."""
-    # an open run's config leaves the access section out, so peers from before it existed still read it
-    exclude = {"access": True} if config.access.mode == "open" else {}
-    if config.privacy.split is None:  # likewise privacy.split, for peers from before split runs
-        exclude["privacy"] = {"split"}
-    value = json.dumps({"config": config.model_dump(mode="json", exclude=exclude), "wire_version": WIRE_VERSION,
-                        "initial_epoch": initial_epoch})
-    return bool(
-        dht.store(
-            RUN_CONFIG_KEY,
-            subkey=signature_validator.local_public_key,
-            value=value,
-            expiration_time=get_dht_time() + RUN_CONFIG_TTL,
-        )
-    )
-
-
-def fetch_run_config(dht: hivemind.DHT, trusted: Sequence[PeerID], timeout: float = 30.0) -> PublishedRun:
-    """Find the run config signed by one of the trusted peers (the initial peers we were given).
-
-    A record signed by anyone else is ignored: knowing the coordinator's multiaddr is what makes a
-    volunteer trust the config it then runs."""
-    deadline = time.monotonic() + timeout
-    others_seen = 0
-    while True:
-        found = dht.get(RUN_CONFIG_KEY, latest=True)
-        if found is not None and isinstance(found.value, dict):
-            for subkey, entry in found.value.items():
-                owner = _owner_of(subkey)
-                if owner is None:
-                    continue
-                if owner not in trusted:
-                    others_seen += 1
-                    continue
-                try:
-                    payload = json.loads(entry.value)
-                    config = parse_run_config(payload["config"], source=f"run config from {owner}")
-                    return PublishedRun(config, owner, int(payload.get("wire_version", 0)),
-                                        int(payload.get("initial_epoch", 0)))
-                except UserError:
-                    raise
-                except Exception as error:
-                    raise UserError(f"the run config published by {owner} is malformed ({error}); tell the organiser") from None
-        if time.monotonic() > deadline:
-            hint = (
-                f" ({others_seen} config(s) signed by other peers were ignored)" if others_seen else ""
-            )
-            from swarmtrain.access import active_access
-
-            token_hint = "" if active_access() is not None else " (a token-gated run also needs --token)"
-            raise UserError(
-                "no run config signed by the initial peer(s) was found in the swarm" + hint + "; pass the "
-                "coordinator's address (the join command it prints) as --initial-peers" + token_hint
-            )
-        time.sleep(1.0)
-
-
-def _owner_of(subkey) -> Optional[PeerID]:
-    """Peer ID of the key in a `[owner:<ssh-rsa ...>]` subkey, or None for anything else."""
-    if not isinstance(subkey, bytes) or not subkey.startswith(b"[owner:") or not subkey.endswith(b"]"):
-        return None
-    try:
-        return peer_id_of(subkey[len(b"[owner:") : -1])
-    except Exception:
-        return None
-
-
 async def _refresh_neighbourhood(_dht, node, initial_peer_ids: Sequence[PeerID]) -> int:
     # runs inside the DHT process (module level: it is pickled there)
     for peer_id in initial_peer_ids:
@@ -249,7 +151,12 @@ class NeighbourhoodKeeper:
 
     hivemind removes a node from the routing table after failed requests and never re-bootstraps:
     a peer whose table empties (one slow answer from a busy coordinator is enough) then reads only
-    the records in its own storage, believes it is alone, and trains on its own for good."""
+    the records in its own storage, believes it is alone, and trains on its own for good.
+
+    :param dht: this peer's DHT
+    :param initial_peers: the multiaddrs it joined through
+    :param period: seconds between refreshes
+    """
 
     def __init__(self, dht: hivemind.DHT, initial_peers: Sequence[str], period: float = 5.0):
         self.dht, self.period = dht, period
@@ -270,15 +177,3 @@ class NeighbourhoodKeeper:
                                                return_future=True)
 
 
-def progress_records(dht: hivemind.DHT, run_id: str, max_age: float) -> List[LocalTrainingProgress]:
-    """The progress records hivemind's trackers publish, without dead peers' (filtered by age)."""
-    found = dht.get(f"{run_id}_progress", latest=True)
-    records: List[LocalTrainingProgress] = []
-    if found is not None and isinstance(found.value, dict):
-        for entry in found.value.values():
-            try:
-                records.append(LocalTrainingProgress.parse_obj(entry.value))
-            except Exception:
-                continue  # malformed or a goodbye (None): the schema validator lets goodbyes through
-    now = get_dht_time()
-    return [r for r in records if now - r.time < max_age]

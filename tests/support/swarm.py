@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from swarmtrain.checkpoint import load_checkpoint
+from swarmtrain.training.checkpoint import load_checkpoint
 from swarmtrain.demo import start_coordinator, start_peer, stop_process
 
 

@@ -1,8 +1,6 @@
 """A real Prometheus for tests: scrapes given targets every second, answers PromQL over its HTTP API.
 
-Use the ``prometheus`` fixture (a factory) from a test module::
-
-    from prometheus_fixture import prometheus  # noqa: F401  (registers the fixture)
+Use the ``prometheus`` fixture (a factory; conftest.py registers it for every test module)::
 
     def test_x(prometheus):
         server = prometheus(["127.0.0.1:9400"])
@@ -30,15 +28,11 @@ from typing import Callable, List, Optional, Sequence
 
 import pytest
 
+from swarmtrain.demo import free_port
+
 
 def prometheus_binary() -> Optional[str]:
     return os.environ.get("PROMETHEUS_BINARY") or shutil.which("prometheus")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def scrape_config(targets: Sequence[str], scrape_interval: str = "1s", job: str = "swarmtrain") -> dict:

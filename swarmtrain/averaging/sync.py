@@ -1,165 +1,29 @@
-"""hivemind.Optimizer configured from the run config, plus a record of every averaging round."""
+"""``averaging.mode: sync`` (DeDLOC): hivemind.Optimizer configured from the run config, with a record of
+every averaging round, parameter fingerprints gathered in each round, and a safer state download."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
-import threading
 import time
 from concurrent.futures import InvalidStateError
-from dataclasses import dataclass
-from functools import partial
 from typing import List, Optional
 
 import hivemind
 import torch
-import transformers
-from hivemind.compression import NoCompression
-from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.utils import get_dht_time
-from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.optim.state_averager import TrainingStateAverager
 
-from swarmtrain.compression.averager import make_grad_averager_factory
-from swarmtrain.compression.feedback import DensitySchedule
-from swarmtrain.compression.robust import robust_policy_from_config
-from swarmtrain.compression.spec import parse_compression_spec
-from swarmtrain.config import OptimizerConfig, RunConfig
-from swarmtrain.signals import raise_if_stop_requested
+from swarmtrain import hivemind_compat
+from swarmtrain.access.guard import with_access_guard
+from swarmtrain.averaging.progress import SwarmProgressTracker
+from swarmtrain.averaging.rounds import NO_OTHER_PEERS, RoundRecord, group_id
+from swarmtrain.compression.factory import with_mixin
+from swarmtrain.compression.stats import AveragingTraffic
+from swarmtrain.signals import poll, raise_if_stop_requested
+from swarmtrain.training.fingerprint import fingerprint, fingerprint_positions, fingerprints_match
 
 logger = logging.getLogger("swarmtrain.peer")
 FINGERPRINT_SIZE = 64  # parameter values gathered from every member in each round
-DEFAULT_UPLOAD_MBPS = 100.0
-
-
-def make_torch_optimizer_factory(config: OptimizerConfig):
-    """LAMB (the DeDLOC/sahajBERT choice), AdamW, or AdamW with a frozen variance (adamw_frozen, for
-    sparse averaging); bitsandbytes 8-bit state when asked."""
-
-    def create(params):
-        common = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
-        if config.name == "adamw_frozen":
-            from swarmtrain.peer.frozen_adam import FrozenVarianceAdamW
-
-            # hivemind initialises the optimizer state with one zero-gradient step (state_averager.
-            # initialize_optimizer_state_) and it counts in the step counter: +1 so that exactly
-            # freeze_variance_after epochs of real gradients update the variance
-            return FrozenVarianceAdamW(params, **common, freeze_variance_after=config.freeze_variance_after + 1)
-        if config.name == "lamb" or config.eight_bit:
-            import bitsandbytes as bnb  # imported only when used: its import is slow and chatty
-
-            cls = {
-                ("lamb", False): bnb.optim.LAMB,
-                ("lamb", True): bnb.optim.LAMB8bit,
-                ("adamw", True): bnb.optim.AdamW8bit,
-            }[config.name, config.eight_bit]
-            return cls(params, **common)
-        return torch.optim.AdamW(params, **common)
-
-    return create
-
-
-def make_scheduler_factory(config: OptimizerConfig):
-    # hivemind steps the scheduler once per global epoch, so warm-up and decay count epochs
-    return partial(
-        transformers.get_linear_schedule_with_warmup,
-        num_warmup_steps=config.warmup_epochs,
-        num_training_steps=config.total_epochs,
-    )
-
-
-NO_OTHER_PEERS = "no other peers"  # a RoundRecord's note when the peer stepped alone: no round was attempted
-
-
-@dataclass
-class RoundRecord:
-    epoch: int
-    group_size: int  # 0 when the round failed or was skipped
-    ok: bool
-    seconds: float
-    note: str = ""
-    group: str = ""  # the members' short id (same members, same id): tools compare a round's members
-
-
-def group_id(peer_ids) -> str:
-    return hashlib.sha256(b"".join(sorted(peer.to_bytes() for peer in peer_ids))).hexdigest()[:12]
-
-
-PROGRESS_REPORT_PERIOD = 1.0  # seconds between a peer's progress records (hivemind: after every step)
-
-
-class _AtMostEvery(threading.Event):
-    """An Event whose set() takes effect at most once per `period` seconds: a set() that comes sooner
-    is deferred to the end of the period (not dropped, so the latest progress always goes out)."""
-
-    def __init__(self, period: float):
-        super().__init__()
-        self.period, self._last, self._timer = period, -float("inf"), None
-        self._lock = threading.Lock()
-
-    def set(self) -> None:
-        with self._lock:
-            wait = self._last + self.period - time.monotonic()
-            if wait <= 0:
-                self._set_locked()
-            elif self._timer is None:
-                self._timer = threading.Timer(wait, self._deferred)
-                self._timer.daemon = True
-                self._timer.start()
-
-    def set_now(self) -> None:
-        with self._lock:
-            self._set_locked()
-
-    def _deferred(self) -> None:
-        with self._lock:
-            self._timer = None
-            self._set_locked()
-
-    def _set_locked(self) -> None:
-        self._last = time.monotonic()
-        super().set()
-
-
-class _ProgressTrackerWithBlockingGoodbye(ProgressTracker):
-    """hivemind's ProgressTracker with three changes.
-
-    - It publishes this peer's progress (a signed record stored on several DHT nodes) after every
-      local step; with small steps that chatter was most of what crossed a home link (about
-      300 KB/s per peer with the tiny model, see benchmarks/wan.py). Reports now go out at most
-      once per PROGRESS_REPORT_PERIOD, and at once when the epoch changes; the swarm's ETA
-      extrapolates between reports from each peer's reported throughput anyway.
-    - A new epoch brings the next read of the swarm's progress forward (see update_epoch).
-    - It drops the future of its goodbye record on shutdown; when that future is garbage-collected
-      before the DHT process reads the request, the DHT process logs a traceback and stalls its own
-      shutdown. Same goodbye, but we wait for it."""
-
-    def __init__(self, *args, start: bool, report_period: float = PROGRESS_REPORT_PERIOD, **kwargs):
-        super().__init__(*args, start=False, **kwargs)
-        self.should_report_progress = _AtMostEvery(report_period)
-        if start:
-            self.start()
-
-    def update_epoch(self, new_epoch: Optional[int] = None) -> int:
-        epoch = super().update_epoch(new_epoch)
-        self.should_report_progress.set_now()  # a new epoch is news the swarm's matchmaking waits for
-        # ...and a moment to re-read the swarm's progress. hivemind waits for its ETA-based refresh,
-        # which at a run's start (low throughput estimates, long ETAs) is seconds away: a peer that saw
-        # nobody at its last read would meanwhile run one short epoch after another alone
-        soon = get_dht_time() + self.min_refresh_period
-        self.global_progress.next_fetch_time = min(self.global_progress.next_fetch_time, soon)
-        self.global_state_updated.set()  # wakes the fetcher, which then waits until next_fetch_time
-        return epoch
-
-    def shutdown(self, timeout: Optional[float] = None):
-        self.shutdown_triggered.set()
-        self.should_report_progress.set_now()
-        self.global_state_updated.set()
-        self.shutdown_complete.wait(timeout)
-        try:
-            self.dht.store(self.training_progress_key, subkey=self._local_public_key, value=None,
-                           expiration_time=get_dht_time() + self.metadata_expiration)
-        except Exception:
-            pass  # the DHT is already gone: nobody to say goodbye to
+FINGERPRINT_SEED = 0
 
 
 class SwarmOptimizer(hivemind.Optimizer):
@@ -167,9 +31,21 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     hivemind only logs the group size; the progress display, the demo summary and the tests need
     it as data. The override wraps the one method that sees the round's outcome (hivemind is
-    pinned, so this private seam is stable)."""
+    pinned, and every private method overridden here is listed in swarmtrain.hivemind_compat).
 
-    def __init__(self, *args, fingerprint_tolerance: float = 1e-4, **kwargs):
+    :param fingerprint_tolerance: peers whose fingerprints differ by more than this hold different
+      parameters (about a learning rate: a stale step moves parameters by that much)
+    :param access: on a token-gated run, this node's LocalAccess: the state averager refuses state
+      downloads from peers without a valid token (the gradient averager's factory is guarded by its
+      maker); None on an open run
+    :param args, kwargs: hivemind.Optimizer's
+    """
+
+    # what _make_state_averager builds (local mode: its own); the name stays hivemind's, for its RPCs
+    state_averager_class = with_mixin(hivemind_compat.CleanShutdownMixin, TrainingStateAverager)
+
+    def __init__(self, *args, fingerprint_tolerance: float = 1e-4, access=None, **kwargs):
+        self.access = access  # before super().__init__: it builds the state averager
         self.rounds: List[RoundRecord] = []
         self.diverged = False  # set when the last round showed our parameters differ from the group's
         self.fingerprint_tolerance = fingerprint_tolerance
@@ -193,27 +69,13 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _optimized_parameters(self) -> List[torch.Tensor]:
         return [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
 
-    def _choose_fingerprint_positions(self, count: int = FINGERPRINT_SIZE) -> List[tuple]:
+    def _choose_fingerprint_positions(self) -> List[tuple]:
         sizes = [p.numel() for p in self._optimized_parameters()]
-        flat = torch.randint(sum(sizes), (count,), generator=torch.Generator().manual_seed(0)).sort().values.tolist()
-        positions, offset, index = [], 0, 0
-        for position in flat:  # (parameter index, offset inside it): the same on every peer
-            while position >= offset + sizes[index]:
-                offset += sizes[index]
-                index += 1
-            positions.append((index, position - offset))
-        return positions
+        return fingerprint_positions(sizes, FINGERPRINT_SIZE, FINGERPRINT_SEED)
 
     def parameter_fingerprint(self) -> List[float]:
-        """The parameters' values at fixed pseudo-random positions, the same on every peer.
-
-        Peers in sync differ only by float rounding (dense averaging adds each peer's own
-        (average - own part) back to its own tensor: ~1e-8), while a peer one step off differs by
-        about the learning rate everywhere, so a handful of positions compared with a tolerance
-        tells the two apart without moving the parameters over the network."""
-        params = self._optimized_parameters()
-        with torch.no_grad():
-            return [float(params[index].view(-1)[offset]) for index, offset in self._fingerprint_positions]
+        """The parameters' values at fixed pseudo-random positions (swarmtrain.training.fingerprint)."""
+        return fingerprint(self._optimized_parameters(), self._fingerprint_positions)
 
     def _check_fingerprints(self, group: dict) -> None:
         members = {peer: data for peer, data in group.items() if _is_fingerprint_record(data)}
@@ -270,6 +132,9 @@ class SwarmOptimizer(hivemind.Optimizer):
                 raise_if_stop_requested()
                 time.sleep(min(1.0 + 0.5 * attempt, 5.0))  # the donors are applying epoch `wanted` right now
             loaded = self.local_epoch >= wanted
+            # from now on our own epoch is a vote for the swarm's (averaging.progress.credible_epoch):
+            # we hold the swarm's state, or no donor could serve the epoch the records claimed
+            self.tracker.votes_own_epoch = True
             if not loaded:
                 logger.warning(f"could only get the state of epoch {self.local_epoch} (the swarm is at {wanted}); "
                                f"training on, the next rounds' checks will resynchronise")
@@ -313,7 +178,7 @@ class SwarmOptimizer(hivemind.Optimizer):
                     else:
                         optimizer_state[param][key] = value
         if self.state_averager.offload_optimizer:
-            self.state_averager._apply_optimizer_parameters_()  # the model's parameters follow the optimizer's
+            hivemind_compat.apply_optimizer_parameters(self.state_averager)  # the model's follow the optimizer's
         self.state_averager.local_epoch = snapshot["epoch"]
 
     def restore_checkpoint(self, model: torch.nn.Module, model_state: dict, optimizer_state: Optional[dict]) -> None:
@@ -331,11 +196,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         if not control.triggered:
             control.weight = 0
             control.allow_allreduce()
-        deadline = time.monotonic() + (self.averaging_timeout or 30.0)
         try:
-            while not control.done() and time.monotonic() < deadline:
-                raise_if_stop_requested()
-                time.sleep(0.1)
+            poll(lambda: True if control.done() else None, timeout=self.averaging_timeout or 30.0, interval=0.1)
         finally:
             if not control.done():
                 try:
@@ -348,21 +210,19 @@ class SwarmOptimizer(hivemind.Optimizer):
         return 2 * (self.averaging_timeout or 30.0) + 10.0
 
     @property
-    def traffic(self) -> dict:
+    def traffic(self) -> AveragingTraffic:
         """What the gradient averager measured (shared memory, written by its process): bytes sent
         and received from the serialized messages, the density sent, selection time..."""
-        stats = self.grad_averager.stats
-        return {**stats.snapshot(), "rejected_peers": stats.recent_rejections()}
+        return self.grad_averager.stats.snapshot()
 
     def _make_state_averager(self, **kwargs):
-        # on a token-gated run its averaging RPCs (state downloads included) refuse peers without a
-        # valid access token (swarmtrain.access); hivemind's own averager otherwise
-        from swarmtrain.access import make_state_averager
+        # hivemind's own arguments (hivemind_compat), with our class; on a token-gated run its
+        # averaging RPCs (state downloads included) refuse peers without a valid access token
+        averager_class = with_access_guard(self.state_averager_class, self.access)
+        return averager_class(**hivemind_compat.state_averager_arguments(self), **kwargs)
 
-        return make_state_averager(self, super()._make_state_averager, **kwargs)
-
-    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
-        return _ProgressTrackerWithBlockingGoodbye(
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> SwarmProgressTracker:
+        return SwarmProgressTracker(
             dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
             status_loglevel=self.status_loglevel, start=True, **kwargs,
         )
@@ -398,10 +258,6 @@ def _is_fingerprint_record(data) -> bool:
             and len(data[1]) == FINGERPRINT_SIZE and isinstance(data[2], int))
 
 
-def fingerprints_match(a: List[float], b: List[float], tolerance: float) -> bool:
-    return all(abs(x - y) <= tolerance for x, y in zip(a, b))
-
-
 def reference_fingerprint(members: dict, tolerance: float) -> List[float]:
     """The parameters a group should hold, from each member's [epoch, fingerprint, synced epochs].
 
@@ -416,68 +272,3 @@ def reference_fingerprint(members: dict, tolerance: float) -> List[float]:
         return supporters, members[peer][2], peer.to_bytes()
 
     return members[max(members, key=standing)][1]
-
-
-def density_schedule_from_config(spec, averaging) -> Optional[DensitySchedule]:
-    """A sparse spec's density per epoch: averaging.dense_warmup_epochs at density 1, then the geometric
-    warm-up from 1/64 over averaging.density_warmup_epochs; None for a constant density."""
-    if not spec.is_sparse or not (averaging.density_warmup_epochs or averaging.dense_warmup_epochs):
-        return None
-    return DensitySchedule(spec.density, initial=max(spec.density, 1 / 64), dense_epochs=averaging.dense_warmup_epochs,
-                           warmup_epochs=averaging.density_warmup_epochs)
-
-
-def make_optimizer(
-    config: RunConfig,
-    model: torch.nn.Module,
-    dht: hivemind.DHT,
-    *,
-    batch_size: int,
-    client_mode: bool,
-    private_key: RSAPrivateKey,
-    upload_mbps: Optional[float] = None,
-) -> SwarmOptimizer:
-    if config.averaging.mode == "local":  # local steps + averaging of model deltas: swarmtrain/peer/local.py
-        from swarmtrain.peer.local import make_local_optimizer
-
-        return make_local_optimizer(config, model, dht, batch_size=batch_size, client_mode=client_mode,
-                                    private_key=private_key)
-    averaging = config.averaging
-    # hivemind's load balancing gives each peer a span of the reduction in proportion to this; every
-    # peer reports one (a peer reporting none counts as its group's average), so the default is a
-    # plain assumption, and a volunteer's --max-upload-mbps below it means less upload for them
-    bandwidth = float(upload_mbps) if upload_mbps is not None else DEFAULT_UPLOAD_MBPS
-    spec = parse_compression_spec(averaging.compression)
-    schedule = density_schedule_from_config(spec, averaging)
-    # the factory carries the codec (dense or sparse) and the options hivemind does not forward
-    grad_averager_factory = make_grad_averager_factory(spec, density_schedule=schedule,
-                                                       request_timeout=averaging.request_timeout,
-                                                       robust_policy=robust_policy_from_config(averaging),
-                                                       bandwidth=bandwidth)
-
-    return SwarmOptimizer(
-        dht=dht,
-        run_id=config.run_id,
-        target_batch_size=config.target_batch_size,
-        batch_size_per_step=batch_size,
-        optimizer=make_torch_optimizer_factory(config.optimizer),
-        params=model.parameters(),
-        scheduler=make_scheduler_factory(config.optimizer),
-        matchmaking_time=averaging.matchmaking_time,
-        averaging_timeout=averaging.averaging_timeout,
-        grad_averager_factory=grad_averager_factory,
-        # parameters are averaged in full precision when they are: fp16 would make peers differ
-        state_averaging_compression=NoCompression(),
-        load_state_compression=NoCompression(),
-        average_state_every=averaging.state_averaging_every or 10**9,
-        delay_state_averaging=False,
-        averager_opts=dict(request_timeout=averaging.request_timeout, bandwidth=bandwidth),
-        # a stale step moves parameters by about the learning rate (Adam, LAMB); float rounding
-        # between peers in sync is orders of magnitude below this
-        fingerprint_tolerance=0.05 * config.optimizer.lr,
-        tracker_opts=dict(private_key=private_key, min_refresh_period=0.5, default_refresh_period=1.0),
-        client_mode=client_mode,
-        # per averager process (gradients, state): the whole peer must be out within ~10 s of Ctrl+C
-        shutdown_timeout=3.0,
-        verbose=False,
-    )

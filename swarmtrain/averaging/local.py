@@ -37,52 +37,31 @@ the all-reduce itself is bounded by ``averaging_timeout``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
-from functools import partial
 from typing import Dict, List, Optional
 
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage, StepControl
-from hivemind.compression import CompressionInfo, NoCompression, TensorRole
+from hivemind.compression import CompressionInfo, TensorRole
 from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state, load_optimizer_state
 from hivemind.utils import get_dht_time
 
-from swarmtrain.compression.averager import CountingGradientAverager, SparseGradientAverager
-from swarmtrain.compression.feedback import DensitySchedule
-from swarmtrain.compression.robust import robust_policy_from_config
-from swarmtrain.compression.spec import parse_compression_spec
-from swarmtrain.peer.optimizer import (NO_OTHER_PEERS, RoundRecord, SwarmOptimizer, density_schedule_from_config,
-                                       make_scheduler_factory, make_torch_optimizer_factory)
-from swarmtrain.peer.schedule import (ControllerSettings, ControllerState, MemberRecord, decide_after_round,
-                                      fingerprint, fingerprint_positions, first_round_epoch, in_step_with,
-                                      parse_records, reference_member, state_after_failure)
+from swarmtrain import hivemind_compat
+from swarmtrain.averaging.rounds import NO_OTHER_PEERS, LocalRoundRecord
+from swarmtrain.averaging.schedule import (FINGERPRINT_SEED, FINGERPRINT_SIZE, ControllerSettings, ControllerState,
+                                           MemberRecord, count_sketch, decide_after_round, first_round_epoch,
+                                           in_step_with, parse_records, reference_member, state_after_failure)
+from swarmtrain.averaging.sync import SwarmOptimizer
+from swarmtrain.compression.stats import AveragingTraffic
+from swarmtrain.training.fingerprint import fingerprint, fingerprint_positions
 
 logger = logging.getLogger("swarmtrain.peer")
 ANCHOR_TOLERANCE_LR = 0.5  # averaged models "match" when they agree within this many learning rates
 ROUND_MATCHMAKING_FACTOR = 2.0  # a round's matchmaking window, in units of averaging.matchmaking_time
-
-
-@dataclass
-class LocalRoundRecord(RoundRecord):
-    """A local-mode averaging round (RoundRecord's fields plus what the schedule decided)."""
-
-    next_epoch: int = 0  # the next averaging point the group agreed on
-    round_index: int = 0  # the swarm's count of rounds after this one: the same for every member
-    period: int = 0
-    in_step: bool = True  # our averaged model matched the group's (False: we re-synchronise)
-    members_in_step: int = 0
-    divergence: Optional[float] = None  # sketched variance of the deltas / squared norm of their mean
-    kappa: Optional[float] = None  # adaptive: divergence level v / (lr²)^s of this round
-    exponent: Optional[float] = None  # adaptive: the fitted s
-    correction: Optional[float] = None  # adaptive: the factor the measurement applied to the planned period
-    anchor_sum: Optional[float] = None  # float64 sum of the new averaged model (compare peers)
-    anchor_digest: str = ""  # SHA-256 prefix of its bytes (bit-identical peers share it)
-    finished_at: float = 0.0  # unix time
-    weight: float = 0.0  # samples this peer contributed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,9 +69,13 @@ class LocalRoundRecord(RoundRecord):
 # ------------------------------------------------------------------------------------------------
 
 
-class _InStepWeightMixin:
+class InStepWeightMixin:
     """Runs in the averager's process, once the group and its gathered records are known: a member
-    whose last averaged model differs from the group's reference sends its delta with weight 0."""
+    whose last averaged model differs from the group's reference sends its delta with weight 0.
+    Mixed in front of the gradient path's averagers (compression.factory.make_averager_factory).
+
+    :param anchor_tolerance: averaged models whose fingerprints agree within this hold the same model
+    """
 
     def __init__(self, *args, anchor_tolerance: float, **kwargs):
         self.anchor_tolerance = float(anchor_tolerance)
@@ -117,40 +100,12 @@ class _InStepWeightMixin:
         return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
 
 
-class LocalDeltaSparseAverager(_InStepWeightMixin, SparseGradientAverager):
-    """Sparse (GaussianK / top-k / random-k, error feedback) averaging of model deltas."""
-
-
-class LocalDeltaDenseAverager(_InStepWeightMixin, CountingGradientAverager):
-    """Dense (none / fp16) averaging of model deltas, with byte stats."""
-
-
-def make_delta_averager_factory(spec, *, anchor_tolerance: float, density_schedule: Optional[DensitySchedule] = None,
-                                **averager_kwargs):
-    """Like compression.averager.make_grad_averager_factory (same codecs, same access guard), for
-    the averagers above."""
-    from swarmtrain.access import with_access_guard
-
-    if isinstance(spec, str):
-        spec = parse_compression_spec(spec)
-    if spec.is_sparse:
-        return partial(with_access_guard(LocalDeltaSparseAverager), spec=spec, density_schedule=density_schedule,
-                       anchor_tolerance=anchor_tolerance, **averager_kwargs)
-    if density_schedule is not None:
-        raise ValueError("a density schedule only applies to sparse compression specs")
-    from hivemind.compression import Float16Compression
-
-    codec = Float16Compression() if spec.method == "fp16" else NoCompression()
-    return partial(with_access_guard(LocalDeltaDenseAverager), compression=codec, anchor_tolerance=anchor_tolerance,
-                   **averager_kwargs)
-
-
 # ------------------------------------------------------------------------------------------------
 # the state averager: serves and loads the averaged model
 # ------------------------------------------------------------------------------------------------
 
 
-class LocalStateAverager(TrainingStateAverager):
+class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverager):
     """hivemind's TrainingStateAverager whose state (for joiners and checkpoints) is the last averaged
     model, the optimizer state, then the outer momentum buffers, with the schedule's state in the
     metadata (``local_sgd``). A plain TrainingStateAverager reading it takes the averaged model as the
@@ -229,9 +184,9 @@ class LocalStateAverager(TrainingStateAverager):
             schedule = local.get("schedule") if isinstance(local.get("schedule"), dict) else None
             self.local_state_loaded = dict(schedule=schedule)
         if not self.reuse_tensors:
-            self._load_local_tensors_into_averager_()
+            hivemind_compat.load_local_tensors_into_averager(self)
         self.local_epoch = metadata["epoch"]
-        self._update_scheduler()
+        hivemind_compat.update_scheduler(self)
 
 
 # the RPC handlers of an averager are named after its class: keep hivemind's name, so that peers and
@@ -247,7 +202,18 @@ LocalStateAverager.__name__ = LocalStateAverager.__qualname__ = "TrainingStateAv
 class LocalSwarmOptimizer(SwarmOptimizer):
     """hivemind.Optimizer with local updates (every step is a local optimizer step; epochs are still
     counted swarm-wide, and the learning rate follows them), plus averaging rounds of the model delta
-    at the points the schedule picks. See the module docstring."""
+    at the points the schedule picks. See the module docstring.
+
+    :param settings: the schedule's settings (when to average)
+    :param delta_averager_factory: builds the averager of model deltas (the gradient path's factory,
+      compression.factory.make_averager_factory, with InStepWeightMixin)
+    :param outer_lr: the outer step's learning rate (1: plain averaging)
+    :param outer_momentum: the outer step's Nesterov momentum (0: none)
+    :param anchor_tolerance: averaged models whose fingerprints agree within this are the same model
+    :param kwargs: SwarmOptimizer's and hivemind.Optimizer's
+    """
+
+    state_averager_class = LocalStateAverager  # serves the averaged model, momentum and schedule to joiners
 
     @property
     def resync_after_failed_round(self) -> bool:
@@ -275,7 +241,8 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             # taken after hivemind's optimizer initialisation (a zero-gradient step): the same on every peer
             self.anchor = [param.detach().to("cpu", torch.float32, copy=True) for param in parameters]
             self.momentum = [torch.zeros_like(a) for a in self.anchor] if self.outer_momentum > 0 else None
-        self._positions = fingerprint_positions([param.numel() for param in parameters])
+        self._positions = fingerprint_positions([param.numel() for param in parameters], FINGERPRINT_SIZE,
+                                               FINGERPRINT_SEED)
         self.schedule_state = ControllerState(first_round_epoch(settings, self.local_epoch), 0, self.local_epoch)
         averaged_deltas = tuple(torch.zeros_like(a).share_memory_() for a in self.anchor)  # shared before the fork
         self.delta_averager = delta_averager_factory(
@@ -292,19 +259,6 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             averager.local_anchor = self.anchor
 
     # -------------------------------------------------------------- hivemind seams
-    def _make_state_averager(self, **kwargs):
-        from swarmtrain.access import active_access, guarded_class
-
-        access = active_access()  # a token-gated run guards the state averager's RPCs (swarmtrain.access)
-        cls = LocalStateAverager if access is None else partial(guarded_class(LocalStateAverager), access=access)
-        return cls(
-            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
-            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
-            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
-            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
-            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
-        )
-
     def step(self, closure=None, batch_size: Optional[int] = None, grad_scaler=None):
         if not self.auxiliary:
             self._samples_since_anchor += batch_size if batch_size is not None else (self.batch_size_per_step or 0)
@@ -336,7 +290,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     def _catch_up_epoch(self) -> None:
         with self.tracker.pause_updates():
             self.state_averager.local_epoch = self.tracker.global_epoch
-            self.state_averager._update_scheduler()
+            hivemind_compat.update_scheduler(self.state_averager)
             self.tracker.update_epoch(new_epoch=self.local_epoch)
         if not self.client_mode:
             self.state_averager.state_sharing_priority = self.local_epoch
@@ -388,15 +342,11 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         self.delta_averager.shutdown()
 
     @property
-    def traffic(self) -> dict:
-        stats = self.delta_averager.stats
-        return {**stats.snapshot(), "rejected_peers": stats.recent_rejections(),
-                "control_bytes_total": float(self._control_bytes)}
+    def traffic(self) -> AveragingTraffic:
+        return dataclasses.replace(self.delta_averager.stats.snapshot(), control_bytes_total=float(self._control_bytes))
 
     # -------------------------------------------------------------- rounds
     def _member_record(self, round_epoch: int) -> MemberRecord:
-        from swarmtrain.peer.schedule import count_sketch
-
         parameters = self._optimized_parameters()
         with torch.no_grad():
             delta = torch.cat([(param.detach().to("cpu", torch.float32) - anchor).reshape(-1)
@@ -569,37 +519,3 @@ def _describe_model(tensors: List[torch.Tensor]) -> tuple:
     averaging, equal digests for bit-identical models."""
     flat = torch.cat([tensor.detach().reshape(-1).cpu().float() for tensor in tensors])
     return float(flat.double().sum()), hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
-
-
-def make_local_optimizer(config, model: torch.nn.Module, dht, *, batch_size: int, client_mode: bool,
-                         private_key) -> LocalSwarmOptimizer:
-    averaging = config.averaging
-    spec = parse_compression_spec(averaging.compression)
-    density_schedule = density_schedule_from_config(spec, averaging)
-    tolerance = ANCHOR_TOLERANCE_LR * config.optimizer.lr
-    factory = make_delta_averager_factory(spec, anchor_tolerance=tolerance, density_schedule=density_schedule,
-                                          request_timeout=ROUND_MATCHMAKING_FACTOR * averaging.request_timeout,
-                                          robust_policy=robust_policy_from_config(averaging))
-    return LocalSwarmOptimizer(
-        settings=ControllerSettings.from_config(config),
-        delta_averager_factory=factory,
-        outer_lr=averaging.outer_lr,
-        outer_momentum=averaging.outer_momentum,
-        anchor_tolerance=tolerance,
-        dht=dht,
-        run_id=config.run_id,
-        target_batch_size=config.target_batch_size,
-        batch_size_per_step=batch_size,
-        optimizer=make_torch_optimizer_factory(config.optimizer),
-        params=model.parameters(),
-        scheduler=make_scheduler_factory(config.optimizer),
-        matchmaking_time=averaging.matchmaking_time,
-        averaging_timeout=averaging.averaging_timeout,
-        state_averaging_compression=NoCompression(),
-        load_state_compression=NoCompression(),
-        averager_opts=dict(request_timeout=averaging.request_timeout),
-        fingerprint_tolerance=tolerance,
-        tracker_opts=dict(private_key=private_key, min_refresh_period=0.5, default_refresh_period=1.0),
-        client_mode=client_mode,
-        verbose=False,
-    )

@@ -20,20 +20,13 @@ os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
 
 import click
 
+from swarmtrain.cli.logs import quiet_interpreter_teardown
 from swarmtrain.errors import UserError
+from swarmtrain.units import format_bytes
 
 MIN_PYTHON = (3, 11)
 CLOCK_TOLERANCE_SECONDS = 1.0  # hivemind matchmaking deadlines are absolute DHT times a few seconds ahead
 MEMORY_MARGIN = 0.7  # above this share of free memory, activations and the OS will likely not fit
-
-# Bytes per parameter that a peer holds, by where hivemind.Optimizer keeps them (offload_optimizer
-# is on for swarmtrain's sync mode): the model and its .grad on the training device; gradient
-# accumulators beside them; the averaged gradients (shared memory), the offloaded fp32 master
-# parameters and the optimizer state on the host.
-DEVICE_BYTES_PER_PARAM = 4 + 4 + 4  # weights, .grad, accumulated gradients
-HOST_BYTES_PER_PARAM = 4 + 4  # averaged gradients, offloaded master parameters
-FP32_STATE_BYTES_PER_PARAM = 2 * 4  # Adam/LAMB: two fp32 moments
-EIGHT_BIT_STATE_BYTES_PER_PARAM = 2  # two 8-bit moments (+ small per-block scales), see benchmarks/memory.py
 
 OK, FIX, WARN, SKIP = "ok", "fix", "warn", "skip"
 
@@ -131,32 +124,13 @@ def free_host_memory() -> Optional[int]:
     return None
 
 
-def count_parameters(config) -> int:
-    """Parameters of the run's model, built on the meta device: no memory, no weight init."""
-    import torch
-
-    from swarmtrain.models import build_model
-
-    with torch.device("meta"):
-        model = build_model(config.model, config.data.seq_len, config.seed)
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
-def memory_needed(num_params: int, eight_bit: bool, device: str) -> Tuple[int, int]:
-    """(bytes on the training device, bytes in host RAM); on the CPU both are RAM."""
-    state = EIGHT_BIT_STATE_BYTES_PER_PARAM if eight_bit else FP32_STATE_BYTES_PER_PARAM
-    on_device = num_params * DEVICE_BYTES_PER_PARAM
-    on_host = num_params * (HOST_BYTES_PER_PARAM + state)
-    if device == "cpu":
-        return 0, on_device + on_host
-    return on_device, on_host
-
-
 def check_memory(config, device: Optional[str]) -> Row:
     if config is None:
         return Row("memory", SKIP, "needs the run config")
     if config.model is None:  # a split run (privacy.split): its digits models are well under 1 MB
         return Row("memory", OK, "a split run: its small models need no more than a few MB")
+    from swarmtrain.peer.resources import count_parameters, memory_needed  # torch and transformers: only here
+
     num_params = count_parameters(config)
     eight_bit = config.optimizer.eight_bit
     optimizer = f"{config.optimizer.name}{' 8-bit' if eight_bit else ' fp32'}"
@@ -165,16 +139,16 @@ def check_memory(config, device: Optional[str]) -> Row:
     problems, parts = [], []
     host_free = free_host_memory()
     if host_free is None:
-        return Row("memory", WARN, f"{_gib(host_need)} RAM needed; could not measure free memory here "
+        return Row("memory", WARN, f"{format_bytes(host_need)} RAM needed; could not measure free memory here "
                    "(pip install psutil)")
-    parts.append(f"RAM {_gib(host_need)} of {_gib(host_free)} free")
+    parts.append(f"RAM {format_bytes(host_need)} of {format_bytes(host_free)} free")
     if host_need > host_free:
         problems.append("RAM")
     if gpu_need:
         import torch
 
         gpu_free, _ = torch.cuda.mem_get_info(torch.device(device))
-        parts.append(f"{device} {_gib(gpu_need)} of {_gib(gpu_free)} free")
+        parts.append(f"{device} {format_bytes(gpu_need)} of {format_bytes(gpu_free)} free")
         if gpu_need > gpu_free:
             problems.append("GPU memory")
         tight = gpu_need > MEMORY_MARGIN * gpu_free or host_need > MEMORY_MARGIN * host_free
@@ -225,14 +199,11 @@ def check_token(token_text: Optional[str], identity: Optional[str],
     when no token was given (that verdict needs the run config: see token_row_without_token)."""
     if token_text is None:
         return None, None
-    from swarmtrain.access import TokenError, format_time, peer_access
-    from swarmtrain.identity import default_identity_path, load_or_create_identity
-    from swarmtrain.network import peer_id_in
+    from swarmtrain.access.authorizer import volunteer_access
+    from swarmtrain.access.tokens import TokenError, format_time
 
-    identity = identity or str(default_identity_path("peer"))
     try:
-        access = peer_access(token_text, load_or_create_identity(identity), [peer_id_in(m) for m in initial_peers],
-                             identity_hint=f" ({identity})")
+        access, _ = volunteer_access(token_text, identity, initial_peers)
     except TokenError as error:
         text = str(error)
         if "expired" in text:
@@ -276,8 +247,10 @@ def check_swarm(initial_peers: List[str], host_maddrs: List[str], announce_maddr
     the rows and the run config (None if unknown). With `access` (a checked token) this node's DHT
     requests carry the token, as the peer's would."""
     from swarmtrain.config import load_run_config
-    from swarmtrain.network import fetch_run_config, make_dht, peer_id_in
-    from swarmtrain.reachability import check_reachability
+    from swarmtrain.net.addresses import peer_id_in
+    from swarmtrain.net.dht import make_dht
+    from swarmtrain.net.reachability import check_reachability
+    from swarmtrain.net.run_config import fetch_run_config
 
     rows: List[Row] = []
     config, config_row = None, None
@@ -299,7 +272,7 @@ def check_swarm(initial_peers: List[str], host_maddrs: List[str], announce_maddr
         # the run config is a signed record: without the validator hivemind cannot even read it
         dht = make_dht(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
                        client_mode=False, signature_validator=RSASignatureValidator(), startup_timeout=timeout,
-                       authorizer=access.authorizer() if access is not None else None)
+                       access=access)
     except UserError as error:
         if error.message.startswith("could not reach any initial peer"):
             for maddr in initial_peers:
@@ -326,7 +299,8 @@ def check_swarm(initial_peers: List[str], host_maddrs: List[str], announce_maddr
                                 + ("" if access is not None else "; a token-gated run answers only peers with --token")))
         if config_row is None:
             try:
-                published = fetch_run_config(dht, trusted=[peer_id_in(m) for m in initial_peers], timeout=timeout)
+                published = fetch_run_config(dht, trusted=[peer_id_in(m) for m in initial_peers], timeout=timeout,
+                                             has_token=access is not None)
                 config = published.config
                 config_row = Row("run config", OK, f"run {config.run_id!r} published by {str(published.owner)[:16]}…")
             except UserError as error:
@@ -443,16 +417,14 @@ def doctor(initial_peers, device, config_path, announce_maddrs, public_ip, port,
 
     Prints one line per check with what to fix; exits 0 when all are ok, 1 otherwise.
     """
-    from swarmtrain.network import parse_initial_peers
-    from swarmtrain.reachability import host_and_announce_maddrs
+    from swarmtrain.access.tokens import token_from_options
+    from swarmtrain.net.addresses import host_and_announce_maddrs, parse_initial_peers, split_values
 
     peers = parse_initial_peers(initial_peers)  # malformed addresses: one line, exit 1
-    split = [item for value in announce_maddrs for item in value.replace(",", " ").split()]
     try:
-        host_maddrs, announce = host_and_announce_maddrs(port, public_ip, announce_maddrs=split)
+        host_maddrs, announce = host_and_announce_maddrs(port, public_ip, announce_maddrs=split_values(announce_maddrs))
     except ValueError as error:
         raise UserError(str(error)) from None
-    from swarmtrain.access import token_from_options
 
     token = token_from_options(token, token_file)
     try:
@@ -463,16 +435,8 @@ def doctor(initial_peers, device, config_path, announce_maddrs, public_ip, port,
         click.echo(json.dumps([asdict(row) for row in rows], indent=1))
     else:
         print_table(rows)
-    _quiet_exit()
+    quiet_interpreter_teardown()
     raise click.exceptions.Exit(1 if any(row.status == FIX for row in rows) else 0)
-
-
-def _quiet_exit() -> None:
-    """hivemind's leftover futures are finalised after its loops closed and print noise at exit."""
-    import logging
-
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda unraisable: None
 
 
 def _one_line(error: BaseException) -> str:
@@ -483,11 +447,3 @@ def _one_line(error: BaseException) -> str:
 def _short_maddr(maddr: str) -> str:
     address, _, peer_id = maddr.partition("/p2p/")
     return f"{address}/p2p/{peer_id[:8]}…" if peer_id else address
-
-
-def _gib(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
-
-
-if __name__ == "__main__":
-    doctor()

@@ -44,101 +44,26 @@ fixed number of rounds over the remaining epochs gives H(t) ∝ 1/sqrt(v(t)).
 from __future__ import annotations
 
 import math
-import re
 import struct
 from dataclasses import dataclass, replace
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
-SCHEDULE_FORMS = "constant:H (an integer H >= 1, the period in epochs, e.g. constant:8) or adaptive"
+from swarmtrain.config import Schedule
+from swarmtrain.training.fingerprint import fingerprints_match
+from swarmtrain.training.optimizers import lr_multiplier
+
 RECORD_TAG = "lsgd2"  # the first field of a gathered record; another version is ignored
 SKETCH_SIZE = 128
 SKETCH_SEED = 20240611
 SKETCH_CHUNK = 1 << 20
-FINGERPRINT_SIZE = 32
+FINGERPRINT_SIZE = 32  # positions of the last averaged model each member gathers
 FINGERPRINT_SEED = 7
 FIT_DECAY = 0.8  # weight of a round in the divergence fit drops by this factor with every newer round
 PRIOR_SLOPE, PRIOR_WEIGHT = 0.5, 2.0  # v ∝ (lr²)^s: prior s = 1/2 (v ∝ lr), worth two rounds
 MAX_CORRECTION = 1.5  # the measurement moves the planned period by at most this factor either way
 TAIL_GUARD = 1.25  # the rounds kept for the end of the run average at most this x the even period
-DEFAULT_PERIODS_PER_BUDGET = 8  # round_budget defaults to total_epochs // this
-_LOCAL_ONLY = ("outer_lr", "outer_momentum", "round_budget", "min_period", "max_period")
-_ADAPTIVE_ONLY = ("round_budget", "min_period", "max_period")
-
-
-@dataclass(frozen=True)
-class Schedule:
-    kind: str  # "constant" or "adaptive"
-    period: Optional[int] = None  # constant only
-
-    def __str__(self) -> str:
-        return f"constant:{self.period}" if self.kind == "constant" else self.kind
-
-
-def parse_schedule(text) -> Schedule:
-    """`constant:H` or `adaptive`; ValueError naming the accepted forms otherwise."""
-    if isinstance(text, str):
-        value = text.strip().lower()
-        if value == "adaptive":
-            return Schedule("adaptive")
-        match = re.fullmatch(r"constant:\s*(\d+)", value)
-        if match and int(match.group(1)) >= 1:
-            return Schedule("constant", int(match.group(1)))
-    raise ValueError(f"averaging.schedule must be {SCHEDULE_FORMS}; got {text!r}")
-
-
-def check_local_averaging_fields(averaging) -> None:
-    """Consistency of the local-mode fields of an AveragingConfig (raises ValueError, one line).
-    A field "is set" when it differs from its default: a published config carries every field."""
-    fields = type(averaging).model_fields
-    explicitly_set = {name for name in _LOCAL_ONLY if getattr(averaging, name) != fields[name].default}
-    if averaging.mode != "local":
-        for name in _LOCAL_ONLY:
-            if name in explicitly_set:
-                raise ValueError(f"averaging.{name} applies to mode: local only; remove it or set mode: local")
-        return
-    if averaging.schedule is None:
-        raise ValueError(f"averaging.schedule is required with mode: local; use {SCHEDULE_FORMS}")
-    schedule = parse_schedule(averaging.schedule)
-    if schedule.kind != "adaptive":
-        for name in _ADAPTIVE_ONLY:
-            if name in explicitly_set:
-                raise ValueError(f"averaging.{name} applies to schedule: adaptive only; remove it or set "
-                                 f"schedule: adaptive")
-    if averaging.min_period > averaging.max_period:
-        raise ValueError(f"averaging.min_period ({averaging.min_period}) must not exceed averaging.max_period "
-                         f"({averaging.max_period})")
-    if averaging.state_averaging_every:
-        raise ValueError("averaging.state_averaging_every applies to mode: sync only; in mode: local "
-                         "averaging.schedule decides when the model is averaged")
-
-
-def check_round_budget(config) -> None:
-    """averaging.round_budget against optimizer.total_epochs (a RunConfig in mode: local, adaptive)."""
-    averaging, total = config.averaging, config.optimizer.total_epochs
-    if averaging.mode != "local" or parse_schedule(averaging.schedule).kind != "adaptive":
-        return
-    budget = averaging.round_budget or max(1, total // DEFAULT_PERIODS_PER_BUDGET)
-    if budget * averaging.max_period < total:
-        raise ValueError(f"averaging.round_budget ({budget}) x averaging.max_period ({averaging.max_period}) must "
-                         f"cover optimizer.total_epochs ({total}); raise either")
-    if budget * averaging.min_period > total:
-        raise ValueError(f"averaging.round_budget ({budget}) x averaging.min_period ({averaging.min_period}) exceeds "
-                         f"optimizer.total_epochs ({total}); lower either")
-
-
-# ------------------------------------------------------------------------------------------------
-# learning-rate shape (the same as transformers.get_linear_schedule_with_warmup, stepped per epoch)
-# ------------------------------------------------------------------------------------------------
-
-
-def lr_multiplier(epoch: int, warmup_epochs: int, total_epochs: int) -> float:
-    if epoch < warmup_epochs:
-        return float(epoch) / float(max(1, warmup_epochs))
-    return max(0.0, float(total_epochs - epoch) / float(max(1, total_epochs - warmup_epochs)))
-
-
 # ------------------------------------------------------------------------------------------------
 # what each member gathers
 # ------------------------------------------------------------------------------------------------
@@ -158,24 +83,6 @@ def count_sketch(flat: torch.Tensor, size: int = SKETCH_SIZE, seed: int = SKETCH
         signs = torch.randint(2, (values.numel(),), generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
         out.index_add_(0, buckets, values * signs)
     return out
-
-
-def fingerprint_positions(sizes: Sequence[int], count: int = FINGERPRINT_SIZE) -> List[Tuple[int, int]]:
-    """(tensor index, offset) of `count` fixed pseudo-random positions, the same on every peer."""
-    total = sum(sizes)
-    flat = torch.randint(total, (count,), generator=torch.Generator().manual_seed(FINGERPRINT_SEED))
-    positions, offset, index = [], 0, 0
-    for position in sorted(flat.tolist()):
-        while position >= offset + sizes[index]:
-            offset += sizes[index]
-            index += 1
-        positions.append((index, position - offset))
-    return positions
-
-
-def fingerprint(tensors: Sequence[torch.Tensor], positions: Sequence[Tuple[int, int]]) -> List[float]:
-    with torch.no_grad():
-        return [float(tensors[index].reshape(-1)[offset]) for index, offset in positions]
 
 
 @dataclass(frozen=True)
@@ -246,10 +153,6 @@ def _sort_key(peer) -> bytes:
     return peer.to_bytes() if hasattr(peer, "to_bytes") else str(peer).encode()
 
 
-def fingerprints_match(a: Sequence[float], b: Sequence[float], tolerance: float) -> bool:
-    return len(a) == len(b) and all(abs(x - y) <= tolerance for x, y in zip(a, b))
-
-
 def reference_member(records: Dict[Hashable, MemberRecord], tolerance: float) -> Optional[Hashable]:
     """The member whose last averaged model the group holds: the anchor most members match; ties go
     to the newer averaged model (anchor_epoch: a member that missed rounds holds an older one), then
@@ -305,8 +208,8 @@ class ControllerSettings:
     @classmethod
     def from_config(cls, config) -> "ControllerSettings":
         averaging, optimizer = config.averaging, config.optimizer
-        budget = averaging.round_budget or max(1, optimizer.total_epochs // DEFAULT_PERIODS_PER_BUDGET)
-        return cls(parse_schedule(averaging.schedule), optimizer.total_epochs, optimizer.warmup_epochs, budget,
+        budget = averaging.resolved_round_budget(optimizer.total_epochs)
+        return cls(averaging.schedule, optimizer.total_epochs, optimizer.warmup_epochs, budget,
                    averaging.min_period, averaging.max_period)
 
     def lr(self, epoch: int) -> float:

@@ -4,7 +4,7 @@ Patches hivemind's daemon client class (unary calls: their payloads; stream open
 names) before anything starts, so the DHT's child process (forked later) records too. Each process
 appends (pid, kind, handle name, payload) pickles to $SWARMTRAIN_RECORD_DIR/<pid>.rec.
 
-Usage: python tests/recording_peer.py peer --initial-peers ... (same arguments as swarmtrain)."""
+Usage: python tests/support/recording_peer.py peer --initial-peers ... (same arguments as swarmtrain)."""
 import os
 import pickle
 

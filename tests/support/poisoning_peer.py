@@ -3,7 +3,7 @@ epochs) or scales them by 1e6 (odd epochs) before they are accumulated for avera
 GPU or a hostile volunteer. Everything else (the wire protocol, the reducer it serves) is the real
 peer's, so the test exercises what honest peers do with such parts, not a mock.
 
-Usage: python tests/poisoning_peer.py peer --initial-peers ... (same arguments as swarmtrain)."""
+Usage: python tests/support/poisoning_peer.py peer --initial-peers ... (same arguments as swarmtrain)."""
 import torch
 
 from swarmtrain.cli import main

@@ -42,7 +42,11 @@ import torch
 
 
 class FrozenVarianceAdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay) with ``exp_avg_sq`` frozen after ``freeze_variance_after`` steps."""
+    """AdamW (decoupled weight decay) with ``exp_avg_sq`` frozen after ``freeze_variance_after`` steps.
+
+    :param params, lr, betas, eps, weight_decay: as torch.optim.AdamW's
+    :param freeze_variance_after: steps (per parameter) that update the variance; None: never frozen
+    """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, freeze_variance_after: Optional[int] = None):

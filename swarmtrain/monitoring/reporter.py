@@ -1,4 +1,5 @@
-"""A peer's signed progress record in the DHT, and its optional own /metrics endpoint."""
+"""A peer's signed progress record in the DHT, published every few seconds, and its optional own
+/metrics endpoint."""
 from __future__ import annotations
 
 import logging
@@ -9,24 +10,25 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 
 from swarmtrain import __version__
-from swarmtrain.errors import UserError
-from swarmtrain.monitoring import PeerMetrics, PeerRecord, publish_record, record_validators
+from swarmtrain.monitoring.metrics import PeerMetrics, serve_metrics
+from swarmtrain.monitoring.records import RECORD_PERIOD, RECORD_TTL, PeerRecord, publish_record, record_validators
 
 logger = logging.getLogger("swarmtrain.peer")
 
-RECORD_PERIOD = 5.0  # seconds between records
-RECORD_TTL = 20.0  # a killed peer disappears from the swarm's counts this long after its last record
-
-
-def serve_metrics(metrics, host: str, port: int):
-    """Start a /metrics server; a port that is taken is the user's to change, not a traceback."""
-    try:
-        return metrics.serve(host, port)
-    except OSError as error:
-        raise UserError(f"cannot serve metrics on {host}:{port} ({error.strerror}); choose another --metrics-port") from None
-
 
 class PeerReporter:
+    """Publishes this peer's PeerRecord (at most every RECORD_PERIOD seconds) and serves it on /metrics.
+
+    :param dht: this peer's DHT (the record validators are added to it)
+    :param run_id: the run
+    :param signer: this peer's RSASignatureValidator: the record goes under its ``[owner:...]`` subkey
+    :param role: trainer, trunk or data-owner
+    :param device: what the peer computes on (shown in the per-peer table)
+    :param client_mode: whether other peers can dial it
+    :param metrics_host: interface for its own /metrics
+    :param metrics_port: port for its own /metrics (None: not served)
+    """
+
     def __init__(self, dht: hivemind.DHT, run_id: str, signer: RSASignatureValidator, *, role: str, device: str,
                  client_mode: bool, metrics_host: str = "0.0.0.0", metrics_port: Optional[int] = None):
         self.dht, self.run_id, self.signer = dht, run_id, signer
@@ -38,7 +40,7 @@ class PeerReporter:
         self._pending = None  # keep the store's future alive until the DHT process has read it
 
     def maybe_publish(self, *, step: int, epoch: int, loss: Optional[float], samples_per_second: float,
-                      samples_accumulated: int, rounds: list, traffic: Optional[dict] = None,
+                      samples_accumulated: int, rounds: list, traffic=None,
                       leakage=None, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_publish < RECORD_PERIOD:
@@ -48,16 +50,16 @@ class PeerReporter:
         record = PeerRecord.make(
             peer_id=str(self.dht.peer_id), role=self.role, step=step, epoch=epoch, loss=loss,
             samples_per_second=samples_per_second, samples_accumulated=samples_accumulated,
-            bytes_sent=int(traffic["bytes_sent_total"]) if traffic else 0,
-            bytes_received=int(traffic["bytes_received_total"]) if traffic else 0,
+            bytes_sent=int(traffic.bytes_sent_total) if traffic else 0,
+            bytes_received=int(traffic.bytes_received_total) if traffic else 0,
             rounds_ok=sum(1 for r in rounds if r.ok), rounds_failed=sum(1 for r in rounds if not r.ok),
             last_round_seconds=last.seconds if last is not None else None,
             last_round_group_size=last.group_size if last is not None and last.ok else None,
             # dense averaging sends every entry (the averager only measures density when sparse)
-            compression_density=(traffic.get("last_density") or 1.0) if traffic else None,
+            compression_density=(traffic.last_density or 1.0) if traffic else None,
             leakage_dcor=leakage,
-            parts_rejected=int(traffic.get("parts_rejected_total", 0)) if traffic else 0,
-            rejected_peers=sorted(set(traffic.get("rejected_peers", ()))) if traffic else [],
+            parts_rejected=int(traffic.parts_rejected_total) if traffic else 0,
+            rejected_peers=sorted(set(traffic.rejected_peers)) if traffic else [],
             device=self.device, client_mode=self.client_mode, version=__version__,
         )
         self.metrics.update(record)

@@ -1,0 +1,42 @@
+"""The record of every averaging round a peer took part in (or skipped): the progress display, the peer's
+status file, its DHT record, the demo summary and the tests read it."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+NO_OTHER_PEERS = "no other peers"  # a RoundRecord's note when the peer stepped alone: no round was attempted
+
+
+@dataclass
+class RoundRecord:
+    epoch: int
+    group_size: int  # 0 when the round failed or was skipped
+    ok: bool
+    seconds: float
+    note: str = ""
+    group: str = ""  # the members' short id (same members, same id): tools compare a round's members
+
+
+def group_id(peer_ids) -> str:
+    return hashlib.sha256(b"".join(sorted(peer.to_bytes() for peer in peer_ids))).hexdigest()[:12]
+
+
+@dataclass
+class LocalRoundRecord(RoundRecord):
+    """A local-mode averaging round (RoundRecord's fields plus what the schedule decided)."""
+
+    next_epoch: int = 0  # the next averaging point the group agreed on
+    round_index: int = 0  # the swarm's count of rounds after this one: the same for every member
+    period: int = 0
+    in_step: bool = True  # our averaged model matched the group's (False: we re-synchronise)
+    members_in_step: int = 0
+    divergence: Optional[float] = None  # sketched variance of the deltas / squared norm of their mean
+    kappa: Optional[float] = None  # adaptive: divergence level v / (lr²)^s of this round
+    exponent: Optional[float] = None  # adaptive: the fitted s
+    correction: Optional[float] = None  # adaptive: the factor the measurement applied to the planned period
+    anchor_sum: Optional[float] = None  # float64 sum of the new averaged model (compare peers)
+    anchor_digest: str = ""  # SHA-256 prefix of its bytes (bit-identical peers share it)
+    finished_at: float = 0.0  # unix time
+    weight: float = 0.0  # samples this peer contributed
