@@ -169,6 +169,7 @@ class SwarmProgressTracker(ProgressTracker):
         self.shutdown_complete.wait(timeout)
         try:
             self.dht.store(self.training_progress_key, subkey=tracker_public_key(self), value=None,
-                           expiration_time=get_dht_time() + self.metadata_expiration)
+                           expiration_time=get_dht_time() + self.metadata_expiration,
+                           return_future=True).result(timeout=timeout or 5.0)
         except Exception:
             pass  # the DHT is already gone: nobody to say goodbye to

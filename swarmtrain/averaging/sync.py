@@ -15,7 +15,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from swarmtrain import hivemind_compat
 from swarmtrain.access.guard import with_access_guard
 from swarmtrain.averaging.progress import SwarmProgressTracker
-from swarmtrain.averaging.rounds import NO_OTHER_PEERS, RoundRecord, group_id
+from swarmtrain.averaging.rounds import NO_OTHER_PEERS, RoundRecord, describe_round_failure, group_id
 from swarmtrain.compression.factory import with_mixin
 from swarmtrain.compression.stats import AveragingTraffic
 from swarmtrain.signals import poll, raise_if_stop_requested
@@ -250,7 +250,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             self._synced_epochs += 1
             self._check_fingerprints(group)
         except BaseException as error:  # the round failed; hivemind already fell back to local gradients
-            self.rounds.append(RoundRecord(epoch, 0, False, seconds, repr(error)[:200]))
+            self.rounds.append(RoundRecord(epoch, 0, False, seconds, describe_round_failure(error)))
 
 
 def _is_fingerprint_record(data) -> bool:

@@ -5,6 +5,7 @@ it comes back (with the same identity, hence the same multiaddr).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -27,9 +28,11 @@ from swarmtrain.net.identity import load_or_create_identity
 from swarmtrain.net.progress import SwarmProgress, read_swarm_progress
 from swarmtrain.net.reachability import serve_reachability_checks
 from swarmtrain.net.run_config import RUN_CONFIG_TTL, publish_run_config
-from swarmtrain.signals import children_ignore_interrupts, raise_if_stop_requested
+from swarmtrain.signals import StopRequested, children_ignore_interrupts, raise_if_stop_requested
+from swarmtrain.units import format_duration
 
 logger = logging.getLogger("swarmtrain.coordinator")
+DHT_CALL_TIMEOUT = 10.0  # seconds a call into the DHT process may take on the way out
 
 
 async def _connected_peers(_dht, node) -> List[str]:
@@ -154,13 +157,7 @@ class Coordinator:
                 self.save_checkpoint()
                 last_checkpoint = time.monotonic()
             if time.monotonic() - last_log >= log_every:
-                p = self.progress()
-                eta = f"{p.eta_seconds:.0f}s" if p.eta_seconds != float("inf") else "?"
-                logger.info(
-                    f"epoch {p.epoch}: {p.peers} peers ({p.clients} clients), "
-                    f"{p.samples_accumulated}/{self.config.target_batch_size} samples, "
-                    f"{p.samples_per_second:.1f} samples/s, next epoch in {eta}"
-                )
+                logger.info(progress_line(self.progress(), self.config.target_batch_size))
                 last_log = time.monotonic()
             time.sleep(0.5)
 
@@ -183,7 +180,7 @@ class Coordinator:
 
     def remember_peers(self) -> None:
         try:
-            maddrs = self.dht.run_coroutine(_connected_peers)
+            maddrs = self._ask_dht(_connected_peers)
         except Exception as error:
             logger.debug(f"could not list peers: {error!r}")
             return
@@ -194,20 +191,51 @@ class Coordinator:
             tmp.write_text(json.dumps(kept))
             os.replace(tmp, self.known_peers_path)
 
+    def _ask_dht(self, coroutine):
+        """Run `coroutine` in the DHT process; TimeoutError when that process is gone or does not
+        answer within DHT_CALL_TIMEOUT. A stop signal sent to our whole process group (``timeout``,
+        ``kill -TERM -PGID``, systemd) ends the DHT process too, and nothing would ever answer."""
+        future = self.dht.run_coroutine(coroutine, return_future=True)
+        deadline = time.monotonic() + DHT_CALL_TIMEOUT
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                if not self.dht.is_alive() or time.monotonic() > deadline:
+                    future.cancel()
+                    raise TimeoutError("the DHT process did not answer") from None
+
     def save_checkpoint(self):
         try:
             path = self.state.checkpoint(self.checkpoint_dir, self.keep_checkpoints)
         except Exception as error:  # no donor right now, a timeout: try again next period
-            logger.warning(f"checkpoint failed: {error!r}")
+            logger.warning(f"checkpoint failed ({type(error).__name__}: {error}); trying again in "
+                           f"{format_duration(self.checkpoint_every)}")
             return None
         if path is not None:
             logger.info(f"checkpoint of epoch {self.state.last_saved_epoch} saved to {path}")
         return path
 
     def shutdown(self) -> None:
-        self.remember_peers()  # so that a restart finds the swarm again even if it changed meanwhile
-        if self.metrics_server is not None:
-            self.metrics_server.stop()
-        if self.state is not None:
-            self.state.shutdown()
-        self.dht.shutdown()
+        """Leave promptly whatever state the children are in: a stop signal sent to the whole
+        process group (``timeout``, ``kill -TERM -PGID``, systemd's control-group stop) has already
+        ended the DHT process, and a call into a dead DHT would wait for ever. A second stop
+        signal skips what is left."""
+        try:
+            self.remember_peers()  # so that a restart finds the swarm again even if it changed meanwhile
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+            if self.state is not None:
+                self.state.shutdown()
+        except StopRequested:
+            logger.info("stopping without the rest of the clean-up")
+        finally:
+            self.dht.shutdown()  # returns at once when the DHT process is gone (and reaps it)
+
+
+def progress_line(progress: SwarmProgress, target_batch_size: int) -> str:
+    """The coordinator's periodic log line."""
+    peers = f"{progress.peers} peer{'' if progress.peers == 1 else 's'}"
+    return (f"epoch {progress.epoch}: {peers} ({progress.clients} client{'' if progress.clients == 1 else 's'}), "
+            f"{progress.samples_accumulated}/{target_batch_size} samples, "
+            f"{progress.samples_per_second:.1f} samples/s, next epoch in {format_duration(progress.eta_seconds)}")
