@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmtrain.monitoring.aggregate import SwarmAggregator
+from swarmtrain.monitoring.aggregate import MIN_REJECTION_REPORTERS, SwarmAggregator
 from swarmtrain.monitoring.dashboard import dashboard_queries
 from swarmtrain.monitoring.metrics import SwarmMetrics
 from swarmtrain.monitoring.records import PeerRecord
@@ -16,7 +16,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
 def synthetic_records(now: float, tick: int) -> dict:
     """Three trainers and a data owner whose counters grow with ``tick``, every optional field set (the
-    first one, a reducer, left out parts sent by peer9)."""
+    first MIN_REJECTION_REPORTERS, reducers, left out parts sent by peer9: fewer reporters name nobody)."""
     records = {}
     for index, role in enumerate(["trainer", "trainer", "trainer", "data-owner"]):
         records[f"[owner:ssh-rsa AAAAkey{index}]"] = PeerRecord.make(
@@ -25,7 +25,8 @@ def synthetic_records(now: float, tick: int) -> dict:
             bytes_received=900 * tick, rounds_ok=2 * tick, rounds_failed=tick // 3, last_round_seconds=1.2,
             last_round_group_size=4, compression_density=0.01, leakage_dcor=0.2 + 0.05 * index, device="cpu",
             client_mode=False, version="0.1.0", time=now,
-            parts_rejected=tick if index == 0 else 0, rejected_peers=["peer9"] if index == 0 else [],
+            parts_rejected=tick if index < MIN_REJECTION_REPORTERS else 0,
+            rejected_peers=["peer9"] if index < MIN_REJECTION_REPORTERS else [],
         )
     return records
 
