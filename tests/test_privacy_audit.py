@@ -264,6 +264,7 @@ def test_every_option_is_documented():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 2 settings x 3 seeds, 300 epochs each, and their attackers: over 10 min on 2 loaded cores
 def test_reconstruction_audit_default_defence_leaks_nothing_beyond_the_label(tmp_path):
     """Issue #17's acceptance, at the default defence (PrivacyConfig's defaults), 3 seeds: accuracy
     within 2 points of no defence and the strongest attacker (white-box included) no better than the
