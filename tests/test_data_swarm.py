@@ -44,7 +44,6 @@ def _run_config(tmp_path, model: dict) -> tuple:
     assert result.exit_code == 0, result.output
     config = yaml.safe_load(TINY_CONFIG.read_text())
     config["model"] = model
-    config["target_batch_size"] = 64  # a few rounds in seconds, not minutes
     config["data"] = {"source": "text", "path": str(corpus), "tokenizer": str(tmp_path / "tok"), "seq_len": 32}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
