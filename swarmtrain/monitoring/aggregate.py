@@ -90,6 +90,7 @@ class SwarmStatus:
     leakage_dcor_max: Optional[float]  # worst (highest) leakage reported by any alive peer
     parts_rejected_total: int = 0  # swarm-wide, only grows: parts reducers left out of averages
     rejected_senders: Dict[str, int] = field(default_factory=dict)  # sender -> alive peers reporting it
+    lying_peers: Dict[str, int] = field(default_factory=dict)  # peer caught lying -> alive peers reporting it
     peers: List[PeerSummary] = field(default_factory=list)
 
     @property
@@ -214,6 +215,7 @@ class SwarmAggregator:
             leakage_dcor_max=max(leakages) if leakages else None,
             parts_rejected_total=self._totals["parts_rejected"],
             rejected_senders=dict(Counter(peer for record in alive.values() for peer in record.rejected_peers)),
+            lying_peers=dict(Counter(peer for record in alive.values() for peer in record.lying_peers)),
             peers=rows,
         )
         self.latest = status
