@@ -2,14 +2,16 @@
 list (access/bans.py), without a network: honest rounds pass bit for bit, every lie is caught and
 pinned on the right party, rounding never is."""
 import math
+import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from swarmtrain.access.bans import BanList
 from swarmtrain.compression.robust import RobustPolicy, aggregate, plan
 from swarmtrain.compression.verify import (ABSENT, COUNTED, INVALID, PROJECTIONS_BY_FORMAT, Measure, UnitEvidence,
-                                           commitment, judge_unit, measure, projection_vectors,
+                                           commitment, judge_unit, measure, projection_range, projection_vectors,
                                            quantization_bound, round_seed)
 from swarmtrain.compression.wire import decode_sparse, encode_sparse
 
@@ -47,6 +49,10 @@ def test_projection_vectors_depend_on_the_index_only_and_look_standard():
     assert float(whole.abs().max()) <= math.sqrt(3) + 1e-12
     assert not torch.equal(projection_vectors(round_seed(b"other", []), torch.arange(5), 4), whole[:, :5])
     assert commitment(b"x" * 16) != commitment(b"y" * 16)
+    # dense ranges (a faster stream): the same entries however the range is cut into parts
+    dense = projection_range(KEY, 0, 150_000, 2)
+    assert torch.equal(projection_range(KEY, 65_000, 140_001, 2), dense[:, 65_000:140_001])
+    assert abs(float(dense.std()) - 1.0) < 0.01 and float(dense.abs().max()) <= math.sqrt(3) + 1e-12
 
 
 def test_an_honest_average_passes_and_every_kind_of_lie_is_caught():
@@ -196,3 +202,58 @@ def test_a_reducer_and_a_sender_covering_for_each_other_are_both_named_when_the_
     evidence.views[2] = evidence.claims[2] = forged
     verdict = judge_unit(evidence, me=1, policy=POLICY, max_weight=1e6)
     assert set(verdict.liars) == {0, 2}, verdict.describe()
+
+
+def test_the_revocations_file_is_read_with_expiries_and_a_bad_line_is_one_clear_error(tmp_path):
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from swarmtrain.access.bans import read_revocations
+    from swarmtrain.errors import UserError
+    from swarmtrain.net.identity import peer_id_of
+    from tests.support import TINY_CONFIG, assert_one_line_error, run_cli
+
+    peers = [str(peer_id_of(RSAPrivateKey().get_public_key())) for _ in range(3)]
+    path = tmp_path / "revoked.txt"
+    path.write_text(f"# organiser's list\n{peers[0]}\n{peers[1]} 2h  # lied about its answers\n\n"
+                    f"{peers[2]} 2001-01-01\n")
+    revoked = {peer: (until, reason) for peer, until, reason in read_revocations(path)}
+    assert set(revoked) == {peers[0], peers[1]}  # the third expired long ago
+    changed = path.stat().st_mtime
+    assert abs(revoked[peers[0]][0] - (changed + 30 * 86400)) < 5 and abs(revoked[peers[1]][0] - (changed + 7200)) < 5
+    assert revoked[peers[1]][1] == "lied about its answers"
+    path.write_text(f"{peers[0]}\nnot-a-peer 1d\n")
+    with pytest.raises(UserError, match="line 2"):
+        read_revocations(path)
+    assert_one_line_error(run_cli("coordinator", "--config", str(TINY_CONFIG), "--revoked", str(path)),
+                          "--revoked", "line 2", "not a peer ID")
+
+
+def test_the_organisers_revocations_reach_every_ban_list_through_the_dht():
+    import hivemind
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from swarmtrain.access.bans import bans_key, publish_revocations
+    from swarmtrain.net.identity import peer_id_of
+
+    organiser, volunteer = RSAPrivateKey(), RSAPrivateKey()
+    signer = RSASignatureValidator(organiser)
+    first = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[signer], client_mode=False,
+                         start=True)
+    second = hivemind.DHT(initial_peers=[str(a) for a in first.get_visible_maddrs()], client_mode=False,
+                          host_maddrs=["/ip4/127.0.0.1/tcp/0"], record_validators=[RSASignatureValidator(volunteer)],
+                          start=True)
+    try:
+        banned = str(peer_id_of(RSAPrivateKey().get_public_key()))
+        assert publish_revocations(first, "revoke_test", signer.local_public_key,
+                                   [(banned, time.time() + 600, "revoked")])
+        bans = BanList(second, "revoke_test", authority_id=str(peer_id_of(organiser.get_public_key())))
+        bans.update(second.get(bans_key("revoke_test"), latest=True))
+        assert bans.is_banned(banned)
+        # the same entry from anyone else is one accuser among the quorum
+        stranger = BanList(second, "revoke_test", authority_id=str(peer_id_of(volunteer.get_public_key())))
+        stranger.update(second.get(bans_key("revoke_test"), latest=True))
+        assert not stranger.is_banned(banned)
+    finally:
+        second.shutdown()
+        first.shutdown()

@@ -172,3 +172,41 @@ def publish_revocations(dht, run_id: str, owner_subkey: bytes, revocations: Iter
     stored = dht.store(bans_key(run_id), subkey=owner_subkey, value={"bans": entries},
                        expiration_time=max(entry[1] for entry in entries), return_future=True)
     return bool(stored.result(timeout=timeout))
+
+
+REVOCATION_DEFAULT = "30d"
+
+
+def read_revocations(path) -> List[Tuple[str, float, str]]:
+    """The organiser's revocations file: one peer per line, ``PEER_ID [UNTIL] [# reason]``; UNTIL is a
+    duration counted from the file's last change (90m, 12h, 7d; default 30d) or a UTC date
+    (2026-12-31). Blank lines and ``#`` comments are skipped; a malformed line is a UserError naming it."""
+    from pathlib import Path
+
+    from swarmtrain.access.tokens import TokenError, parse_expiry, parse_peer_id
+    from swarmtrain.errors import UserError
+
+    path = Path(path)
+    try:
+        text, changed = path.read_text(), path.stat().st_mtime
+    except OSError as error:
+        raise UserError(f"--revoked {path}: cannot read it ({error.strerror}); give a text file with one "
+                        "peer ID per line") from None
+    revocations = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        content, _, reason = line.partition("#")
+        fields = content.split()
+        if not fields:
+            continue
+        if len(fields) > 2:
+            raise UserError(f"--revoked {path}, line {number}: expected 'PEER_ID [UNTIL] [# reason]', got {line.strip()!r}")
+        try:
+            peer = parse_peer_id(fields[0])
+            when = fields[1] if len(fields) == 2 else REVOCATION_DEFAULT
+            # a duration counts from the file's last change; a date stands for itself (a past one: expired)
+            until = parse_expiry(when, now=changed if when[-1:].lower() in "smhdw" else 0.0)
+        except TokenError as error:
+            raise UserError(f"--revoked {path}, line {number}: {str(error).replace('--expires ', '')}") from None
+        if until > time.time():
+            revocations.append((str(peer), until, reason.strip() or "revoked by the organiser"))
+    return revocations

@@ -35,9 +35,9 @@ from hivemind.utils import MSGPackSerializer, get_logger
 from swarmtrain import hivemind_compat
 from swarmtrain.access.bans import BanList
 from swarmtrain.compression.robust import RobustPolicy
-from swarmtrain.compression.verify import (ABSENT, COUNTED, PROJECTIONS_BY_FORMAT, Measure, UnitEvidence, UnitKey, Verdict,
-                                           commitment, judge_unit, measure, new_seed, projection_vectors,
-                                           round_seed)
+from swarmtrain.compression.verify import (ABSENT, COUNTED, PROJECTIONS_BY_FORMAT, Measure, UnitEvidence, UnitKey,
+                                           Verdict, commitment, judge_unit, measure, new_seed, projection_range,
+                                           projection_vectors, round_seed)
 
 logger = get_logger(__name__)
 
@@ -279,7 +279,7 @@ class RoundCheck:
             name, dense = _unit_name(unit), self.dense_ranges.get(unit)
             if dense is not None:
                 support = torch.arange(*dense)
-                z = projection_vectors(key, support, self.projections)
+                z = projection_range(key, dense[0], dense[1], self.projections)
                 answered_support, answered_z = support, z
             else:
                 support = self.received[unit][0] if unit in self.received else None

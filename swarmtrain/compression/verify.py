@@ -141,6 +141,35 @@ def projection_vectors(seed: bytes, indices: torch.Tensor, count: int = PROJECTI
     return torch.stack(rows[:count])
 
 
+DENSE_BLOCK = 1 << 16  # contiguous ranges draw z block by block (a block's stream is one PCG64 seed)
+
+
+def projection_range(seed: bytes, start: int, end: int, count: int = PROJECTIONS) -> torch.Tensor:
+    """z for the contiguous flat indices [start, end), as :func:`projection_vectors` but ~20x faster: each
+    block of DENSE_BLOCK indices takes its entries from numpy's PCG64 raw stream (whose output numpy
+    keeps stable across versions) seeded by (seed, pair of rows, block); both 32-bit halves of a raw
+    value give one row each. Depends on the index only, not on how the range is cut. Dense units use
+    this, sparse supports (scattered indices) projection_vectors: every member of a group uses the same."""
+    import numpy as np
+
+    rows = []
+    first_block, last_block = start // DENSE_BLOCK, max(start, end - 1) // DENSE_BLOCK
+    for pair in range((count + 1) // 2):
+        halves = ([], [])
+        for block in range(first_block, last_block + 1):
+            key = hashlib.sha256(seed + b"dense" + bytes([pair]) + block.to_bytes(8, "little")).digest()
+            raw = np.random.PCG64(int.from_bytes(key[:16], "little")).random_raw(DENSE_BLOCK)
+            halves[0].append(raw & np.uint64(0xFFFFFFFF))
+            halves[1].append(raw >> np.uint64(32))
+        offset = start - first_block * DENSE_BLOCK
+        for half in halves:
+            values = np.concatenate(half)[offset : offset + (end - start)].astype(np.float64)
+            rows.append(torch.from_numpy((values * 2.0**-32 - 0.5) * _UNIFORM_SCALE))
+    if not rows:
+        return torch.zeros(0, end - start, dtype=torch.float64)
+    return torch.stack(rows[:count])
+
+
 @dataclass(frozen=True)
 class Measure:
     """What a party says about one part: its full L2 norm, and its projections on the unit's z restricted

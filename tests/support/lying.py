@@ -5,10 +5,12 @@ round check) is the real peer's, so what is exercised is what honest peers do wi
 Attacks (``install(attack)``; ``attack`` is a string, or a callable returning the current one, e.g.
 read from shared memory, so that a benchmark can change it between rounds; "" is honest):
     scale:K        the reducer answers K x the average of its span (K = -1: sign flip; 1.01: slow poison)
-    drop           the reducer averages one sender's part with weight 0 and reports having received
-                   weight 0 from it (the sender's word against the reducer's)
-    drop-silent    the reducer averages one sender's part with weight 0 but reports the weight the
-                   sender sent (its answer is then not the average it reports)
+    drop-invalid   the reducer leaves one sender's part out and reports it unusable (non-finite): others
+                   cannot tell, and an average without it is no poison; the sender knows better
+    drop-weight    the reducer leaves one sender's part out and reports having received weight 0 from it
+                   (the sender's word against the reducer's)
+    drop-hidden    the reducer leaves one sender's part out of its answer but reports it counted (the
+                   answer is then not the average it reports)
     collude:K      scale:K, and the reducer reports a false measure of its accomplice's part that makes
                    the answer add up; the accomplice (``install_accomplice``) claims the same measure
 """
@@ -70,18 +72,18 @@ def _victim(senders, own):
 
 
 def _install_drop() -> None:
-    """Average without the first remote sender (by index) -- and, for ``drop``, say so."""
-    from swarmtrain.compression import averager, sparse_round
+    """Average without the first remote sender (by index); say so in one of three ways (see above)."""
+    from swarmtrain.compression import averager, sparse_reduce, sparse_round
 
     honest_finished = averager.RobustTensorPartReducer.check_current_part_finished
 
     def dropping_finished(self):
         kind, _ = _attack()
-        if kind in ("drop", "drop-silent") and self.current_part_accumulated_from == self.num_current_senders:
+        if kind in ("drop-invalid", "drop-weight") and self.current_part_accumulated_from == self.num_current_senders:
             dropped = _victim(sorted(self.pending), self.local_sender_index)
             if dropped is not None:
                 part, _, received = self.pending[dropped]
-                self.pending[dropped] = (part, 0.0, 0.0 if kind == "drop" else received)
+                self.pending[dropped] = (part, 0.0, 0.0 if kind == "drop-weight" else received)
         return honest_finished(self)
 
     averager.RobustTensorPartReducer.check_current_part_finished = dropping_finished
@@ -89,16 +91,35 @@ def _install_drop() -> None:
 
     def dropping_maybe_finish(self):
         kind, _ = _attack()
-        if kind in ("drop", "drop-silent") and not self.result.done() \
+        if kind in ("drop-invalid", "drop-weight") and not self.result.done() \
                 and len(self.parts) + len(self.banned) >= self.num_senders:
             dropped = _victim(sorted(self.parts), self.judge)
             if dropped is not None:
                 self.parts[dropped] = (0.0, self.parts[dropped][1])
-                if kind == "drop":
+                if kind == "drop-weight":
                     self.weights_received[dropped] = 0.0
         return honest_maybe_finish(self)
 
     sparse_round.SpanReducer._maybe_finish = dropping_maybe_finish
+
+    for module in (averager, sparse_reduce):
+        module.aggregate = _hiding(module.aggregate)
+
+
+def _hiding(honest_aggregate):
+    def aggregate(parts, weights, policy, judge=None):
+        result = honest_aggregate(parts, weights, policy, judge=judge)
+        kind, _ = _attack()
+        dropped = _victim(sorted(result.coefficients), judge)
+        if kind == "drop-hidden" and dropped is not None and result.coefficients[dropped] < 1.0:
+            # the average of the others, reported as if the dropped part were in it
+            kept = {index: alpha for index, alpha in result.coefficients.items() if index != dropped}
+            total = sum(kept.values())
+            result.average = sum(alpha / total * parts[index].float() for index, alpha in kept.items()).reshape(
+                result.average.shape)
+        return result
+
+    return aggregate
 
 
 # ------------------------------------------------------------------------------------------------
