@@ -59,8 +59,9 @@ OUTCOMES = (  # what an honest member's failed round says, in order of precedenc
 # ------------------------------------------------------------------------------------------------
 
 
-def _peer(peers, rank, spec, schedule, rounds_per_attack, numel, channel, checked):
-    """One peer of (a) / (b): ``schedule`` lists the attacker's attack per block of rounds ("" = honest)."""
+def _peer(peers, rank, spec, schedule, rounds_per_attack, numel, channel, checked, part_bytes=2**19):
+    """One peer of (a) / (b): ``schedule`` lists the attacker's attack per block of rounds ("" = honest).
+    ``part_bytes``: hivemind's dense part size (it hands out whole parts: small ones let every peer reduce)."""
     round_index = mp.Value("i", 0)  # shared with this peer's averager process (forked below)
 
     def attack():
@@ -75,7 +76,7 @@ def _peer(peers, rank, spec, schedule, rounds_per_attack, numel, channel, checke
             lying.install_accomplice(str(dht.peer_id), channel, active=lambda: attack().startswith("collude"))
         parameters, averager = make_test_averager(
             spec, dht, prefix="poison", num_peers=peers.num_peers, min_group_size=peers.num_peers, numel=numel,
-            ban_list=BanList(ban_seconds=0.0), round_checks=checked)
+            ban_list=BanList(ban_seconds=0.0), round_checks=checked, part_size_bytes=part_bytes)
         peers.barrier.wait(60)
         generator, log = torch.Generator().manual_seed(11 + rank), []
         for index in range(len(schedule) * rounds_per_attack):
@@ -115,7 +116,7 @@ def _outcome(error: str) -> str:
 
 def run_attacks(spec: str, attacks, rounds_per_attack: int, numel: int) -> dict:
     channel = mp.get_context("fork").Array("c", 1 << 14)
-    results = ForkedPeers(4).run(_peer, spec, list(attacks), rounds_per_attack, numel, channel, True,
+    results = ForkedPeers(4).run(_peer, spec, list(attacks), rounds_per_attack, numel, channel, True, 2**14,
                                  timeout=120 + 40 * rounds_per_attack * len(attacks), join_timeout=30)
     attacker, accomplice = results[ATTACKER]["peer_id"], results[ACCOMPLICE]["peer_id"]
     table = {}

@@ -19,14 +19,16 @@ NUMEL = 30_000
 LIAR = 2
 
 
-def _peer(peers, rank, spec, attack, rounds, outsized_rank, step_timeout):
+def _peer(peers, rank, spec, attack, rounds, outsized_rank, step_timeout, clients=()):
     if rank == LIAR and attack:
         lying.install(attack)
     dht = averager = None
     try:
         dht = peers.start_dht(rank)
-        parameters, averager = make_test_averager(spec, dht, prefix="lying_test",
-                                                  num_peers=peers.num_peers, min_group_size=2, numel=NUMEL)
+        # small dense parts: hivemind hands out whole parts, and every peer must reduce some
+        parameters, averager = make_test_averager(spec, dht, prefix="lying_test", num_peers=peers.num_peers,
+                                                  min_group_size=2, numel=NUMEL, client_mode=rank in clients,
+                                                  part_size_bytes=2**14)
         peers.barrier.wait(60)  # every averager is up: the first group holds everyone
         generator = torch.Generator().manual_seed(7 + rank)
         log = []
@@ -81,6 +83,19 @@ def test_a_lying_reducer_is_caught_named_and_left_out(spec, attack):
             assert np.array_equal(mine["applied"], theirs["applied"])
     # the liar got nowhere after that round
     assert not any(r["ok"] for r in results[LIAR]["rounds"][1:])
+
+
+@pytest.mark.timeout(400)
+def test_client_mode_members_check_through_the_others_and_catch_the_liar_too():
+    # ranks 0 and 1 cannot be dialled: their measures reach each other only relayed by ranks 2 (the
+    # liar) and 3 -- and once the liar is out, by rank 3 alone
+    results = ForkedPeers(4).run(_peer, "gaussiank:0.05", "scale:10", 2, -1, 45, (0, 1), timeout=300,
+                                 join_timeout=20)
+    liar = results[LIAR]["peer_id"]
+    for rank in (0, 1, 3):
+        assert set(results[rank]["liars"]) == {liar}, (rank, results[rank]["liars"])
+        assert all(r["ok"] and r["group_size"] == 3 for r in results[rank]["rounds"])
+    assert np.array_equal(results[0]["rounds"][-1]["applied"], results[1]["rounds"][-1]["applied"])
 
 
 @pytest.mark.timeout(300)

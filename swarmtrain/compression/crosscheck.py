@@ -6,8 +6,11 @@ Messages: two phases after the all-reduce, each member's message reaching every 
 message of that phase the callee holds). A member calls every member it can dial with a larger index,
 a client-mode member calls every member it can dial; so every pair with a dialable member exchanges
 directly. Two client-mode members cannot reach each other: their messages travel through the others
-(relayed bytes, as sent). A relay could alter a message, so a relayed message is never used to check
-the unit of the very reducer that relayed it, and seeds are checked against their commitments.
+(relayed bytes, as sent). A relay could alter a message, so seeds are checked against their commitments,
+copies from several relays must agree, and a message is checked against the unit of the reducer that
+relayed it only when nobody else relayed it. In that last case (say two clients and one server) the
+server could forge a client's measure of its part: that gives it no more than a colluding pair has
+(verify.py: the measure must be plausible for the norm, and the norm pass the outlier rule).
 
 The averager side (:class:`CheckedAveragerMixin`):
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Tuple
+from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from hivemind.averaging.group_info import GroupInfo
@@ -75,11 +78,14 @@ class _Inbox:
         return author in self.first_hand or author in self.relayed
 
     def message(self, author: int, not_via: Optional[int] = None) -> Optional[bytes]:
-        """The author's message: first-hand, else relayed by someone other than ``not_via`` (all such
-        relays must agree)."""
+        """The author's message: first-hand, else relayed by others than ``not_via`` (all such relays must
+        agree), else -- when ``not_via`` was the only one to relay it -- its copy."""
         if author in self.first_hand:
             return self.first_hand[author]
-        copies = {payload for relay, payload in self.relayed.get(author, {}).items() if relay != not_via}
+        relayed = self.relayed.get(author, {})
+        copies = {payload for relay, payload in relayed.items() if relay != not_via}
+        if not copies and not_via in relayed:
+            copies = {relayed[not_via]}
         return copies.pop() if len(copies) == 1 else None
 
     def all_known(self) -> Dict[int, bytes]:
@@ -125,8 +131,6 @@ class RoundCheck:
         self.inboxes = (_Inbox(), _Inbox())
         self.own_messages: List[Optional[bytes]] = [None, None]
         self.own_ready = (asyncio.Event(), asyncio.Event())
-        self.callers: Tuple[Set[int], Set[int]] = (set(), set())  # members that called us, per phase
-        self.complete_replies: Tuple[Set[int], Set[int]] = (set(), set())  # callers served everything, per phase
         self.bytes_sent = self.bytes_received = 0
         self.seconds = 0.0
 
@@ -244,7 +248,6 @@ class RoundCheck:
         if caller not in self.peer_ids or phase not in (0, 1) or len(payload) > MAX_MESSAGE_BYTES:
             return None
         author = self.peer_ids.index(caller)
-        self.callers[phase].add(author)
         self.bytes_received += len(payload)
         self.inboxes[phase].put(author, payload)
         try:
@@ -254,21 +257,9 @@ class RoundCheck:
         known = {self.me: self.own_messages[phase]}
         if self.clients[author]:  # it cannot reach the other clients: relay what we hold
             known.update(self.inboxes[phase].all_known())
-            if len(known) == len(self.peer_ids):
-                self.complete_replies[phase].add(author)
         bundle = MSGPackSerializer.dumps({str(index): message for index, message in known.items() if index != author})
         self.bytes_sent += len(bundle)
         return bundle
-
-    async def linger(self) -> None:
-        """Stay reachable until every member that calls us got our last phase in full (or the timeout):
-        a member that finished first must not vanish while a slower one still needs its measures."""
-        callers = {j for j in range(len(self.peer_ids))
-                   if j != self.me and not self.clients[self.me] and (self.clients[j] or j < self.me)}
-        clients = {j for j in callers if self.clients[j]}  # they rely on us to relay the others' messages
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline and not (callers <= self.callers[1] and clients <= self.complete_replies[1]):
-            await asyncio.sleep(0.05)
 
     # -------------------------------------------------------------- measuring
     def _measure_all(self, key: bytes) -> Tuple[dict, dict]:
@@ -504,17 +495,13 @@ class CheckedAveragerMixin:
 
     async def finish_check(self, check: RoundCheck, round_failed: bool) -> None:
         """Run the check of a round (also when our own part of it failed: the others need our seed and
-        measures), stay reachable for slower members, then name and ban liars; raises when the round
-        must not be applied."""
+        measures), then name and ban liars; raises when the round must not be applied. Slower members
+        can still fetch our messages afterwards: the check stays registered for 2 x check_timeout."""
         verdict = await check.run()
         self.stats.record_check(bytes_sent=check.bytes_sent, bytes_received=check.bytes_received,
                                 seconds=check.seconds)
-        lingering = asyncio.create_task(check.linger())
-        try:
-            if not round_failed:
-                self._act_on_verdict(check, verdict)
-        finally:
-            await lingering
+        if not round_failed:
+            self._act_on_verdict(check, verdict)
 
     def _act_on_verdict(self, check: RoundCheck, verdict: Verdict) -> None:
         if verdict.ok:
