@@ -5,8 +5,9 @@
     round; bans are off here, so that every round is a fresh trial of the check. Per attack and averaging
     path: the rounds in which the honest members refused the result, named the attacker, and (dense paths)
     how far what they applied was from the honest average when they did apply it.
-(b) Cost: four honest peers with and without the round check, at two gradient sizes: bytes per peer per
-    round and round time (medians over the rounds), and the check's own share.
+(b) Cost: four honest peers with and without the round check, at two gradient sizes (200k entries, and
+    7.4M: ALBERT-base of configs/pretrain-albert.yaml): the group's bytes per round and its round time
+    (medians over the rounds, measured back to back), and the check's own share of both.
 (c) Training: coordinator + two honest peers, without and with a lying reducer joining (the tiny config,
     dense and sparse): the honest peers' held-out loss at the same epochs.
 
@@ -143,22 +144,28 @@ def run_attacks(spec: str, attacks, rounds_per_attack: int, numel: int) -> dict:
 
 
 def run_cost(spec: str, numel: int, rounds: int) -> dict:
+    """Per round: the group's bytes (sum over its 4 peers) and its time (the slowest peer's round, the
+    check included), medians over the rounds; with and without the check, back to back."""
     measured = {}
     for checked in (False, True):
-        results = ForkedPeers(4).run(_peer, spec, [""], rounds, numel, None, checked,
+        results = ForkedPeers(4).run(_peer, spec, [""], rounds, numel, None, checked, 2**16,
                                      timeout=120 + 40 * rounds, join_timeout=30)
-        ok_rounds = [r for rank in range(4) for r in results[rank]["rounds"][1:] if r["ok"]]  # round 0: warm-up
+        per_round = [[results[rank]["rounds"][index] for rank in range(4)] for index in range(1, rounds)]  # 0: warm-up
+        whole = [group for group in per_round if all(r["ok"] for r in group)]
+        if not whole:
+            measured["checked" if checked else "unchecked"] = dict(rounds_ok=0, rounds=len(per_round))
+            continue
         measured["checked" if checked else "unchecked"] = dict(
-            rounds_ok=len(ok_rounds), rounds=4 * (rounds - 1),
-            bytes_per_peer=statistics.median(r["bytes"] for r in ok_rounds) if ok_rounds else None,
-            round_seconds=statistics.median(r["round_seconds"] for r in ok_rounds) if ok_rounds else None,
-            check_bytes_per_peer=statistics.median(r["check_bytes"] for r in ok_rounds) if ok_rounds else None,
-            check_seconds=statistics.median(r["check_seconds"] for r in ok_rounds) if ok_rounds else None,
+            rounds_ok=len(whole), rounds=len(per_round),
+            group_bytes=statistics.median(sum(r["bytes"] for r in group) for group in whole),
+            group_check_bytes=statistics.median(sum(r["check_bytes"] for r in group) for group in whole),
+            round_seconds=statistics.median(max(r["round_seconds"] for r in group) for group in whole),
+            check_seconds=statistics.median(max(r["check_seconds"] for r in group) for group in whole),
         )
     plain, checked = measured["unchecked"], measured["checked"]
-    if plain["bytes_per_peer"] and checked["bytes_per_peer"]:
-        measured["extra_bytes_ratio"] = checked["bytes_per_peer"] / plain["bytes_per_peer"] - 1.0
-        measured["check_bytes_share"] = checked["check_bytes_per_peer"] / checked["bytes_per_peer"]
+    if plain.get("rounds_ok") and checked.get("rounds_ok"):
+        measured["extra_bytes_ratio"] = checked["group_bytes"] / plain["group_bytes"] - 1.0
+        measured["check_bytes_share"] = checked["group_check_bytes"] / checked["group_bytes"]
         measured["extra_time_ratio"] = checked["round_seconds"] / plain["round_seconds"] - 1.0
         measured["check_time_share"] = checked["check_seconds"] / checked["round_seconds"]
     return measured
@@ -249,7 +256,7 @@ def main() -> None:
         result["attacks"][spec] = run_attacks(spec, attacks, rounds, 20_000)
         print(json.dumps(result["attacks"][spec], indent=1), flush=True)
     for spec in paths:
-        for numel in ((200_000,) if args.quick else (200_000, 2_000_000)):
+        for numel in ((200_000,) if args.quick else (200_000, 7_400_000)):
             print(f"(b) {spec}, {numel} entries", flush=True)
             result["cost"][f"{spec} {numel}"] = run_cost(spec, numel, 3 if args.quick else args.cost_rounds)
             print(json.dumps(result["cost"][f"{spec} {numel}"], indent=1), flush=True)

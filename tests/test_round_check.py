@@ -107,8 +107,8 @@ def test_a_valid_part_refused_as_invalid_names_the_reducer_for_its_sender_only()
     answer = aggregate(parts[:2], [1.0, 1.0], POLICY).average
     statuses = {0: (COUNTED, 1.0), 1: (COUNTED, 1.0), 2: (f"{INVALID}: non-finite values", 1.0)}
     evidence = _evidence(parts, answer, statuses=statuses)
-    assert 0 in judge_unit(evidence, me=2, policy=POLICY, max_weight=1e6, my_part_valid=True).liars
-    assert judge_unit(evidence, me=2, policy=POLICY, max_weight=1e6, my_part_valid=False).ok
+    assert 0 in judge_unit(evidence, me=2, policy=POLICY, max_weight=1e6, my_part_valid=lambda: True).liars
+    assert judge_unit(evidence, me=2, policy=POLICY, max_weight=1e6, my_part_valid=lambda: False).ok
     assert judge_unit(evidence, me=1, policy=POLICY, max_weight=1e6).ok  # excluding a part is no poison
     absent = {**statuses, 2: (ABSENT, 0.0)}
     assert 0 in judge_unit(_evidence(parts, answer, statuses=absent), me=2, policy=POLICY, max_weight=1e6).liars

@@ -33,8 +33,7 @@ from swarmtrain.compression.sparse_reduce import share_of
 from swarmtrain.compression.sparse_round import RejectedPart, SparseAllReduceRound
 from swarmtrain.compression.spec import CompressionSpec
 from swarmtrain.compression.stats import CompressionStats
-from swarmtrain.compression.verify import (ABSENT, COUNTED, FLOAT32_EPS, INVALID, PROJECTIONS_BY_FORMAT,
-                                           quantization_bound)
+from swarmtrain.compression.verify import ABSENT, COUNTED, INVALID, PROJECTIONS_BY_FORMAT
 from swarmtrain.compression.wire import SPARSE_WIRE_VERSION, decode_sparse, encode_sparse
 
 logger = get_logger(__name__)
@@ -298,7 +297,8 @@ class _ByteCountingAllReduceRunner(AllReduceRunner):
                 check.record_sent(unit, None, decoded)
                 self._sent_parts[unit] = decoded
         if is_sender:
-            check.my_part_valid = all(bool(torch.isfinite(part).all()) for part in self._sent_parts.values())
+            sent = self._sent_parts
+            check.part_valid = lambda: all(bool(torch.isfinite(part).all()) for part in sent.values())
             container, record = self.tensor_part_container, self._record_answer
             register = container.register_processed_part
 
@@ -309,17 +309,13 @@ class _ByteCountingAllReduceRunner(AllReduceRunner):
             container.register_processed_part = register_and_record
 
     def _record_answer(self, peer_index: int, part_index: int, delta: torch.Tensor) -> None:
-        unit = (peer_index, part_index)
-        sent = self._sent_parts.get(unit)
-        if sent is None:
+        """In the event loop: keep a reference only (the check measures in an executor thread)."""
+        if (peer_index, part_index) not in self._sent_parts:
             return
-        delta = delta.reshape(-1).float()
-        codec = self.tensor_part_container.compression
-        # the reducer's float32 subtraction (and, through a codec, its rounding of the answer)
-        bound = 2.0 * FLOAT32_EPS * (float(delta.double().norm()) + float(sent.double().norm()))
-        if peer_index != self.ordered_peer_ids.index(self.peer_id) and not isinstance(codec, NoCompression):
-            bound += quantization_bound(delta, "fp16" if isinstance(codec, Float16Compression) else "unknown")
-        self.check.record_received(unit, None, sent + delta, bound)
+        codec, own = self.tensor_part_container.compression, peer_index == self.ordered_peer_ids.index(self.peer_id)
+        value_format = "fp32" if own or isinstance(codec, NoCompression) else (
+            "fp16" if isinstance(codec, Float16Compression) else "unknown")
+        self.check.record_dense_answer((peer_index, part_index), delta, value_format)
 
     def _record_reduction(self, part_index: int, pending: dict, senders: list, result) -> None:
         member = [self.ordered_peer_ids.index(peer) for peer in self.sender_peer_ids]
@@ -328,8 +324,8 @@ class _ByteCountingAllReduceRunner(AllReduceRunner):
             tensor, weight = pending[index]
             if position in result.norms or (weight == 0 and position not in result.rejected):
                 statuses[member[index]] = (COUNTED, weight)
-                norm = result.norms.get(position, float(tensor.double().norm()))
-                parts[member[index]] = (None, tensor.reshape(-1).float(), norm)
+                # a zero-weight part was not judged: its norm is measured with the others, off the event loop
+                parts[member[index]] = (None, tensor.reshape(-1).float(), result.norms.get(position, -1.0))
             else:
                 statuses[member[index]] = (f"{INVALID}: {result.rejected.get(position, '')}", weight)
         for index in range(len(self.sender_peer_ids)):

@@ -38,9 +38,9 @@ from hivemind.utils import MSGPackSerializer, get_logger
 from swarmtrain import hivemind_compat
 from swarmtrain.access.bans import BanList
 from swarmtrain.compression.robust import RobustPolicy
-from swarmtrain.compression.verify import (ABSENT, COUNTED, PROJECTIONS_BY_FORMAT, Measure, UnitEvidence, UnitKey,
-                                           Verdict, commitment, judge_unit, measure, new_seed, projection_range,
-                                           projection_vectors, round_seed)
+from swarmtrain.compression.verify import (ABSENT, COUNTED, FLOAT32_EPS, PROJECTIONS_BY_FORMAT, Measure, UnitEvidence, UnitKey,
+                                           Verdict, commitment, float32, judge_unit, measure, new_seed,
+                                           projection_range, projection_vectors, quantization_bound, round_seed)
 
 logger = get_logger(__name__)
 
@@ -124,10 +124,12 @@ class RoundCheck:
         # unit -> (global indices or None for a dense unit, values as we apply them, rounding bound)
         self.received: Dict[UnitKey, tuple] = {}
         self.outputs: Dict[UnitKey, Measure] = {}  # unit -> our measure of the answer we received
+        # dense units: unit -> (the delta the reducer sent back, its wire format), our part being in sent
+        self.dense_answers: Dict[UnitKey, tuple] = {}
         self.reduced: Dict[UnitKey, tuple] = {}  # unit -> (support, {member: (indices, values, norm)}, statuses, coefficients)
         self.dense_ranges: Dict[UnitKey, Tuple[int, int]] = {}  # dense units: [start, end) of the flat vector
         self.projections = PROJECTIONS_BY_FORMAT["fp32"]  # the round sets it for its value format
-        self.my_part_valid = True
+        self.part_valid = lambda: True  # whether our own part was finite (asked only when a reducer says not)
         self.inboxes = (_Inbox(), _Inbox())
         self.own_messages: List[Optional[bytes]] = [None, None]
         self.own_ready = (asyncio.Event(), asyncio.Event())
@@ -145,8 +147,13 @@ class RoundCheck:
 
     def record_received(self, unit: UnitKey, indices: Optional[torch.Tensor], values: torch.Tensor,
                         bound: float) -> None:
-        """The reducer's answer for ``unit`` as we will apply it, and the bound of its wire rounding."""
+        """A sparse reducer's answer for ``unit`` as we will apply it, and the bound of its wire rounding."""
         self.received[unit] = (indices, values, float(bound))
+
+    def record_dense_answer(self, unit: UnitKey, delta: torch.Tensor, value_format: str) -> None:
+        """A dense reducer's answer: the delta to add to our part (record_sent) of the unit, as decoded
+        from ``value_format`` (fp32 / fp16). Only a reference is kept: measuring happens in _measure_all."""
+        self.dense_answers[unit] = (delta, value_format)
 
     def record_reduced(self, unit: UnitKey, support: Optional[torch.Tensor], parts: Dict[int, tuple],
                        statuses: Dict[int, Tuple[str, float]], coefficients: Optional[Dict[int, float]]) -> None:
@@ -264,40 +271,79 @@ class RoundCheck:
     # -------------------------------------------------------------- measuring
     def _measure_all(self, key: bytes) -> Tuple[dict, dict]:
         """Our claims (parts we sent, on the support each reducer answered us) and views (parts we
-        reduced, on the support we answered), and our measures of the answers, under the round's z."""
+        reduced, on the support we answered), and our measures of the answers, under the round's z.
+        Runs in an executor thread: O(d) work never blocks the averager's event loop."""
         claims, views = {}, {}
-        for unit in sorted(set(self.sent) | set(self.received) | set(self.reduced)):
-            name, dense = _unit_name(unit), self.dense_ranges.get(unit)
-            if dense is not None:
-                support = torch.arange(*dense)
-                z = projection_range(key, dense[0], dense[1], self.projections)
-                answered_support, answered_z = support, z
+        for unit in sorted(set(self.sent) | set(self.received) | set(self.dense_answers) | set(self.reduced)):
+            if unit in self.dense_ranges:
+                self._measure_dense(unit, key, claims, views)
             else:
-                support = self.received[unit][0] if unit in self.received else None
-                z = None if support is None else projection_vectors(key, support, self.projections)
-                answered_support = self.reduced[unit][0] if unit in self.reduced else None
-                answered_z = None if answered_support is None else projection_vectors(key, answered_support,
-                                                                                     self.projections)
-            if unit in self.sent:
-                indices, values = self.sent[unit]
-                norm = float(values.double().norm())
-                # without the reducer's answer we do not know its support: our norm still counts
-                claim = Measure(norm, (), 0) if z is None else _restricted_measure(indices, values, support, z, norm)
-                claims[name] = claim.to_wire()
-            if unit in self.received:
-                _, values, _ = self.received[unit]
-                self.outputs[unit] = measure(values, z)
-            if unit in self.reduced and answered_z is not None:
-                _, parts, _, _ = self.reduced[unit]
-                views[name] = {str(member): _restricted_measure(indices, values, answered_support, answered_z,
-                                                                norm).to_wire()
-                               for member, (indices, values, norm) in parts.items()}
+                self._measure_sparse(unit, key, claims, views)
         return claims, views
+
+    def _measure_dense(self, unit: UnitKey, key: bytes, claims: dict, views: dict) -> None:
+        """A dense unit: every vector on the same range, so one float64 matmul measures them all."""
+        name, (start, end) = _unit_name(unit), self.dense_ranges[unit]
+        rows, labels = [], []
+        if unit in self.sent:
+            rows.append(self.sent[unit][1])
+            labels.append("sent")
+        if unit in self.dense_answers:
+            rows.append(self.dense_answers[unit][0])
+            labels.append("delta")
+        parts = self.reduced[unit][1] if unit in self.reduced else {}
+        for member, (_, values, _) in parts.items():
+            rows.append(values)
+            labels.append(member)
+        if not rows:
+            return
+        stacked = torch.stack([row.reshape(-1) for row in rows]).double()
+        z = projection_range(key, start, end, self.projections)
+        projections = (stacked @ z.T).tolist()  # one row of projections per vector
+        norms = torch.linalg.vector_norm(stacked, dim=1).tolist()
+        measured = {label: (norm, tuple(float32(p) for p in row)) for label, norm, row in zip(labels, norms, projections)}
+        count = end - start
+        if "sent" in measured:
+            norm, projected = measured["sent"]
+            claims[name] = Measure(float32(norm), projected, count).to_wire()
+        if "delta" in measured and "sent" in measured:
+            # the answer we apply is (our part as the reducer decoded it) + (the delta it sent back)
+            (sent_norm, sent_projected), (delta_norm, delta_projected) = measured["sent"], measured["delta"]
+            answer = tuple(float32(a + b) for a, b in zip(sent_projected, delta_projected))
+            self.outputs[unit] = Measure(float32(sent_norm + delta_norm), answer, count)
+            value_format = self.dense_answers[unit][1]
+            bound = 2.0 * FLOAT32_EPS * (sent_norm + delta_norm)
+            if value_format != "fp32":
+                bound += quantization_bound(self.dense_answers[unit][0], value_format)
+            self.received[unit] = (None, None, bound)
+        if parts:
+            # a part's norm as the reducer judged it (a zero-weight part, not judged: as measured here)
+            views[name] = {str(member): Measure(float32(parts[member][2] if parts[member][2] >= 0 else measured[member][0]),
+                                                measured[member][1], count).to_wire()
+                           for member in parts}
+
+    def _measure_sparse(self, unit: UnitKey, key: bytes, claims: dict, views: dict) -> None:
+        name = _unit_name(unit)
+        support = self.received[unit][0] if unit in self.received else None
+        z = None if support is None else projection_vectors(key, support, self.projections)
+        if unit in self.sent:
+            indices, values = self.sent[unit]
+            norm = float(values.double().norm())
+            # without the reducer's answer we do not know its support: our norm still counts
+            claim = Measure(norm, (), 0) if z is None else _restricted_measure(indices, values, support, z, norm)
+            claims[name] = claim.to_wire()
+        if unit in self.received:
+            self.outputs[unit] = measure(self.received[unit][1], z)
+        if unit in self.reduced and self.reduced[unit][0] is not None:
+            answered, parts = self.reduced[unit][0], self.reduced[unit][1]
+            answered_z = projection_vectors(key, answered, self.projections)
+            views[name] = {str(member): _restricted_measure(indices, values, answered, answered_z, norm).to_wire()
+                           for member, (indices, values, norm) in parts.items()}
 
     # -------------------------------------------------------------- judging
     def _judge(self, key: bytes) -> Verdict:
         verdict = Verdict()
-        units = set(self.received) | {(r, p) for r, p in self.reduced}
+        units = set(self.outputs) | set(self.reduced)
         first = {author: self._decode(0, author, None) for author in range(len(self.peer_ids))}
         for reducer, part in sorted(units):
             unit = (reducer, part)
@@ -311,7 +357,7 @@ class RoundCheck:
             except (KeyError, TypeError, ValueError) as error:
                 verdict.liars[reducer] = f"sent a malformed report ({error!r})"
                 continue
-            verdict.merge(judge_unit(evidence, self.me, self.policy, self.max_weight, self.my_part_valid))
+            verdict.merge(judge_unit(evidence, self.me, self.policy, self.max_weight, self.part_valid))
         # a dispute over a unit we reduced: we know our view is what we received, so the sender lied
         for reducer, sender, reason in list(verdict.disputes):
             if reducer == self.me:

@@ -54,6 +54,15 @@ class RobustPolicy:
 
 @dataclass
 class Aggregate:
+    """A checked average.
+
+    :param average: the aggregate of the kept parts
+    :param total_weight: their effective weights' sum
+    :param rejected: index -> why, for the parts left out
+    :param coefficients: index -> coefficient of each kept part (see below)
+    :param norms: index -> the float32-rounded norm each valid part was judged by
+    """
+
     average: torch.Tensor
     total_weight: float
     rejected: Dict[int, str]  # index of the part -> why

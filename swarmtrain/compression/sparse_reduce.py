@@ -70,7 +70,16 @@ def sender_payloads(corrected: torch.Tensor, selected: torch.Tensor, all_spans: 
 
 @dataclass
 class SpanReduction:
-    """A reducer's result for its span."""
+    """A reducer's result for its span.
+
+    :param encoded: the answer every member decodes
+    :param rejected: sender index -> why its part was left out
+    :param total_weight: of the senders averaged
+    :param requantization_error: (applied - exact average) at the kept entries, or None
+    :param norms: sender index -> the norm its part was judged by (for the round's check)
+    :param coefficients: sender index -> its coefficient in the average (for the round's check)
+    :param kept_indices: the answer's support within the span
+    """
 
     encoded: bytes  # the re-sparsified weighted average, as every member decodes it
     rejected: Dict[int, str]  # sender index -> why its part was left out of the average

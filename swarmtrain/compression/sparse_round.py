@@ -353,7 +353,7 @@ class SparseAllReduceRound:
             payloads = sender_payloads(corrected, selected, self.spans, self.reducer_indices, self.averager.value_format)
             self.own_part_ready.set()
             if self.check is not None:
-                self.check.my_part_valid = bool(torch.isfinite(corrected).all())
+                self.check.part_valid = lambda: bool(torch.isfinite(corrected).all())
                 for reducer_index in self.reducer_indices:
                     start, end = self.spans[reducer_index]
                     mine = decode_sparse(payloads[reducer_index], end - start)

@@ -51,7 +51,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -174,7 +174,12 @@ def projection_range(seed: bytes, start: int, end: int, count: int = PROJECTIONS
 class Measure:
     """What a party says about one part: its full L2 norm, and its projections on the unit's z restricted
     to the checked support with the number of entries projected. A *norm-only* measure (no projections)
-    is what a sender can say about a sparse part that got no answer: it does not know the support."""
+    is what a sender can say about a sparse part that got no answer: it does not know the support.
+
+    :param norm: the part's L2 norm (float32-rounded)
+    :param projections: <part, z_k> on the checked support, one per direction (float32-rounded)
+    :param count: entries of the support projected
+    """
 
     norm: float
     projections: Tuple[float, ...]
@@ -317,7 +322,13 @@ class UnitEvidence:
 
 @dataclass
 class Verdict:
-    """The outcome of checking a round (or one unit of it), from one member's point of view."""
+    """The outcome of checking a round (or one unit of it), from one member's point of view.
+
+    :param liars: group index -> what it did, for parties proven (to this member) to have lied
+    :param disputes: (reducer, sender, what) where one of the two lies and this member cannot tell which
+    :param outliers: sender index -> why this member refuses a result that averages its part in
+    :param unverifiable: what could not be checked (a missing message...): the round is not applied
+    """
 
     liars: Dict[int, str] = field(default_factory=dict)  # reducer index -> what it did
     disputes: List[Tuple[int, int, str]] = field(default_factory=list)  # (reducer, sender, what)
@@ -346,11 +357,11 @@ class Verdict:
 
 
 def judge_unit(evidence: UnitEvidence, me: int, policy: RobustPolicy, max_weight: float,
-               my_part_valid: bool = True) -> Verdict:
+               my_part_valid: Callable[[], bool] = lambda: True) -> Verdict:
     """Member ``me``'s verdict on one unit (see the module docstring for the rules).
 
     :param max_weight: the run's clamp of self-reported weights (the reducer applies the same)
-    :param my_part_valid: whether this member's own part of the unit was finite (it knows)"""
+    :param my_part_valid: whether this member's own part was finite (it knows; asked only when needed)"""
     verdict, reducer = Verdict(), evidence.reducer
     counted = [sender for sender, (status, _) in sorted(evidence.statuses.items()) if status == COUNTED]
     missing = [sender for sender in counted if sender not in evidence.views]
@@ -376,8 +387,8 @@ def judge_unit(evidence: UnitEvidence, me: int, policy: RobustPolicy, max_weight
     return verdict
 
 
-def _check_reports(evidence: UnitEvidence, me: int, counted: Sequence[int], kept: set, my_part_valid: bool,
-                   verdict: Verdict) -> None:
+def _check_reports(evidence: UnitEvidence, me: int, counted: Sequence[int], kept: set,
+                   my_part_valid: Callable[[], bool], verdict: Verdict) -> None:
     """Compare the reducer's report with the senders' own words. A kept part needs its sender's full
     measure and weight; a part left out needs at least its norm (it decided the exclusion)."""
     reducer = evidence.reducer
@@ -402,7 +413,7 @@ def _check_reports(evidence: UnitEvidence, me: int, counted: Sequence[int], kept
     for sender, (status, _) in evidence.statuses.items():
         if sender != me:
             continue
-        if status.startswith(INVALID) and my_part_valid:
+        if status.startswith(INVALID) and my_part_valid():
             verdict.liars[reducer] = f"refused our valid part ({status})"
         elif status == ABSENT and evidence.output is not None:
             verdict.liars[reducer] = "reported our part absent, yet answered it"
