@@ -10,7 +10,7 @@ import torch
 
 from swarmtrain.access.bans import BanList
 from swarmtrain.compression.robust import RobustPolicy, aggregate, plan
-from swarmtrain.compression.verify import (ABSENT, COUNTED, INVALID, PROJECTIONS_BY_FORMAT, Measure, UnitEvidence,
+from swarmtrain.compression.verify import (ABSENT, COUNTED, INVALID, SPARSE_PROJECTIONS, Measure, UnitEvidence,
                                            commitment, judge_unit, measure, projection_range, projection_vectors,
                                            quantization_bound, round_seed)
 from swarmtrain.compression.wire import decode_sparse, encode_sparse
@@ -29,7 +29,7 @@ def _evidence(parts, answer, *, reducer=0, weights=None, policy=POLICY, value_fo
     """Member's evidence for a dense unit [offset, offset + size) reduced from ``parts``."""
     weights = weights or [1.0] * len(parts)
     support = torch.arange(offset, offset + len(answer))
-    z = projection_vectors(KEY, support, PROJECTIONS_BY_FORMAT[value_format])
+    z = projection_vectors(KEY, support, SPARSE_PROJECTIONS)
     views = {j: measure(part, z) for j, part in enumerate(parts)}
     return UnitEvidence(
         reducer=reducer,
@@ -193,7 +193,7 @@ def test_a_reducer_and_a_sender_covering_for_each_other_are_both_named_when_the_
     parts = _parts()
     honest = aggregate(parts, [1.0] * 3, POLICY).average
     evidence = _evidence(parts, honest * 10)
-    expected = [sum(evidence.views[j].projections[k] for j in range(3)) / 3 for k in range(2)]
+    expected = [sum(evidence.views[j].projections[k] for j in range(3)) / 3 for k in range(SPARSE_PROJECTIONS)]
     wanted = [10 * value for value in expected]
     # sender 2 and the reducer agree on a "measure" of 2's part that makes the x10 answer add up
     view = evidence.views[2]

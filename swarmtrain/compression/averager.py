@@ -33,7 +33,7 @@ from swarmtrain.compression.sparse_reduce import share_of
 from swarmtrain.compression.sparse_round import RejectedPart, SparseAllReduceRound
 from swarmtrain.compression.spec import CompressionSpec
 from swarmtrain.compression.stats import CompressionStats
-from swarmtrain.compression.verify import ABSENT, COUNTED, INVALID, PROJECTIONS_BY_FORMAT
+from swarmtrain.compression.verify import ABSENT, COUNTED, DENSE_PROJECTIONS, INVALID
 from swarmtrain.compression.wire import SPARSE_WIRE_VERSION, decode_sparse, encode_sparse
 
 logger = get_logger(__name__)
@@ -280,7 +280,7 @@ class _ByteCountingAllReduceRunner(AllReduceRunner):
         codec, my_index = self.tensor_part_container.compression, self.ordered_peer_ids.index(self.peer_id)
         is_sender = self.peer_id in self.sender_peer_ids
         check.weight = float(self.weight) if is_sender else None
-        check.projections = PROJECTIONS_BY_FORMAT["fp32"]  # dense units: rounding bounds are tight
+        check.projections = DENSE_PROJECTIONS
         self._sent_parts: Dict[tuple, torch.Tensor] = {}
         offset = 0
         for reducer, parts in enumerate(hivemind_compat.input_parts(self.tensor_part_container)):

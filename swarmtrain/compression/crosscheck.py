@@ -38,8 +38,8 @@ from hivemind.utils import MSGPackSerializer, get_logger
 from swarmtrain import hivemind_compat
 from swarmtrain.access.bans import BanList
 from swarmtrain.compression.robust import RobustPolicy
-from swarmtrain.compression.verify import (ABSENT, COUNTED, FLOAT32_EPS, PROJECTIONS_BY_FORMAT, Measure, UnitEvidence, UnitKey,
-                                           Verdict, commitment, float32, judge_unit, measure, new_seed,
+from swarmtrain.compression.verify import (ABSENT, COUNTED, FLOAT32_EPS, SPARSE_PROJECTIONS, Measure, UnitEvidence,
+                                           UnitKey, Verdict, commitment, float32, judge_unit, measure, new_seed,
                                            projection_range, projection_vectors, quantization_bound, round_seed)
 
 logger = get_logger(__name__)
@@ -50,7 +50,8 @@ POLL_PERIOD = 0.2  # a client-mode member asks again for messages it gets only t
 MAX_MESSAGE_BYTES = 2**22
 
 
-def _unit_name(unit: UnitKey) -> str:
+def unit_name(unit: UnitKey) -> str:
+    """How a unit is named in the check's messages."""
     return f"{unit[0]}.{unit[1]}"
 
 
@@ -128,7 +129,7 @@ class RoundCheck:
         self.dense_answers: Dict[UnitKey, tuple] = {}
         self.reduced: Dict[UnitKey, tuple] = {}  # unit -> (support, {member: (indices, values, norm)}, statuses, coefficients)
         self.dense_ranges: Dict[UnitKey, Tuple[int, int]] = {}  # dense units: [start, end) of the flat vector
-        self.projections = PROJECTIONS_BY_FORMAT["fp32"]  # the round sets it for its value format
+        self.projections = SPARSE_PROJECTIONS  # directions per unit (the dense runner sets its own)
         self.part_valid = lambda: True  # whether our own part was finite (asked only when a reducer says not)
         self.inboxes = (_Inbox(), _Inbox())
         self.own_messages: List[Optional[bytes]] = [None, None]
@@ -171,9 +172,9 @@ class RoundCheck:
             self.seconds = time.perf_counter() - started
 
     async def _run(self) -> Verdict:
-        reports = {_unit_name(unit): {str(member): [status, weight] for member, (status, weight) in statuses.items()}
+        reports = {unit_name(unit): {str(member): [status, weight] for member, (status, weight) in statuses.items()}
                    for unit, (_, _, statuses, _) in self.reduced.items()}
-        coefficients = {_unit_name(unit): {str(member): alpha for member, alpha in (coefs or {}).items()}
+        coefficients = {unit_name(unit): {str(member): alpha for member, alpha in (coefs or {}).items()}
                         for unit, (_, _, _, coefs) in self.reduced.items() if coefs}
         first = dict(seed=self.seed, weight=self.weight, reports=reports, coefficients=coefficients)
         await self._exchange(0, MSGPackSerializer.dumps(first))
@@ -283,7 +284,7 @@ class RoundCheck:
 
     def _measure_dense(self, unit: UnitKey, key: bytes, claims: dict, views: dict) -> None:
         """A dense unit: every vector on the same range, so one float64 matmul measures them all."""
-        name, (start, end) = _unit_name(unit), self.dense_ranges[unit]
+        name, (start, end) = unit_name(unit), self.dense_ranges[unit]
         rows, labels = [], []
         if unit in self.sent:
             rows.append(self.sent[unit][1])
@@ -323,7 +324,7 @@ class RoundCheck:
                            for member in parts}
 
     def _measure_sparse(self, unit: UnitKey, key: bytes, claims: dict, views: dict) -> None:
-        name = _unit_name(unit)
+        name = unit_name(unit)
         support = self.received[unit][0] if unit in self.received else None
         z = None if support is None else projection_vectors(key, support, self.projections)
         if unit in self.sent:
@@ -377,7 +378,7 @@ class RoundCheck:
         return data if isinstance(data, dict) else None
 
     def _evidence(self, unit: UnitKey, key: bytes, report: dict, second_reducer: dict) -> UnitEvidence:
-        reducer, name = unit[0], _unit_name(unit)
+        reducer, name = unit[0], unit_name(unit)
         statuses = {int(member): (str(status), float(weight))
                     for member, (status, weight) in report["reports"].get(name, {}).items()}
         if any(not math.isfinite(weight) for _, weight in statuses.values()):

@@ -29,8 +29,7 @@ from hivemind.utils import get_logger
 from hivemind.utils.asyncio import aiter_with_timeout, anext
 
 from swarmtrain.compression.robust import RobustPolicy
-from swarmtrain.compression.verify import (ABSENT, COUNTED, INVALID, PROJECTIONS, PROJECTIONS_BY_FORMAT,
-                                           quantization_bound)
+from swarmtrain.compression.verify import ABSENT, COUNTED, INVALID, quantization_bound
 from swarmtrain.compression.sparse_reduce import (absorb_requantization, apply_averages, reduce_span, sender_payloads,
                                                   spans)
 from swarmtrain.compression.wire import SparsePart, WireFormatError, decode_sparse
@@ -163,7 +162,6 @@ class SparseAllReduceRound:
         self.check = round_check
         if round_check is not None:
             round_check.weight = self.weight if self.is_sender else None
-            round_check.projections = PROJECTIONS_BY_FORMAT.get(averager.value_format, PROJECTIONS)
         start, end = self.spans[self.my_index]
         self.reducer = None
         if end > start:

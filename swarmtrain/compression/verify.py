@@ -29,8 +29,8 @@ for the group, only the party that knows the truth (the misreported sender) name
 
 A reducer and a sender that collude can agree on a false measure of the sender's part and hide an error
 of the answer in it. They can do no more than one lying sender could: the measure must be plausible
-for the norm they claim (|<x, z>| <= 12 ||x||, else both are named), and the norm must pass the
-outlier rule like any other.
+for the norm they claim (the projections' joint size concentrates around sqrt(m) x the norm, else
+both are named), and the norm must pass the outlier rule like any other.
 
 The sparse round re-sparsifies the average (top-k, not linear): its unit is a reducer's span and the
 check runs on the kept support K that the reducer broadcast -- senders project their part restricted to
@@ -58,17 +58,21 @@ import torch
 from swarmtrain.compression.robust import RobustPolicy, plan
 
 PROJECTIONS = 8  # at most, random directions per unit: a liar escapes all m of them with probability ~ p^m
-# fp32 / fp16 answers round little, so a wrong answer is far outside the tolerance: two directions
-# suffice; 8-bit answers round up to ~1% of the block's maximum, so a x2 liar is nearer to it: eight
-PROJECTIONS_BY_FORMAT = {"fp32": 2, "none": 2, "fp16": 2, "8bit": 8}
+# A lying reducer alone is caught by one or two directions when the wire rounds little (fp32, fp16); an
+# 8-bit answer rounds up to ~1% of its block's maximum, and a colluding pair is caught by the joint size
+# of the projections (Measure.plausible), which concentrates only with several: sparse supports are
+# short, so they get eight; dense units are long (z costs O(d) per direction), so four
+SPARSE_PROJECTIONS, DENSE_PROJECTIONS = 8, 4
 SEED_BYTES = 16
 # |<e, z>| <= 10 ||e|| for z uniform on [-sqrt 3, sqrt 3]: Hoeffding bounds the chance that an honest
 # rounding error e fails this by 2 exp(-10^2 / 6) ~ 1e-7 when ||e|| reaches its worst-case bound; the
 # actual error is about half the bound (rounding errors spread over the interval), which makes it ~1e-28
 TOLERANCE_SIGMAS = 10.0
-# a part's projections are sums of its entries times z: |<x, z>| > 12 ||x|| happens with probability
-# 2 exp(-12^2 / 6) ~ 1e-10 (Hoeffding). Larger ones mean the measure is not of a vector of that norm
-PLAUSIBLE_SIGMAS = 12.0
+# a part's projections are sums of its entries times z, each sub-Gaussian with variance proxy 3 ||x||^2
+# (Hoeffding); by the chi-square tail (Laurent & Massart) sum_k <x, z_k>^2 exceeds
+# 3 ||x||^2 (m + 2 sqrt(m L) + 2 L) with probability e^-L. L = 23: ~1e-10. Larger ones cannot be
+# projections of a vector of that norm
+PLAUSIBLE_LOG = 23.0
 _UNIFORM_SCALE = 2.0 * math.sqrt(3.0)
 # claims and views are float64 sums of the same float32 numbers, sent as float32: they agree to float32
 # rounding (2^-24 relative) and the sums' order; norms are rounded to float32 before anyone judges them
@@ -201,9 +205,11 @@ class Measure:
         return cls(norm, tuple(projections), count)
 
     def plausible(self) -> bool:
-        """Whether the projections could be of a vector with this norm (see PLAUSIBLE_SIGMAS)."""
-        limit = PLAUSIBLE_SIGMAS * self.norm * (1.0 + 1e-6) + 1e-30
-        return math.isfinite(self.norm) and all(math.isfinite(p) and abs(p) <= limit for p in self.projections)
+        """Whether the projections could be of a vector with this norm (see PLAUSIBLE_LOG)."""
+        m = len(self.projections)
+        total = sum(p * p for p in self.projections)
+        limit = 3.0 * (m + 2.0 * math.sqrt(m * PLAUSIBLE_LOG) + 2.0 * PLAUSIBLE_LOG) * self.norm**2
+        return math.isfinite(self.norm) and math.isfinite(total) and total <= limit * (1.0 + 1e-6) + 1e-30
 
     def agrees_with(self, other: "Measure") -> bool:
         """Same norm, and the same projections when both have them."""

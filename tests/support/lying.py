@@ -165,7 +165,7 @@ def _install_collusion() -> None:
         accomplice = members.index(accomplice)
         forged = {}
         for unit, (_, _, statuses, _) in self.reduced.items():
-            name = crosscheck._unit_name(unit)
+            name = crosscheck.unit_name(unit)
             measures = {int(m): Measure.from_wire(data) for m, data in views.get(name, {}).items()}
             if accomplice not in measures:
                 continue
