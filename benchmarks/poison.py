@@ -14,6 +14,8 @@
     python benchmarks/poison.py                        # (a) + (b) + (c), ~45 min on 2 shared cores
     python benchmarks/poison.py --skip-training        # (a) + (b), ~20 min
     python benchmarks/poison.py --quick                # smoke run -> benchmarks/results/poison_quick.json
+    python benchmarks/poison.py --skip-training --paths none,gaussiank:0.01 --sizes 200000 --rounds-per-attack 2 \
+        --cost-rounds 6                                # a subset (~8 min): the figures of BENCHMARKS.md
 
 Results: benchmarks/results/poison.json (and poison.png: the training curves).
 """
@@ -237,12 +239,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: one path, few rounds, no training")
     parser.add_argument("--skip-training", action="store_true", help="skip (c)")
+    parser.add_argument("--skip-attacks", action="store_true", help="skip (a)")
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help=f"(a), (b): comma-separated averaging paths (compression specs), of {', '.join(PATHS)}")
+    parser.add_argument("--sizes", default="200000,7400000", help="(b): comma-separated gradient sizes (entries)")
     parser.add_argument("--rounds-per-attack", type=int, default=4, help="(a): rounds per attack and path")
     parser.add_argument("--cost-rounds", type=int, default=11, help="(b): rounds per configuration (+1 warm-up)")
     parser.add_argument("--epochs", type=int, default=24, help="(c): epochs of each training run")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    paths = PATHS[:1] if args.quick else PATHS
+    paths = [path for path in args.paths.split(",") if path]
+    unknown = [path for path in paths if path not in PATHS]
+    if unknown:
+        parser.error(f"--paths: unknown path(s) {', '.join(unknown)}; choose among {', '.join(PATHS)}")
+    try:
+        sizes = [int(size) for size in args.sizes.split(",") if size]
+    except ValueError:
+        parser.error(f"--sizes: {args.sizes!r} is not a comma-separated list of integers (e.g. 200000,7400000)")
+    paths = paths[:1] if args.quick else paths
     attacks = ATTACKS[:3] if args.quick else ATTACKS
     rounds = 2 if args.quick else args.rounds_per_attack
     import os
@@ -251,25 +265,35 @@ def main() -> None:
     # within one run, as ratios of checked to unchecked rounds measured back to back
     result = dict(command=" ".join(sys.argv), load_average_at_start=os.getloadavg(), attacks={}, cost={},
                   training=[])
-    for spec in paths:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / ("poison_quick.json" if args.quick else "poison.json")
+
+    def save():  # after every section: a later one that fails loses nothing measured before it
+        path.write_text(json.dumps(result, indent=1))
+
+    for spec in ([] if args.skip_attacks else paths):
         print(f"(a) {spec}: {', '.join(attacks)}", flush=True)
         result["attacks"][spec] = run_attacks(spec, attacks, rounds, 20_000)
         print(json.dumps(result["attacks"][spec], indent=1), flush=True)
+        save()
     for spec in paths:
-        for numel in ((200_000,) if args.quick else (200_000, 7_400_000)):
+        for numel in (sizes[:1] if args.quick else sizes):
             print(f"(b) {spec}, {numel} entries", flush=True)
-            result["cost"][f"{spec} {numel}"] = run_cost(spec, numel, 3 if args.quick else args.cost_rounds)
+            try:
+                result["cost"][f"{spec} {numel}"] = run_cost(spec, numel, 3 if args.quick else args.cost_rounds)
+            except AssertionError as failure:  # the peers did not finish their rounds in time: say so, go on
+                result["cost"][f"{spec} {numel}"] = dict(error=str(failure))
             print(json.dumps(result["cost"][f"{spec} {numel}"], indent=1), flush=True)
+            save()
     if not (args.quick or args.skip_training):
         for compression, attack in (("none", ""), ("none", "scale:10"), ("gaussiank:0.05", ""),
                                     ("gaussiank:0.05", "scale:-1")):
             print(f"(c) {compression}, attack {attack or 'none'}", flush=True)
             result["training"].append(run_training(compression, attack, args.epochs, 6))
             print(json.dumps(result["training"][-1]["peers"], indent=1), flush=True)
+            save()
         _plot(result["training"], RESULTS / "poison.png")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("poison_quick.json" if args.quick else "poison.json")
-    path.write_text(json.dumps(result, indent=1))
+    save()
     print(f"wrote {path}")
 
 
