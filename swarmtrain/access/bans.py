@@ -203,10 +203,25 @@ def read_revocations(path) -> List[Tuple[str, float, str]]:
         try:
             peer = parse_peer_id(fields[0])
             when = fields[1] if len(fields) == 2 else REVOCATION_DEFAULT
-            # a duration counts from the file's last change; a date stands for itself (a past one: expired)
-            until = parse_expiry(when, now=changed if when[-1:].lower() in "smhdw" else 0.0)
-        except TokenError as error:
+            # a duration counts from the file's last change; a date stands for itself (a past one: expired,
+            # not an error -- parse_expiry refuses dates a token could not have)
+            until = parse_expiry(when, now=changed) if when[-1:].lower() in "smhdw" else _utc_date(when)
+        except (TokenError, ValueError) as error:
             raise UserError(f"--revoked {path}, line {number}: {str(error).replace('--expires ', '')}") from None
         if until > time.time():
             revocations.append((str(peer), until, reason.strip() or "revoked by the organiser"))
     return revocations
+
+
+def _utc_date(text: str) -> float:
+    """Unix time of a UTC date or date/time (2026-12-31, 2026-12-31T18:00); ValueError naming the format."""
+    import calendar
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r}: use a duration like 12h or 7d, or a UTC date like 2026-12-31") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return float(calendar.timegm(moment.utctimetuple()))

@@ -41,7 +41,7 @@ logger = get_logger(__name__)
 DEFAULT_MAX_SAMPLE_WEIGHT = 2.0**20  # a self-reported weight above this is clamped
 
 
-class SparseAllReduceAverager(GradientAverager):
+class SparseAllReduceAverager(hivemind_compat.CleanShutdownMixin, GradientAverager):
     """hivemind GradientAverager whose all-reduce is the sparse, error-feedback round of sparse_round.py
     (use :class:`SparseGradientAverager`, which also cross-checks its rounds).
 
@@ -362,7 +362,7 @@ class _ByteCountingAllReduceRunner(AllReduceRunner):
             yield message
 
 
-class ByteCountingMixin(CheckedAveragerMixin):
+class ByteCountingMixin(CheckedAveragerMixin, hivemind_compat.CleanShutdownMixin):
     """Gives a hivemind averager (GradientAverager, PowerSGDGradientAverager, ...) a ``stats`` object with
     the bytes its all-reduce rounds put on the wire, reducers that check every part they receive, and
     the group's cross-check of every round before its result is applied (crosscheck.py).
