@@ -32,16 +32,26 @@ def parse_alphas(value: str) -> List[float]:
     return alphas
 
 
-class AlphaList(click.ParamType):
-    name = "ALPHAS"
+class CommaList(click.ParamType):
+    """A comma-separated flag that `parse` turns into a list, raising ValueError with the user's message.
+
+    (cli/options.ParsedValue does the same; importing it from here would make an import cycle, since
+    cli/main.py imports this module to register the `audit` group.)
+
+    :param name: the metavar shown in --help
+    :param parse: text -> list
+    """
+
+    def __init__(self, name: str, parse):
+        self.name, self.parse = name, parse
 
     def convert(self, value, param, ctx):
         if isinstance(value, list):
             return value
         try:
-            return parse_alphas(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
+            return self.parse(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
 
 
 @click.group(name="audit")
@@ -72,20 +82,8 @@ def parse_seeds(value: str) -> List[int]:
     return seeds
 
 
-class SeedList(click.ParamType):
-    name = "SEEDS"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        try:
-            return parse_seeds(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
 @audit.command()
-@click.option("--alphas", type=AlphaList(), default="0,1,3", show_default=True,
+@click.option("--alphas", type=CommaList("ALPHAS", parse_alphas), default="0,1,3", show_default=True,
               help="Comma-separated NoPeek weights α (≥ 0) to train and attack, each with the --cut-noise and "
                    "--adversary-weight given; an undefended model is always trained too, as the reference.")
 @click.option("--cut-noise", type=click.FloatRange(min=0, max=100), default=DEFAULT_CUT_NOISE, show_default=True,
@@ -96,7 +94,7 @@ class SeedList(click.ParamType):
               help="Training steps (14 per epoch) over which the α and adversary terms ramp up from 0.")
 @click.option("--cut-width", type=click.IntRange(min=1, max=4096), default=64, show_default=True,
               help="Width of Z, the layer the owner releases.")
-@click.option("--seeds", type=SeedList(), default="0,1,2", show_default=True,
+@click.option("--seeds", type=CommaList("SEEDS", parse_seeds), default="0,1,2", show_default=True,
               help="Comma-separated seeds; each fixes the data split, the models and the attackers. The report "
                    "gives the mean and spread over them.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
