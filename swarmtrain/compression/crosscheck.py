@@ -431,7 +431,7 @@ class CheckedAveragerMixin:
     module docstring). Mixed in before the hivemind class by the averagers of compression/averager.py.
 
     :param ban_list: the peers to refuse (access/bans.py); a local-only list when None
-    :param check_timeout: seconds a member waits for a phase of the check
+    :param check_timeout: seconds a member waits for a phase of the check (at least the allreduce_timeout)
     :param round_checks: False: rounds are not cross-checked (benchmarks measure the cost of the check
       against this; every member of a group must agree: the matchmaking prefix differs)
     :param args, kwargs: the averager's own
@@ -448,7 +448,10 @@ class CheckedAveragerMixin:
             # peers without (or with another version of) the check never meet ours in matchmaking
             kwargs["prefix"] = f"{kwargs['prefix']}_checked{CHECK_PROTOCOL_VERSION}"
         self.ban_list = ban_list if ban_list is not None else BanList()
-        self.check_timeout = float(check_timeout)
+        # a phase waits for every member's projections, which take seconds to compute for a large model
+        # on a busy CPU: never less patient than the all-reduce itself (a fixed 15 s failed honest rounds
+        # of ALBERT-base under load)
+        self.check_timeout = max(float(check_timeout), float(kwargs.get("allreduce_timeout") or 0.0))
         self._check_seeds: Dict[bytes, tuple] = {}  # averager process: commitment -> (seed, step) per step
         self._checks: Dict[bytes, asyncio.Future] = {}  # averager process: group id -> RoundCheck
         self._leaders_filtered = False
