@@ -24,7 +24,7 @@ from hivemind.utils.asyncio import enter_asynchronously
 from swarmtrain import hivemind_compat
 from swarmtrain.compression.feedback import DensitySchedule
 from swarmtrain.compression.robust import RobustPolicy, aggregate
-from swarmtrain.compression.selection import SELECTORS
+from swarmtrain.compression.selection import selector_for
 from swarmtrain.compression.sparse_reduce import share_of
 from swarmtrain.compression.sparse_round import RejectedPart, SparseAllReduceRound
 from swarmtrain.compression.spec import CompressionSpec
@@ -43,7 +43,7 @@ class SparseGradientAverager(GradientAverager):
     :param prefix: the matchmaking prefix; the sparse wire version is appended, so that peers speaking
       another version never meet
 
-    :param spec: a sparse CompressionSpec (topk / randomk / gaussiank, optional +8bit values)
+    :param spec: a sparse CompressionSpec (topk / randomk / gaussiank, optional chunk, +8bit or +2bit values)
     :param density_schedule: overrides ``spec.density`` with a warm-up schedule, indexed by the number of
       averaging rounds this peer has completed (in hivemind.Optimizer's sync mode: one round per epoch);
       call :meth:`set_schedule_epoch` from the training process to index it by the global epoch instead.
@@ -60,8 +60,8 @@ class SparseGradientAverager(GradientAverager):
             raise ValueError(f"SparseGradientAverager needs a sparse spec, got {spec}")
         self.spec = spec
         self.density_schedule = density_schedule or DensitySchedule(spec.density)
-        self.selector = SELECTORS[spec.method]
-        self.value_format = "8bit" if spec.eight_bit_values else "fp16"
+        self.selector = selector_for(spec)
+        self.value_format = spec.value_format
         if spec.eight_bit_values:
             # import and warm up before the averager process forks: a first import/call inside a round
             # takes seconds, long enough for the reducers to drop this peer as silent
