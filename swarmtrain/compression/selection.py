@@ -205,7 +205,7 @@ def chunked_topk(x: torch.Tensor, density: float, chunk: int) -> torch.Tensor:
     return torch.sort(flat).values
 
 
-def chunked_gaussiank(x: torch.Tensor, density: float, chunk: int) -> torch.Tensor:
+def chunked_gaussiank(x: torch.Tensor, density: float, chunk: int, report: Optional[dict] = None) -> torch.Tensor:
     """GaussianK per chunk: every chunk's Gaussian threshold |mean| + std·Φ⁻¹(1 − ρ/2) from its own
     statistics (one pass over the rows for all chunks at once); a chunk whose count misses its band
     [2k/3, 4k/3] (heavy tails: error-feedback buffers often are) takes its exact k-th largest magnitude
@@ -213,7 +213,8 @@ def chunked_gaussiank(x: torch.Tensor, density: float, chunk: int) -> torch.Tens
 
     Per-chunk k is small (82 at ρ = 0.02 over 4096), so the band is a few dozen entries wide and the
     Gaussian guess lands in it less often than on a whole tensor; what it saves is the kthvalue of the
-    chunks it does fit (``benchmarks/simulate_selection.py`` measures both)."""
+    chunks it does fit (``benchmarks/simulate_selection.py`` measures both). `report`, when given, gets
+    ``chunks`` and ``fallback_chunks`` (those that took the exact k-th magnitude)."""
     rows = _chunk_rows(x, chunk)
     k = target_count(chunk, density)
     if k >= chunk:
@@ -227,6 +228,8 @@ def chunked_gaussiank(x: torch.Tensor, density: float, chunk: int) -> torch.Tens
     thresholds = mean.abs() + std * NormalDist().inv_cdf(1.0 - density / 2.0)
     counts = (rows > thresholds[:, None]).sum(1)
     missed = torch.nonzero((counts < COUNT_LOW * k) | (counts > COUNT_HIGH * k)).reshape(-1)
+    if report is not None:
+        report.update(chunks=rows.shape[0], fallback_chunks=len(missed))
     if len(missed):
         # the (chunk - k)-th smallest magnitude: exactly k entries lie strictly above it (ties aside)
         exact = torch.kthvalue(rows[missed], chunk - k, dim=1).values

@@ -40,6 +40,7 @@ class SimulationOptions:
     :param disjoint_shards: each peer reads only its own contiguous 1/peers of the training blocks
       (non-identical data) instead of all of them in its own order
     :param eval_every: evaluate the swarm's model at the first epoch end after every this many ticks
+    :param max_epochs: stop when the swarm reaches this epoch (as a peer's --max-epochs), if before `steps`
     """
 
     peers: int = 4
@@ -51,6 +52,7 @@ class SimulationOptions:
     leaves: Dict[int, int] = field(default_factory=dict)
     disjoint_shards: bool = False
     eval_every: int = 100
+    max_epochs: Optional[int] = None
 
     def check(self) -> None:
         if self.peers < 1 or self.steps < 1 or self.batch_size < 1:
@@ -160,7 +162,7 @@ class Simulation:
         started, stopped = time.perf_counter(), False
         try:
             self._evaluate()
-            while self.tick < self.options.steps:
+            while self.tick < self.options.steps and self.epoch < (self.options.max_epochs or math.inf):
                 raise_if_stop_requested()
                 self._one_tick()
             if not self.curve or self.curve[-1]["tick"] != self.tick:

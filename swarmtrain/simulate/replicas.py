@@ -21,6 +21,7 @@ numbers are the trainer's exactly.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional
 
 import torch
@@ -34,8 +35,11 @@ from swarmtrain.training.optimizers import make_scheduler_factory, make_torch_op
 
 def sync_scheduler(scheduler, epoch: int) -> None:
     """hivemind's TrainingStateAverager._update_scheduler: step the scheduler up to `epoch`."""
-    while scheduler._step_count <= epoch:
-        scheduler.step()
+    with warnings.catch_warnings():
+        # a joiner's scheduler is brought to the swarm's epoch before its first step: torch warns about the order
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        while scheduler._step_count <= epoch:
+            scheduler.step()
 
 
 class Trainee:
