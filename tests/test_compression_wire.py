@@ -148,3 +148,37 @@ def test_two_bit_edge_cases_and_malformed_levels():
         decode_sparse(negative_level)
     with pytest.raises(WireFormatError, match="value section"):
         decode_sparse(good[:-1])
+
+
+def test_two_bit_senders_with_fp16_averages_conserve_the_mass():
+    """gaussiank:RHO+2bit: senders' values 2-bit, the reducers' averages fp16; error feedback keeps
+    Σ w·applied + Σ w_i·residual_i = Σ w_i·corrected_i."""
+    from swarmtrain.compression.selection import gaussiank
+    from swarmtrain.compression.sparse_reduce import absorb_requantization, apply_averages, reduce_span, sender_payloads, spans
+    from swarmtrain.compression.spec import parse_compression_spec
+
+    spec = parse_compression_spec("gaussiank:0.05+2bit")
+    assert (spec.value_format, spec.average_format) == ("2bit", "fp16")
+    numel, weights = 20_000, [1.0, 2.0, 1.0]
+    generator = torch.Generator().manual_seed(3)
+    corrected = [torch.randn(numel, generator=generator) ** 3 for _ in weights]
+    all_spans = spans(numel, [1.0] * len(weights))
+    reducers = list(range(len(weights)))
+    payloads = [sender_payloads(c, torch.sort(gaussiank(c, 0.05)).values, all_spans, reducers, spec.value_format)
+                for c in corrected]
+    reductions = []
+    for r, (start, end) in enumerate(all_spans):
+        parts = {i: (weights[i], decode_sparse(payloads[i][r], end - start)) for i in range(len(weights))}
+        reductions.append(reduce_span(parts, end - start, 0.05, spec.value_format, average_format=spec.average_format))
+        assert reductions[-1].encoded[1] >> 1 == 1  # the average travels fp16
+    total = torch.zeros(numel, dtype=torch.float64)
+    applied = None
+    for i, weight in enumerate(weights):
+        applied, residual, _ = apply_averages(corrected[i], all_spans, reducers, payloads[i],
+                                              [r.encoded for r in reductions], contributed=True)
+        absorb_requantization(residual, reductions[i].requantization_error, all_spans[i][0],
+                              reductions[i].total_weight, weight)
+        total += weight * residual.double()
+    total += sum(weights) * applied.double()
+    expected = sum(w * c.double() for w, c in zip(weights, corrected))
+    assert (total - expected).abs().max() < 1e-4 * expected.abs().max()

@@ -61,7 +61,7 @@ class SparseGradientAverager(GradientAverager):
         self.spec = spec
         self.density_schedule = density_schedule or DensitySchedule(spec.density)
         self.selector = selector_for(spec)
-        self.value_format = spec.value_format
+        self.value_format, self.average_format = spec.value_format, spec.average_format
         if spec.eight_bit_values:
             # import and warm up before the averager process forks: a first import/call inside a round
             # takes seconds, long enough for the reducers to drop this peer as silent

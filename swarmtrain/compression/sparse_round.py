@@ -51,16 +51,17 @@ class SpanReducer:
     :param span_length: entries in this reducer's span
     :param num_senders: senders expected (the reduction waits for each to send or be banned)
     :param density: the round's density: the average is re-sparsified to about density x span_length entries
-    :param value_format: how values travel (fp16, 8bit, fp32; see wire.py)
+    :param value_format: how values travel (fp16, 8bit, 2bit, fp32; see wire.py)
     :param max_weight: a self-reported weight above this is clamped
     :param policy: checks and aggregation rule (robust.py)
+    :param average_format: how the average travels back (default: value_format)
     """
 
     def __init__(self, span_length: int, num_senders: int, density: float, value_format: str, max_weight: float,
-                 policy: RobustPolicy = RobustPolicy()):
+                 policy: RobustPolicy = RobustPolicy(), average_format: Optional[str] = None):
         self.span_length, self.num_senders = span_length, num_senders
         self.density, self.value_format, self.max_weight = density, value_format, max_weight
-        self.policy = policy
+        self.policy, self.average_format = policy, average_format
         self.parts: Dict[int, tuple] = {}  # sender index -> (weight, SparsePart)
         self.banned: Set[int] = set()
         self.rejected: Dict[int, str] = {}  # sender index -> why its part was left out of the average
@@ -88,7 +89,8 @@ class SpanReducer:
     def _maybe_finish(self):
         if not self.result.done() and len(self.parts) + len(self.banned) >= self.num_senders:
             try:
-                reduction = reduce_span(self.parts, self.span_length, self.density, self.value_format, self.policy)
+                reduction = reduce_span(self.parts, self.span_length, self.density, self.value_format, self.policy,
+                                        self.average_format)
                 self.rejected, self.total_weight = reduction.rejected, reduction.total_weight
                 self.requantization_error = reduction.requantization_error
                 self.result.set_result(reduction.encoded)
@@ -134,7 +136,8 @@ class SparseAllReduceRound:
         self.reducer = None
         if end > start:
             self.reducer = SpanReducer(end - start, len(self.sender_peer_ids), density,
-                                        averager.value_format, averager.max_sample_weight, averager.robust_policy)
+                                        averager.value_format, averager.max_sample_weight, averager.robust_policy,
+                                        averager.average_format)
         self.senders_started: Set[PeerID] = {self.peer_id} if self.is_sender else set()
         # remote senders still waiting for this peer's averaged span; the round stays open until they
         # got it, or a peer that finished first could shut down before its answers left

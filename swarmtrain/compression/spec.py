@@ -8,8 +8,8 @@ Accepted forms (case-insensitive):
     gaussiank:RHO        GaussianK sparsification, error feedback
     gaussiank:RHO:CHUNK  (and topk) the selection runs per chunk of CHUNK consecutive entries, RHO of
                          each (SparseLoCo's chunk-wise top-k); see selection.chunked_selector
-    any sparse form may end in "+8bit" (values 8-bit blockwise-quantized) or "+2bit" (sign and one of
-    two magnitudes per block, SparseLoCo's 2-bit values; see wire.py)
+    any sparse form may end in "+8bit" (values 8-bit blockwise-quantized) or "+2bit" (senders' values as
+    a sign and one of two magnitudes per block, SparseLoCo's 2-bit values; the averages come back fp16)
 RHO is the density, a number in (0, 1], e.g. gaussiank:0.01, topk:1e-3+8bit or gaussiank:0.02+2bit.
 """
 from __future__ import annotations
@@ -49,8 +49,15 @@ class CompressionSpec:
 
     @property
     def value_format(self) -> str:
-        """How a sparse spec's values travel (wire.VALUE_FORMATS)."""
+        """How a sparse spec's selected values travel from senders to reducers (wire.VALUE_FORMATS)."""
         return "8bit" if self.eight_bit_values else "2bit" if self.two_bit_values else "fp16"
+
+    @property
+    def average_format(self) -> str:
+        """How the reducers' averages travel back. fp16 under +2bit: a sender's 2-bit rounding stays in
+        its own residual, but a reducer re-quantizing the average to 2 bits would take n x that rounding
+        of the whole group into its residual (sparse_reduce.absorb_requantization)."""
+        return "fp16" if self.two_bit_values else self.value_format
 
     def __str__(self) -> str:
         text = self.method if self.density is None else f"{self.method}:{self.density:g}"

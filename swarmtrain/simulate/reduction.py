@@ -95,7 +95,7 @@ def sparse_round(flats: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor
     for reducer in reducers:
         start, end = all_spans[reducer]
         received = {i: (weights[i], decode_sparse(payloads[i][reducer], end - start)) for i in range(count)}
-        reductions[reducer] = reduce_span(received, end - start, density, value_format, policy)
+        reductions[reducer] = reduce_span(received, end - start, density, value_format, policy, spec.average_format)
     averaged_payloads = [reductions[r].encoded for r in reducers]
     traffic = RoundTraffic([0] * count, [0] * count, [0] * count)
     new_residuals, applied = [], None
