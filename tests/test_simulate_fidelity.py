@@ -1,7 +1,9 @@
 """The simulator computes what the swarm computes: a real 3-peer loopback swarm (forked peers, each
 with its own DHT and the run's LocalSwarmOptimizer built by make_optimizer, as the trainer builds it)
 and ``swarmtrain.simulate`` on the same config and the same data order end a few averaging rounds
-with the same parameters, within 1e-5.
+with the same parameters, within 1e-5: dense, gaussiank, and SparseLoCo's parts (2-bit values, the
+error-feedback residual decayed by averaging.feedback_decay after every round, which the real
+LocalSwarmOptimizer does in the averager's shared-memory residual).
 
 To make the real swarm deterministic enough to compare, the peers step in lockstep (a barrier before
 every step), ``target_batch_size`` equals one peer's batch (every step of every peer is one epoch, as
@@ -44,21 +46,22 @@ from tests.support.forked import ForkedPeers
 PEERS, BATCH, STEPS, PERIOD = 3, 8, 6, 2  # rounds at epochs 2, 4, 6: the last step ends on a round
 
 
-def _config(compression: str):
+def _config(compression: str, feedback_decay: float = 1.0):
     raw = yaml.safe_load(TINY_CONFIG.read_text())
     raw["model"]["config"].update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     raw["data"]["max_bytes"] = 400_000
     raw["optimizer"].update(warmup_epochs=0, total_epochs=40)  # a learning rate > 0 from the first step
     raw["target_batch_size"] = BATCH
     raw["averaging"] = dict(mode="local", schedule=f"constant:{PERIOD}", compression=compression,
-                            matchmaking_time=1.0, request_timeout=0.5, averaging_timeout=30.0)
+                            feedback_decay=feedback_decay, matchmaking_time=1.0, request_timeout=0.5,
+                            averaging_timeout=30.0)
     return parse_run_config(raw)
 
 
-def _real_peer(peers: ForkedPeers, rank: int, compression: str) -> None:
+def _real_peer(peers: ForkedPeers, rank: int, compression: str, feedback_decay: float) -> None:
     from swarmtrain.averaging.factory import make_optimizer
 
-    config = _config(compression)
+    config = _config(compression, feedback_decay)
     corpus = load_corpus(config.data)
     dht = peers.start_dht(rank)
     optimizer = None
@@ -111,9 +114,13 @@ def _tracker_current(optimizer) -> bool:
     return progress.num_peers >= PEERS and progress.epoch == optimizer.local_epoch
 
 
-@pytest.mark.parametrize("compression", ["none", "gaussiank:0.05"])
-def test_simulator_matches_the_real_swarm(compression):
-    real = ForkedPeers(PEERS).run(_real_peer, compression, timeout=300)
+@pytest.mark.parametrize("compression, feedback_decay", [
+    ("none", 1.0), ("gaussiank:0.05", 1.0),
+    # SparseLoCo's parts: 2-bit values, the residual decayed after each round (~1.5 min: -m slow)
+    pytest.param("gaussiank:0.05+2bit", 0.9, marks=pytest.mark.slow),
+])
+def test_simulator_matches_the_real_swarm(compression, feedback_decay):
+    real = ForkedPeers(PEERS).run(_real_peer, compression, feedback_decay, timeout=300)
     for rank, (_, epochs, rounds, _, _) in real.items():
         assert epochs == list(range(1, STEPS + 1)), (
             f"peer {rank} did not advance one epoch per step ({epochs}): the real swarm left lockstep, "
@@ -121,7 +128,7 @@ def test_simulator_matches_the_real_swarm(compression):
         assert [r[:3] for r in rounds] == [(e, True, PEERS) for e in range(PERIOD, STEPS + 1, PERIOD)], (
             f"peer {rank}: not every round was a full, successful one: {rounds}")
 
-    config = _config(compression)
+    config = _config(compression, feedback_decay)
     simulation = Simulation(config, SimulationOptions(peers=PEERS, steps=STEPS, batch_size=BATCH, seed=0,
                                                       eval_every=STEPS))
     ranks = {real[rank][3]: rank for rank in real}
