@@ -29,7 +29,8 @@ PINNED_VERSION = "1.1.12"
 # Averagers: the all-reduce (compression.averager, averaging.local) and the access gate; the state
 # averager: local mode's state (averaging.local); the dense all-reduce's runner and reducer: byte
 # counting and the robust reducer; the optimizer: round records, fingerprints and local mode; the
-# tracker: fewer progress reports; the DHT: its request loop (net.dht); the authorizer: access tokens.
+# tracker: fewer progress reports and a quorum epoch; the DHT: its request loop (net.dht); a record
+# validator: record lifetimes (monitoring.records); the authorizer: access tokens.
 OVERRIDDEN = {
     "hivemind.averaging.averager:DecentralizedAverager": {
         "_aggregate_with_group": "(self, group_info: 'GroupInfo', min_vector_size: 'int', **kwargs) -> 'GatheredData'",
@@ -40,6 +41,7 @@ OVERRIDDEN = {
         "rpc_aggregate_part": "(self, stream: 'AsyncIterator[averaging_pb2.AveragingData]', context: 'P2PContext') -> 'AsyncIterator[averaging_pb2.AveragingData]'",
         "rpc_download_state": "(self, _request: 'averaging_pb2.DownloadRequest', _context: 'P2PContext') -> 'AsyncIterator[averaging_pb2.DownloadData]'",
         "shutdown": "(self) -> 'None'",
+        "_shutdown": "(self, timeout: 'Optional[float]') -> 'None'",
     },
     "hivemind.optim.state_averager:TrainingStateAverager": {
         "get_current_state": '(self)',
@@ -68,10 +70,15 @@ OVERRIDDEN = {
     },
     "hivemind.optim.progress_tracker:ProgressTracker": {
         "update_epoch": '(self, new_epoch: Optional[int] = None) -> int',
+        "_parse_swarm_progress_data": '(self, metadata: hivemind.optim.progress_tracker.TrainingProgressSchema) -> hivemind.optim.progress_tracker.GlobalTrainingProgress',
         "shutdown": '(self, timeout: Optional[float] = None)',
     },
     "hivemind.optim.power_sgd_averager:PowerSGDGradientAverager": {
         "_aggregate_with_group": '(self, group_info: hivemind.averaging.group_info.GroupInfo, min_vector_size: int, **kwargs) -> Any',
+    },
+    "hivemind.dht.validation:RecordValidatorBase": {
+        "validate": '(self, record: hivemind.dht.validation.DHTRecord) -> bool',
+        "merge_with": "(self, other: 'RecordValidatorBase') -> bool",
     },
     "hivemind.dht.dht:DHT": {
         "run": "(self) -> 'None'",
@@ -176,3 +183,23 @@ def is_signed_subkey(subkey) -> bool:
     from hivemind.dht.crypto import RSASignatureValidator
 
     return isinstance(subkey, bytes) and RSASignatureValidator._PUBLIC_KEY_RE.search(subkey) is not None
+
+
+class CleanShutdownMixin:
+    """Put in front of a hivemind averager: its process shuts down cleanly in the middle of a round.
+
+    hivemind 1.1.12's ``DecentralizedAverager._shutdown`` calls ``finalize()`` on the *futures* of the
+    running groups, not on the runners they resolve to (and adds finalize's None to a set): a peer
+    stopped while one of its rounds was under way died with an AttributeError traceback. Same
+    steps, on the runners."""
+
+    async def _shutdown(self, timeout) -> None:
+        if not self.client_mode:
+            await self.remove_p2p_handlers(averager_p2p(self), namespace=self.prefix)
+        for future in list(self._running_groups.values()):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                finalize = getattr(future.result(), "finalize", None)
+                if finalize is not None:  # hivemind's runner; the sparse round ends with the process
+                    finalize(cancel=True)
+            else:
+                future.cancel()

@@ -78,3 +78,24 @@ def test_every_overridden_hivemind_method_is_listed():
                     unlisted.add(f"{klass.__module__}.{klass.__qualname__}.{name} overrides "
                                  f"{defining.__module__}:{defining.__qualname__}.{name}")
     assert not unlisted, "add these to swarmtrain.hivemind_compat.OVERRIDDEN:\n" + "\n".join(sorted(unlisted))
+
+
+def test_an_averager_stopped_mid_round_finalizes_its_runners():
+    """hivemind's _shutdown calls finalize() on the futures of the running groups; ours on the runners."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hivemind.averaging.averager import DecentralizedAverager
+
+    async def scenario(shutdown):
+        finalized = []
+        runner = SimpleNamespace(finalize=lambda cancel: finalized.append(cancel))
+        resolved, pending = asyncio.get_running_loop().create_future(), asyncio.get_running_loop().create_future()
+        resolved.set_result(runner)
+        averager = SimpleNamespace(client_mode=True, _running_groups={b"a": resolved, b"b": pending})
+        await shutdown(averager, 1.0)
+        return finalized, pending.cancelled()
+
+    with pytest.raises(AttributeError, match="finalize"):
+        asyncio.run(scenario(DecentralizedAverager._shutdown))
+    assert asyncio.run(scenario(hivemind_compat.CleanShutdownMixin._shutdown)) == ([True], True)

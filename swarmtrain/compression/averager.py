@@ -36,7 +36,7 @@ logger = get_logger(__name__)
 DEFAULT_MAX_SAMPLE_WEIGHT = 2.0**20  # a self-reported weight above this is clamped
 
 
-class SparseGradientAverager(GradientAverager):
+class SparseGradientAverager(hivemind_compat.CleanShutdownMixin, GradientAverager):
     """hivemind GradientAverager whose all-reduce is the sparse, error-feedback round of sparse_round.py.
 
     :param parameters, dht, kwargs: hivemind GradientAverager's
@@ -273,7 +273,7 @@ class _ByteCountingAllReduceRunner(AllReduceRunner):
             yield message
 
 
-class ByteCountingMixin:
+class ByteCountingMixin(hivemind_compat.CleanShutdownMixin):
     """Gives a hivemind averager (GradientAverager, PowerSGDGradientAverager, ...) a ``stats`` object with
     the bytes its all-reduce rounds put on the wire, and reducers that check every part they receive.
     Mix in before the hivemind class.

@@ -16,6 +16,7 @@ from hivemind.averaging import DecentralizedAverager
 from swarmtrain.access.guard import access_record_key, guarded_class
 from swarmtrain.averaging.rounds import RoundRecord
 from swarmtrain.errors import UserError
+from swarmtrain.hivemind_compat import CleanShutdownMixin
 from swarmtrain.monitoring.status import PeerStatus
 from swarmtrain.signals import children_ignore_interrupts
 
@@ -57,7 +58,7 @@ def parameter_norm(module: torch.nn.Module) -> float:
         return float(torch.sqrt(sum((p.double() ** 2).sum() for p in module.parameters())))
 
 
-class TrunkStateAverager(DecentralizedAverager):
+class TrunkStateAverager(CleanShutdownMixin, DecentralizedAverager):
     """The trunk hosts' averager. A newcomer's load_state_from_peers downloads the *live* trunk (copied
     under the params lock), not the averaging buffer, which is only filled at each round.
 
