@@ -23,8 +23,8 @@ What may still differ, and why the tolerance is 1e-5 rather than 0:
   could flip a selection only for an entry within ~1e-7 of a threshold.
 
 A failure message names the first peer and tensor that differ; if the real peers' epochs did not
-advance one per step, or a round failed, the test says so instead (the comparison would be
-meaningless then).
+advance one per step, or a round failed, the real run is repeated (up to LOCKSTEP_ATTEMPTS runs) and
+then the test says so instead (the comparison would be meaningless then).
 """
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ from tests.support import TINY_CONFIG
 from tests.support.forked import ForkedPeers
 
 PEERS, BATCH, STEPS, PERIOD = 3, 8, 6, 2  # rounds at epochs 2, 4, 6: the last step ends on a round
+# The lockstep is the harness's, not what is tested: on a loaded machine a tracker's view of the swarm
+# can go stale between our wait and the step (measured: ~1 run in 3 at load 10-19), and the run is
+# then repeated; the comparison itself is never retried.
+LOCKSTEP_ATTEMPTS = 3
 
 
 def _config(compression: str, feedback_decay: float = 1.0):
@@ -120,13 +124,16 @@ def _tracker_current(optimizer) -> bool:
     pytest.param("gaussiank:0.05+2bit", 0.9, marks=pytest.mark.slow),
 ])
 def test_simulator_matches_the_real_swarm(compression, feedback_decay):
-    real = ForkedPeers(PEERS).run(_real_peer, compression, feedback_decay, timeout=300)
+    for attempt in range(LOCKSTEP_ATTEMPTS):
+        real = ForkedPeers(PEERS).run(_real_peer, compression, feedback_decay, timeout=300)
+        if all(_in_lockstep(epochs, rounds) for _, epochs, rounds, _, _ in real.values()):
+            break
     for rank, (_, epochs, rounds, _, _) in real.items():
         assert epochs == list(range(1, STEPS + 1)), (
-            f"peer {rank} did not advance one epoch per step ({epochs}): the real swarm left lockstep, "
-            f"nothing to compare")
+            f"peer {rank} did not advance one epoch per step ({epochs}) in {LOCKSTEP_ATTEMPTS} runs: the real "
+            f"swarm left lockstep, nothing to compare")
         assert [r[:3] for r in rounds] == [(e, True, PEERS) for e in range(PERIOD, STEPS + 1, PERIOD)], (
-            f"peer {rank}: not every round was a full, successful one: {rounds}")
+            f"peer {rank}: not every round was a full, successful one in {LOCKSTEP_ATTEMPTS} runs: {rounds}")
 
     config = _config(compression, feedback_decay)
     simulation = Simulation(config, SimulationOptions(peers=PEERS, steps=STEPS, batch_size=BATCH, seed=0,
@@ -144,6 +151,11 @@ def test_simulator_matches_the_real_swarm(compression, feedback_decay):
         assert difference.max() <= 1e-5, (
             f"{compression}: peer {rank} differs from the simulation by {difference.max():.3g} (parameters moved "
             f"{moved:.3g}); first differing entry {int(difference.argmax())}")
+
+
+def _in_lockstep(epochs, rounds) -> bool:
+    return epochs == list(range(1, STEPS + 1)) and \
+        [r[:3] for r in rounds] == [(e, True, PEERS) for e in range(PERIOD, STEPS + 1, PERIOD)]
 
 
 def _initial_parameters(config) -> np.ndarray:
