@@ -67,7 +67,8 @@ def make_optimizer(config: RunConfig, model: torch.nn.Module, dht: hivemind.DHT,
             robust_policy=robust_policy, ban_list=ban_list)
         return LocalSwarmOptimizer(
             settings=ControllerSettings.from_config(config), delta_averager_factory=delta_averager_factory,
-            outer_lr=averaging.outer_lr, outer_momentum=averaging.outer_momentum, anchor_tolerance=tolerance,
+            outer_lr=averaging.outer_lr, outer_momentum=averaging.outer_momentum,
+            feedback_decay=averaging.feedback_decay, anchor_tolerance=tolerance,
             averager_opts=dict(request_timeout=averaging.request_timeout), fingerprint_tolerance=tolerance, **common)
     # hivemind's load balancing gives each peer a span of the reduction in proportion to this; every
     # peer reports one (a peer reporting none counts as its group's average), so the default is a

@@ -28,7 +28,7 @@ from swarmtrain import hivemind_compat
 from swarmtrain.compression.crosscheck import CheckedAveragerMixin
 from swarmtrain.compression.feedback import DensitySchedule
 from swarmtrain.compression.robust import RobustPolicy, aggregate
-from swarmtrain.compression.selection import SELECTORS
+from swarmtrain.compression.selection import selector_for
 from swarmtrain.compression.sparse_reduce import share_of
 from swarmtrain.compression.sparse_round import RejectedPart, SparseAllReduceRound
 from swarmtrain.compression.spec import CompressionSpec
@@ -49,7 +49,7 @@ class SparseAllReduceAverager(hivemind_compat.CleanShutdownMixin, GradientAverag
     :param prefix: the matchmaking prefix; the sparse wire version is appended, so that peers speaking
       another version never meet
 
-    :param spec: a sparse CompressionSpec (topk / randomk / gaussiank, optional +8bit values)
+    :param spec: a sparse CompressionSpec (topk / randomk / gaussiank, optional chunk, +8bit or +2bit values)
     :param density_schedule: overrides ``spec.density`` with a warm-up schedule, indexed by the number of
       averaging rounds this peer has completed (in hivemind.Optimizer's sync mode: one round per epoch);
       call :meth:`set_schedule_epoch` from the training process to index it by the global epoch instead.
@@ -66,8 +66,8 @@ class SparseAllReduceAverager(hivemind_compat.CleanShutdownMixin, GradientAverag
             raise ValueError(f"SparseGradientAverager needs a sparse spec, got {spec}")
         self.spec = spec
         self.density_schedule = density_schedule or DensitySchedule(spec.density)
-        self.selector = SELECTORS[spec.method]
-        self.value_format = "8bit" if spec.eight_bit_values else "fp16"
+        self.selector = selector_for(spec)
+        self.value_format, self.average_format = spec.value_format, spec.average_format
         if spec.eight_bit_values:
             # import and warm up before the averager process forks: a first import/call inside a round
             # takes seconds, long enough for the reducers to drop this peer as silent

@@ -93,14 +93,17 @@ class SpanReduction:
 
 
 def reduce_span(parts: Mapping[int, Tuple[float, SparsePart]], span_length: int, density: float,
-                value_format: str, policy: RobustPolicy = RobustPolicy(), judge: Optional[int] = None) -> SpanReduction:
-    """Weighted average over the union of the received supports, re-sparsified, encoded.
+                value_format: str, policy: RobustPolicy = RobustPolicy(),
+                average_format: Optional[str] = None, judge: Optional[int] = None) -> SpanReduction:
+    """Weighted average over the union of the received supports, re-sparsified, encoded (in
+    `average_format`, by default `value_format`).
 
     ``parts`` maps each sender index to (weight, its part of the span). Works on the <= n·k support
     only (never allocates the dense span), so the reducer's cost is O(n·k·log(n·k)) and it stays
     cheap even when the span is large. ``judge``: the reducer's own sender index, the reference of the
     outlier rule in groups too small for a median (robust.plan)."""
     senders = [index for index, (weight, _) in parts.items() if weight > 0]
+    value_format = average_format or value_format  # everything this function encodes is the average
     empty = encode_sparse(torch.zeros(0, dtype=torch.long), torch.zeros(0), span_length, value_format)
     if not senders:
         return SpanReduction(empty, {}, 0.0, None)

@@ -52,17 +52,19 @@ class SpanReducer:
     :param span_length: entries in this reducer's span
     :param num_senders: senders expected (the reduction waits for each to send or be banned)
     :param density: the round's density: the average is re-sparsified to about density x span_length entries
-    :param value_format: how values travel (fp16, 8bit, fp32; see wire.py)
+    :param value_format: how values travel (fp16, 8bit, 2bit, fp32; see wire.py)
     :param max_weight: a self-reported weight above this is clamped
     :param policy: checks and aggregation rule (robust.py)
     :param judge: this reducer's own sender index (the outlier rule's reference in small groups), or None
+    :param average_format: how the average travels back (default: value_format)
     """
 
     def __init__(self, span_length: int, num_senders: int, density: float, value_format: str, max_weight: float,
-                 policy: RobustPolicy = RobustPolicy(), judge: Optional[int] = None):
+                 policy: RobustPolicy = RobustPolicy(), judge: Optional[int] = None,
+                 average_format: Optional[str] = None):
         self.span_length, self.num_senders = span_length, num_senders
         self.density, self.value_format, self.max_weight = density, value_format, max_weight
-        self.policy, self.judge = policy, judge
+        self.policy, self.judge, self.average_format = policy, judge, average_format
         self.parts: Dict[int, tuple] = {}  # sender index -> (weight, SparsePart)
         self.weights_received: Dict[int, float] = {}  # sender index -> its self-reported weight, unclamped
         self.banned: Set[int] = set()
@@ -114,7 +116,7 @@ class SpanReducer:
         if not self.result.done() and len(self.parts) + len(self.banned) >= self.num_senders:
             try:
                 reduction = reduce_span(self.parts, self.span_length, self.density, self.value_format, self.policy,
-                                        judge=self.judge)
+                                        self.average_format, judge=self.judge)
                 self.reduction = reduction
                 self.rejected, self.total_weight = reduction.rejected, reduction.total_weight
                 self.requantization_error = reduction.requantization_error
@@ -168,7 +170,7 @@ class SparseAllReduceRound:
             own = self.sender_peer_ids.index(self.peer_id) if self.is_sender else None
             self.reducer = SpanReducer(end - start, len(self.sender_peer_ids), density,
                                         averager.value_format, averager.max_sample_weight, averager.robust_policy,
-                                        judge=own)
+                                        judge=own, average_format=averager.average_format)
         self.senders_started: Set[PeerID] = {self.peer_id} if self.is_sender else set()
         # remote senders still waiting for this peer's averaged span; the round stays open until they
         # got it, or a peer that finished first could shut down before its answers left
@@ -371,7 +373,7 @@ class SparseAllReduceRound:
                     start, end = self.spans[reducer_index]
                     answer = decode_sparse(encoded, end - start)
                     self.check.record_received((reducer_index, 0), start + answer.indices, answer.values,
-                                               quantization_bound(answer.values, self.averager.value_format))
+                                               quantization_bound(answer.values, self.averager.average_format))
                 return encoded
 
             # every exchange settles before we go on: the round's check needs each answer we got
