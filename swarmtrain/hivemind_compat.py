@@ -61,6 +61,8 @@ OVERRIDDEN = {
         "_make_progress_tracker": "(self, target_batch_size: 'int', **kwargs) -> 'ProgressTracker'",
         "_update_global_epoch": "(self, grad_scaler: 'Optional[GradScaler]') -> 'None'",
         "_average_gradients_and_load_into_optimizer": "(self, maybe_step_control: 'Optional[StepControl]')",
+        "_begin_averaging_gradients": "(self, grad_scaler: 'Optional[GradScaler]') -> 'bool'",
+        "_maybe_schedule_gradient_averaging": "(self) -> 'None'",
         "_should_load_state_from_peers": "(self) -> 'bool'",
         "_tag_along_with_zero_weight": "(self, control: 'StepControl')",
         "load_state_from_peers": '(self, **kwargs)',

@@ -1,12 +1,22 @@
 """``averaging.mode: sync`` (DeDLOC): hivemind.Optimizer configured from the run config, with a record of
-every averaging round, parameter fingerprints gathered in each round, and a safer state download."""
+every averaging round, parameter fingerprints gathered in each round, and a safer state download.
+
+With ``averaging.overlap`` the optimizer runs hivemind's delayed parameter updates (the "Training
+Transformers Together" recipe): at an epoch's end the peer starts the gradient round and goes straight
+on computing the next epoch's gradients; the round and the optimizer step run in a background thread,
+and their result reaches the model at a later local step, one epoch late. What changes here then:
+a peer has at most one round in flight (the next is not pre-scheduled before the last has landed, so
+the fingerprints gathered in a round are of settled parameters), round records are written by that
+thread (with the epoch the round was for), and a state donor never labels the parameters of epoch
+E-1 as epoch E while its step is in flight."""
 from __future__ import annotations
 
 import copy
 import logging
 import time
+import weakref
 from concurrent.futures import InvalidStateError
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import hivemind
 import torch
@@ -26,12 +36,33 @@ FINGERPRINT_SIZE = 64  # parameter values gathered from every member in each rou
 FINGERPRINT_SEED = 0
 
 
+class SettledStateMixin:
+    """Put in front of hivemind's TrainingStateAverager: a state it serves to a joiner is never torn
+    and never labelled one epoch ahead of its parameters.
+
+    With delayed updates hivemind counts the new epoch as soon as the round begins, while the
+    round and the optimizer step run in the background for a second or more: a joiner that
+    downloaded then got the parameters of epoch E-1 labelled E, and stayed one step apart. Here the
+    state is read between optimizer steps, and while an update is in flight it is labelled E-1
+    (the joiner, wanting E, asks again a moment later)."""
+
+    def get_current_state(self):
+        with self.lock_optimizer:  # not half-way through an optimizer step
+            in_flight = any(not update.done() for update in list(self.pending_updates))
+            metadata, tensors, infos = super().get_current_state()
+        if in_flight and isinstance(metadata.get("epoch"), int):
+            metadata["epoch"] = max(0, metadata["epoch"] - 1)
+        return metadata, tensors, infos
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer that remembers how each gradient averaging round went.
 
     hivemind only logs the group size; the progress display, the demo summary and the tests need
     it as data. The override wraps the one method that sees the round's outcome (hivemind is
     pinned, and every private method overridden here is listed in swarmtrain.hivemind_compat).
+    With hivemind's ``delay_grad_averaging`` (``averaging.overlap``) rounds run in the background:
+    see the module docstring.
 
     :param fingerprint_tolerance: peers whose fingerprints differ by more than this hold different
       parameters (about a learning rate: a stale step moves parameters by that much)
@@ -42,7 +73,8 @@ class SwarmOptimizer(hivemind.Optimizer):
     """
 
     # what _make_state_averager builds (local mode: its own); the name stays hivemind's, for its RPCs
-    state_averager_class = with_mixin(hivemind_compat.CleanShutdownMixin, TrainingStateAverager)
+    state_averager_class = with_mixin(SettledStateMixin, with_mixin(hivemind_compat.CleanShutdownMixin,
+                                                                    TrainingStateAverager))
 
     def __init__(self, *args, fingerprint_tolerance: float = 1e-4, access=None, **kwargs):
         self.access = access  # before super().__init__: it builds the state averager
@@ -51,8 +83,14 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.fingerprint_tolerance = fingerprint_tolerance
         self._fingerprint_cooldown = 0
         self._synced_epochs = 0  # epochs stepped with the swarm since we last took state from a peer
+        self._round_epochs = weakref.WeakKeyDictionary()  # a begun round's control -> the epoch it is for
+        self._round_began = False
+        self.overlapped_steps = 0  # local steps taken while a round or step was in flight (overlap)
         super().__init__(*args, **kwargs)
         self._fingerprint_positions = self._choose_fingerprint_positions()
+        # delayed updates: (epoch, fingerprint) of the parameters at the start of the last epoch whose
+        # round has begun (every earlier round applied): what the status file shows
+        self._settled_fingerprint: Optional[Tuple[int, List[float]]] = (self.local_epoch, self.parameter_fingerprint())
         # every gradient round also gathers each member's parameter fingerprint (a few hundred bytes),
         # so a peer that drifted -- it stepped alone before the others found it, its group split, or
         # its state download was one step stale -- learns it from the very next round instead of
@@ -60,6 +98,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         schedule_step = self.grad_averager.schedule_step if self.grad_averager is not None else None  # None: mode local
 
         def schedule_step_with_fingerprint(*args, **kwargs):
+            # (with delayed updates no round is in flight when the next is scheduled, see
+            # _maybe_schedule_gradient_averaging: the parameters are those every member in step holds)
             kwargs.setdefault("gather", [self.local_epoch, self.parameter_fingerprint(), self._synced_epochs])
             return schedule_step(*args, **kwargs)
 
@@ -76,6 +116,29 @@ class SwarmOptimizer(hivemind.Optimizer):
     def parameter_fingerprint(self) -> List[float]:
         """The parameters' values at fixed pseudo-random positions (swarmtrain.training.fingerprint)."""
         return fingerprint(self._optimized_parameters(), self._fingerprint_positions)
+
+    def epoch_start_fingerprint(self) -> Optional[Tuple[int, List[float]]]:
+        """(epoch, fingerprint of the parameters at that epoch's start) for the newest epoch whose
+        starting parameters are settled: the current one, or with delayed updates (the last round
+        still in flight) the previous one; None right after a state download."""
+        if not self.delay_optimizer_step:
+            return self.local_epoch, self.parameter_fingerprint()
+        return self._settled_fingerprint
+
+    def settle(self, timeout: Optional[float] = None) -> None:
+        """With delayed updates: wait (up to `timeout` seconds; None: the averaging timeout) for the
+        round and optimizer step in flight, and apply their result to the model. Before the model is
+        saved, evaluated or compared; a no-op otherwise."""
+        if not self.delay_optimizer_step:
+            return
+        timeout = self.averaging_timeout if timeout is None else timeout
+        deadline = time.monotonic() + (timeout or 30.0)
+        for update in list(self.state_averager.pending_updates):
+            try:
+                update.result(max(0.0, deadline - time.monotonic()))
+            except BaseException as error:  # a failed update is logged by hivemind; keep what we have
+                logger.debug(f"delayed update: {error!r}")
+        self.state_averager.step(wait_for_delayed_updates=False)  # applies what finished
 
     def _check_fingerprints(self, group: dict) -> None:
         members = {peer: data for peer, data in group.items() if _is_fingerprint_record(data)}
@@ -119,10 +182,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             wanted, attempt = self.tracker.global_epoch, 0
             while True:
                 attempt += 1
-                try:
-                    self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
-                except Exception as error:  # a donor vanished mid-download: ask another
-                    logger.warning(f"state download failed ({error!r}); trying another peer")
+                self._download_state_once(**kwargs)
                 finite = self.state_is_finite()
                 if not finite:
                     logger.warning("a peer served a state with non-finite values; asking another")
@@ -143,7 +203,28 @@ class SwarmOptimizer(hivemind.Optimizer):
                 if not self.client_mode:
                     self.grad_averager.state_sharing_priority = self.local_epoch
         self._synced_epochs = 0
+        self._settled_fingerprint = None  # the one from before the download describes other parameters
         return loaded
+
+    def _download_state_once(self, **kwargs) -> None:
+        """One download from a random donor of the newest epoch; our epoch is then the state's.
+
+        hivemind refuses a state whose epoch is below ours. In mode sync a peer re-synchronising
+        already counts the swarm's epoch while its parameters are wrong, and a donor with a step in
+        flight serves the epoch before (SettledStateMixin): refused, the download left us as we were
+        while it looked like success. Here any donor's state is taken (the caller judges its epoch
+        and asks again); when none answered, our own epoch stays."""
+        accept_any = self.use_gradient_averaging  # mode local judges its downloads itself
+        current = self.local_epoch
+        if accept_any:
+            self.state_averager.local_epoch = -1
+        try:
+            self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+        except Exception as error:  # a donor vanished mid-download: ask another
+            logger.warning(f"state download failed ({error!r}); trying another peer")
+        finally:
+            if accept_any and self.state_averager.local_epoch < 0:  # nothing loaded
+                self.state_averager.local_epoch = current
 
     def state_is_finite(self) -> bool:
         """Parameters and optimizer statistics all finite (a NaN step or a bad download breaks this)."""
@@ -225,17 +306,56 @@ class SwarmOptimizer(hivemind.Optimizer):
         )
 
     def _update_global_epoch(self, grad_scaler) -> None:
-        epoch, recorded = self.local_epoch, len(self.rounds)
+        epoch = self.local_epoch
+        self._round_began = False
+        if self.delay_optimizer_step and self.grad_averager is not None:
+            # hivemind waits for the update in flight first thing too; waiting here lets us note the
+            # parameters this epoch started from, before this epoch's round begins
+            self.state_averager.step(wait_for_delayed_updates=True)
+            self._settled_fingerprint = (epoch, self.parameter_fingerprint())
         super()._update_global_epoch(grad_scaler)
-        if self.grad_averager is not None and len(self.rounds) == recorded:
-            # hivemind stepped without calling the method below: alone, or a round that never started
+        if self.grad_averager is not None and not self._round_began:
+            # hivemind stepped without a round: alone, or a round that never started
             alone = self.tracker.global_progress.num_peers <= 1
             self.rounds.append(RoundRecord(epoch, 0, False, 0.0, NO_OTHER_PEERS if alone else
                                            "no round started; stepped on local gradients"))
 
-    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
-        started = time.perf_counter()
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        """hivemind starts matchmaking for the next round shortly before the epoch's expected end. With
+        delayed updates and epochs not much longer than a round, the previous round (or its retry
+        after a failed attempt) can still be under way then: two rounds of one peer looking for
+        groups at once met other peers' rounds of the other epoch, and the groups thus formed
+        timed out and split (seen on loopback). One round at a time: while one is in flight the
+        next is not pre-scheduled, and matchmaking then starts when the epoch ends, in the
+        background like the rest of the round."""
+        if self.delay_grad_averaging and self.update_in_flight():
+            self.overlapped_steps += 1  # (called once per local step)
+            return
+        super()._maybe_schedule_gradient_averaging()
+
+    def update_in_flight(self) -> bool:
+        """With delayed updates: a round or optimizer step still runs in the background."""
+        return any(not update.done() for update in list(self.state_averager.pending_updates))
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
         epoch = self.local_epoch
+        scheduled = self.scheduled_grads
+        if scheduled is not None and (scheduled.triggered or scheduled.done()):
+            # a round already used (with delayed updates: the last epoch's, when this one's was not
+            # pre-scheduled), or matchmaking that gave up: hivemind would step on local gradients
+            # instead of starting a round; start one
+            self.scheduled_grads = None
+        began = super()._begin_averaging_gradients(grad_scaler)
+        if began:
+            self._round_epochs[self.scheduled_grads] = epoch  # delayed: the epoch has moved on by the record
+        self._round_began = began
+        return began
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        # with delay_grad_averaging this runs in the state averager's background thread
+        started = time.perf_counter()
+        epoch = self._round_epochs.pop(maybe_step_control, None) if maybe_step_control is not None else None
+        epoch = self.local_epoch if epoch is None else epoch
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         seconds = time.perf_counter() - started
         if maybe_step_control is None:

@@ -120,6 +120,9 @@ def _training_row() -> Row:
     return [
         (12, 8, _series("Throughput", [_target("A", "swarmtrain_throughput_samples_per_second", "samples/s")])),
         (12, 8, _series("Mean training loss", [_target("A", "swarmtrain_loss", "loss")])),
+        (24, 6, _series("Utilization", [_target("A", "swarmtrain_utilization_ratio", "mean")], "percentunit",
+                        "Share of wall time the trainers spent computing rather than waiting for the swarm",
+                        min=0, max=1)),
     ]
 
 
