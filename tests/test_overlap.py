@@ -14,15 +14,16 @@ from swarmtrain.demo import free_port
 from tests.support import TINY_CONFIG
 from tests.support.swarm import LocalSwarm, assert_no_tracebacks, max_parameter_difference
 
-EPOCHS = 10
+EPOCHS = 12
 
 
 @pytest.fixture
 def overlap_swarm(tmp_path):
     config = yaml.safe_load(TINY_CONFIG.read_text())
     config["averaging"]["overlap"] = True
-    # epochs of a few seconds: longer than a round, so that rounds do overlap the next epoch's work
-    config["target_batch_size"] *= 4
+    # epochs of several seconds: longer than a round, so that rounds do overlap the next epoch's work,
+    # and the run is still under way when the late joiner has started up
+    config["target_batch_size"] *= 8
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     metrics_port = free_port()
@@ -38,7 +39,7 @@ def test_delayed_updates_land_once_and_peers_end_identical(overlap_swarm):
     for index in range(2):
         swarm.start_peer(index, *flags, "--wait-for-peers", "2")
     # a third joins a run under way: it downloads the state from a peer whose step may be in flight
-    swarm.wait_until(lambda: swarm.status(0).get("epoch", 0) >= 3, timeout=300, what="epoch 3")
+    swarm.wait_until(lambda: swarm.status(0).get("epoch", 0) >= 2, timeout=300, what="epoch 2")
     swarm.start_peer(2, *flags)
     # the coordinator exports the trainers' mean utilization while they train
     exported = []
@@ -56,7 +57,7 @@ def test_delayed_updates_land_once_and_peers_end_identical(overlap_swarm):
     assert_no_tracebacks(swarm, [0, 1, 2])
 
     statuses = [swarm.status(i) for i in range(3)]
-    assert statuses[2]["loaded_state_epoch"] >= 3
+    assert statuses[2]["loaded_state_epoch"] >= 2
     # the rounds did run in the background: peers computed local steps while one was in flight
     assert all(status["overlapped_steps"] > 0 for status in statuses), [s["overlapped_steps"] for s in statuses]
     for status in statuses:
@@ -64,7 +65,8 @@ def test_delayed_updates_land_once_and_peers_end_identical(overlap_swarm):
         # one record per epoch (the background thread writes it with the epoch the round was for)
         epochs = [r["epoch"] for r in rounds]
         assert len(epochs) == len(set(epochs)), rounds
-        assert sum(r["ok"] and r["group_size"] >= 2 for r in rounds) >= EPOCHS // 2, rounds
+        # (the joiner's rounds begin at the epoch it downloaded)
+        assert sum(r["ok"] and r["group_size"] >= 2 for r in rounds) >= (EPOCHS - min(epochs)) // 2, rounds
         assert 0.0 <= status["utilization"] <= 1.0
 
     for index in range(3):

@@ -4,11 +4,18 @@ every averaging round, parameter fingerprints gathered in each round, and a safe
 With ``averaging.overlap`` the optimizer runs hivemind's delayed parameter updates (the "Training
 Transformers Together" recipe): at an epoch's end the peer starts the gradient round and goes straight
 on computing the next epoch's gradients; the round and the optimizer step run in a background thread,
-and their result reaches the model at a later local step, one epoch late. What changes here then:
-a peer has at most one round in flight (the next is not pre-scheduled before the last has landed, so
-the fingerprints gathered in a round are of settled parameters), round records are written by that
-thread (with the epoch the round was for), and a state donor never labels the parameters of epoch
-E-1 as epoch E while its step is in flight."""
+and their result reaches the model at a later local step, one epoch late. The next round's matchmaking
+may then start while the last round still runs, so what changes here:
+- one round in flight per peer: the next round's matchmaking does not start before the last round has
+  landed. hivemind's averager runs one step at a time (its steps share state: a part arriving for a
+  group not yet registered found another step's "registered" flag set and was refused); with two,
+  groups timed out, were retried, met other peers' rounds of the other epoch and split (seen on
+  loopback). A peer that lands a round goes on to pre-schedule the next at once, as do its groupmates,
+  whose rounds end together: the next group still forms in step;
+- the fingerprint gathered in round k is of the parameters after round k-2 (noted when round k-1
+  began), the same for every member in step whenever it schedules round k;
+- round records are written by the background thread, with the epoch the round was for;
+- a state donor never labels the parameters of epoch E-1 as epoch E while its step is in flight."""
 from __future__ import annotations
 
 import copy
@@ -89,7 +96,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         super().__init__(*args, **kwargs)
         self._fingerprint_positions = self._choose_fingerprint_positions()
         # delayed updates: (epoch, fingerprint) of the parameters at the start of the last epoch whose
-        # round has begun (every earlier round applied): what the status file shows
+        # round has begun (every earlier round applied): what rounds gather and the status file shows
         self._settled_fingerprint: Optional[Tuple[int, List[float]]] = (self.local_epoch, self.parameter_fingerprint())
         # every gradient round also gathers each member's parameter fingerprint (a few hundred bytes),
         # so a peer that drifted -- it stepped alone before the others found it, its group split, or
@@ -98,9 +105,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         schedule_step = self.grad_averager.schedule_step if self.grad_averager is not None else None  # None: mode local
 
         def schedule_step_with_fingerprint(*args, **kwargs):
-            # (with delayed updates no round is in flight when the next is scheduled, see
-            # _maybe_schedule_gradient_averaging: the parameters are those every member in step holds)
-            kwargs.setdefault("gather", [self.local_epoch, self.parameter_fingerprint(), self._synced_epochs])
+            kwargs.setdefault("gather", [self.local_epoch, self._gathered_fingerprint(), self._synced_epochs])
             return schedule_step(*args, **kwargs)
 
         if schedule_step is not None:
@@ -116,6 +121,15 @@ class SwarmOptimizer(hivemind.Optimizer):
     def parameter_fingerprint(self) -> List[float]:
         """The parameters' values at fixed pseudo-random positions (swarmtrain.training.fingerprint)."""
         return fingerprint(self._optimized_parameters(), self._fingerprint_positions)
+
+    def _gathered_fingerprint(self) -> List[float]:
+        """What this peer tells its group it holds. Without delayed updates: its parameters now (every
+        member applied the same rounds). With them: the parameters it held when its last round began
+        (see the module docstring); none (an empty list, left out of the comparison) until a round
+        has begun since the last state download."""
+        if not self.delay_optimizer_step:
+            return self.parameter_fingerprint()
+        return list(self._settled_fingerprint[1]) if self._settled_fingerprint is not None else []
 
     def epoch_start_fingerprint(self) -> Optional[Tuple[int, List[float]]]:
         """(epoch, fingerprint of the parameters at that epoch's start) for the newest epoch whose
@@ -306,14 +320,16 @@ class SwarmOptimizer(hivemind.Optimizer):
         )
 
     def _update_global_epoch(self, grad_scaler) -> None:
-        epoch = self.local_epoch
+        epoch, settled = self.local_epoch, None
         self._round_began = False
         if self.delay_optimizer_step and self.grad_averager is not None:
             # hivemind waits for the update in flight first thing too; waiting here lets us note the
-            # parameters this epoch started from, before this epoch's round begins
+            # parameters this epoch started from, before this epoch's round can change them
             self.state_averager.step(wait_for_delayed_updates=True)
-            self._settled_fingerprint = (epoch, self.parameter_fingerprint())
+            settled = (epoch, self.parameter_fingerprint())
         super()._update_global_epoch(grad_scaler)
+        if settled is not None:  # from the next round on (this one was scheduled with the previous)
+            self._settled_fingerprint = settled
         if self.grad_averager is not None and not self._round_began:
             # hivemind stepped without a round: alone, or a round that never started
             alone = self.tracker.global_progress.num_peers <= 1
@@ -321,15 +337,9 @@ class SwarmOptimizer(hivemind.Optimizer):
                                            "no round started; stepped on local gradients"))
 
     def _maybe_schedule_gradient_averaging(self) -> None:
-        """hivemind starts matchmaking for the next round shortly before the epoch's expected end. With
-        delayed updates and epochs not much longer than a round, the previous round (or its retry
-        after a failed attempt) can still be under way then: two rounds of one peer looking for
-        groups at once met other peers' rounds of the other epoch, and the groups thus formed
-        timed out and split (seen on loopback). One round at a time: while one is in flight the
-        next is not pre-scheduled, and matchmaking then starts when the epoch ends, in the
-        background like the rest of the round."""
+        """Not while a round is in flight (see the module docstring)."""
         if self.delay_grad_averaging and self.update_in_flight():
-            self.overlapped_steps += 1  # (called once per local step)
+            self.overlapped_steps += 1  # hivemind calls this once per local step: one computed during a round
             return
         super()._maybe_schedule_gradient_averaging()
 
