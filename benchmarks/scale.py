@@ -20,9 +20,9 @@ access records' cost shows. The peers train for --warmup seconds, then everythin
 
 target_batch_size is the same for every N (tiny.yaml's x4): on one machine the swarm's throughput is
 the machine's, so epochs last about as long whatever N, and per-peer figures compare like for like.
-The default delay is 0 ms: on a kernel without netem the delay line is a Python process that every
-packet crosses, and with 24 peers on 2 cores it would measure itself. Results: benchmarks/results/
-scale.json (or --output).
+Links: 20 Mbit/s and 30 ms each way with tc netem; on a kernel without netem the delay comes from a
+Python delay line that every packet crosses, which with 24 peers on 2 cores would measure itself: pass
+--delay 0ms there. Results: benchmarks/results/scale.json (or --output).
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ from wan import (PORT, PYTHON, TINY, _read_json, _start, _stop, cleanup_stale_na
                  install_signal_handlers, make_network)
 
 METRICS_PORT = 9400
-CONTROL_KINDS = [kind for kind in traffic_meter.KINDS if kind != "averaging"]
+# the swarm's steady running costs; "state" (downloads after a resync or by a joiner) comes in events
+CONTROL_KINDS = ["progress", "peer_records", "matchmaking", "access", "dht_other"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +258,7 @@ def summarise(peers: int, before: dict, after: dict, statuses: List[dict], metri
                          for kind in traffic_meter.KINDS}
     return dict(
         peers=peers, window_seconds=seconds, epochs=[first, last],
+        # control: the steady kinds (CONTROL_KINDS); interface: all that crossed the peer's link
         per_peer_bytes_per_second={key: mean([p[key] for p in per_peer if p[key] is not None])
                                    for key in [*traffic_meter.KINDS, "control", "interface"]},
         per_peer_control_max=max(p["control"] for p in per_peer),
@@ -298,7 +300,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a run config field, e.g. averaging.target_group_size=8 (repeatable)")
     parser.add_argument("--rate", default="20mbit")
-    parser.add_argument("--delay", default="0ms")
+    parser.add_argument("--delay", default="30ms")
     parser.add_argument("--loopback", action="store_true", help="no namespaces, no caps")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--output", default=str(HERE / "results" / "scale.json"))
