@@ -243,7 +243,7 @@ def summarise(peers: int, before: dict, after: dict, statuses: List[dict], metri
     per_peer = []
     for node in range(1, peers + 1):
         rates = {kind: _rate(after["traffic"][node], before["traffic"][node], kind, seconds)
-                 for kind in traffic_meter.KINDS}
+                 for kind in traffic_meter.KINDS + traffic_meter.DETAILS}
         interface = None
         if after["interface"][node] is not None and before["interface"][node] is not None:
             interface = (after["interface"][node] - before["interface"][node]) / seconds
@@ -261,6 +261,7 @@ def summarise(peers: int, before: dict, after: dict, statuses: List[dict], metri
         # control: the steady kinds (CONTROL_KINDS); interface: all that crossed the peer's link
         per_peer_bytes_per_second={key: mean([p[key] for p in per_peer if p[key] is not None])
                                    for key in [*traffic_meter.KINDS, "control", "interface"]},
+        per_peer_dht_bytes_per_second={key: mean([p[key] for p in per_peer]) for key in traffic_meter.DETAILS},
         per_peer_control_max=max(p["control"] for p in per_peer),
         rounds_attempted=len(attempted), rounds_ok=len(ok),
         round_success_ratio=len(ok) / len(attempted) if attempted else None,

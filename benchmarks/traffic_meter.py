@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 KINDS = ("progress", "peer_records", "matchmaking", "access", "averaging", "state", "dht_other")
+# the DHT part of each kind, by operation (included in the kinds above): what is stored, what is read
+DETAILS = tuple(f"{kind}:{op}" for kind in ("progress", "peer_records", "matchmaking", "access", "state", "dht_other")
+                for op in ("store", "find", "ping")) + ("access:auth",)  # auth: the signed fields of every DHT message
 WRITE_PERIOD = 1.0
 GROUP_BITS_DEPTH = 5  # matchmaking keys with up to this many group bits are recognised
 
@@ -57,21 +60,25 @@ class TrafficTable:
     """
 
     def __init__(self, run_id: str):
-        self.counts = mp.RawArray(ctypes.c_double, len(KINDS))
-        self.messages = mp.RawArray(ctypes.c_double, len(KINDS))
+        self.counts = mp.RawArray(ctypes.c_double, len(KINDS) + len(DETAILS))
+        self.messages = mp.RawArray(ctypes.c_double, len(KINDS) + len(DETAILS))
         self.lock = mp.Lock()
         self.key_kinds = _dht_key_kinds(run_id)
 
-    def add(self, kind: str, nbytes: int) -> None:
+    def add(self, kind: str, nbytes: int, detail: str = "") -> None:
         index = KINDS.index(kind)
         with self.lock:
             self.counts[index] += nbytes
             self.messages[index] += 1
+            if detail in DETAILS:
+                self.counts[len(KINDS) + DETAILS.index(detail)] += nbytes
+                self.messages[len(KINDS) + DETAILS.index(detail)] += 1
 
     def snapshot(self) -> dict:
+        names = KINDS + DETAILS
         with self.lock:
-            return {"time": time.time(), "bytes": dict(zip(KINDS, list(self.counts))),
-                    "messages": dict(zip(KINDS, list(self.messages)))}
+            return {"time": time.time(), "bytes": dict(zip(names, list(self.counts))),
+                    "messages": dict(zip(names, list(self.messages)))}
 
     def kind_of_handler(self, name: str) -> str:
         if "rpc_aggregate_part" in name:
@@ -88,15 +95,18 @@ class TrafficTable:
             return
         size = message.ByteSize()
         kind = self.kind_of_handler(name)
+        detail = ""
         if kind == "dht_other":
+            keys = getattr(request if request is not None else message, "keys", None) or ()
+            kind = next((self.key_kinds[key] for key in keys if key in self.key_kinds), "dht_other")
+            op = next((op for op in ("store", "find", "ping") if f"rpc_{op}" in name), "")
+            detail = f"{kind}:{op}"
             auth = getattr(message, "auth", None)
             if auth is not None and message.HasField("auth"):
                 auth_size = auth.ByteSize()
-                self.add("access", auth_size)
+                self.add("access", auth_size, detail="access:auth")
                 size -= auth_size
-            keys = getattr(request if request is not None else message, "keys", None) or ()
-            kind = next((self.key_kinds[key] for key in keys if key in self.key_kinds), "dht_other")
-        self.add(kind, max(size, 0))
+        self.add(kind, max(size, 0), detail=detail)
 
 
 def _wrap_p2p(table: TrafficTable) -> None:
