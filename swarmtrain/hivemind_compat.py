@@ -141,6 +141,12 @@ def running_group_future(averager, group_id: bytes):
     return averager._running_groups[group_id]
 
 
+def group_registered(averager, group_id: bytes) -> bool:
+    """Whether the averager runs (or is about to run) the all-reduce of this group here
+    (group_id in DecentralizedAverager._running_groups)."""
+    return group_id in averager._running_groups
+
+
 def averaging_alpha(averager) -> float:
     """How much of an averaged update the averager applies (DecentralizedAverager._averaging_alpha)."""
     return averager._averaging_alpha

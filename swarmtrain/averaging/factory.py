@@ -11,7 +11,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from swarmtrain.averaging.local import (ANCHOR_TOLERANCE_LR, ROUND_MATCHMAKING_FACTOR, InStepWeightMixin,
                                         LocalSwarmOptimizer)
 from swarmtrain.averaging.schedule import ControllerSettings
-from swarmtrain.averaging.sync import SwarmOptimizer
+from swarmtrain.averaging.sync import GroupRegistrationMixin, SwarmOptimizer
 from swarmtrain.compression.factory import make_averager_factory
 from swarmtrain.compression.feedback import DensitySchedule
 from swarmtrain.compression.robust import RobustPolicy
@@ -69,6 +69,7 @@ def make_optimizer(config: RunConfig, model: torch.nn.Module, dht: hivemind.DHT,
     # the factory carries the codec (dense or sparse) and the options hivemind does not forward
     grad_averager_factory = make_averager_factory(
         averaging.compression, density_schedule=density_schedule, access=access,
+        mixin=GroupRegistrationMixin if averaging.overlap else None,
         request_timeout=averaging.request_timeout, robust_policy=robust_policy, bandwidth=bandwidth)
     # overlap: hivemind's delayed parameter updates (the round and the step in a background thread;
     # they need the optimizer offloaded to its own copy of the parameters, and a state averaging

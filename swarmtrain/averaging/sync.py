@@ -6,28 +6,34 @@ Transformers Together" recipe): at an epoch's end the peer starts the gradient r
 on computing the next epoch's gradients; the round and the optimizer step run in a background thread,
 and their result reaches the model at a later local step, one epoch late. The next round's matchmaking
 may then start while the last round still runs, so what changes here:
-- one round in flight per peer: the next round's matchmaking does not start before the last round has
-  landed. hivemind's averager runs one step at a time (its steps share state: a part arriving for a
-  group not yet registered found another step's "registered" flag set and was refused); with two,
-  groups timed out, were retried, met other peers' rounds of the other epoch and split (seen on
-  loopback). A peer that lands a round goes on to pre-schedule the next at once, as do its groupmates,
-  whose rounds end together: the next group still forms in step;
+- the next round's matchmaking starts (hivemind's pre-scheduling, before the epoch's expected end)
+  once the last round has its group, so that matchmaking, most of a round's time on a fast link,
+  hides behind computation too. Two steps in one hivemind averager are not safe as they come:
+  they share the flag that tells an arriving part to wait for its group's registration (parts were
+  refused and rounds failed, seen on loopback), which GroupRegistrationMixin replaces with a wait for
+  the group itself; and a failed round is not retried (its retry would look for a group beside the
+  next round and could meet other peers' rounds of the other epoch): it falls back to local
+  gradients and the peer re-synchronises;
 - the fingerprint gathered in round k is of the parameters after round k-2 (noted when round k-1
   began), the same for every member in step whenever it schedules round k;
 - round records are written by the background thread, with the epoch the round was for;
 - a state donor never labels the parameters of epoch E-1 as epoch E while its step is in flight."""
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import time
 import weakref
 from concurrent.futures import InvalidStateError
-from typing import List, Optional, Tuple
+from typing import AsyncIterator, List, Optional, Tuple
 
 import hivemind
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import achain, anext, as_aiter
 
 from swarmtrain import hivemind_compat
 from swarmtrain.access.guard import with_access_guard
@@ -41,6 +47,28 @@ from swarmtrain.training.fingerprint import fingerprint, fingerprint_positions, 
 logger = logging.getLogger("swarmtrain.peer")
 FINGERPRINT_SIZE = 64  # parameter values gathered from every member in each round
 FINGERPRINT_SEED = 0
+
+
+GROUP_REGISTRATION_WAIT = 30.0  # seconds a part may wait for its group to start here (senders time out sooner)
+
+
+class GroupRegistrationMixin:
+    """Put in front of a gradient averager whose next round may look for a group while the last runs.
+
+    A part that arrives before its group has started here (a groupmate triggered first) waits in
+    hivemind for an event that any of the averager's steps may set: with two steps, a part of round
+    k found the event set by round k+1's matchmaking, its group not there, and was refused. Here it
+    waits for its own group to appear, up to GROUP_REGISTRATION_WAIT."""
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData],
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
+        request = await anext(stream)
+        deadline = asyncio.get_running_loop().time() + GROUP_REGISTRATION_WAIT
+        while (not hivemind_compat.group_registered(self, request.group_id)
+               and asyncio.get_running_loop().time() < deadline):
+            await asyncio.sleep(0.01)
+        async for message in super().rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield message
 
 
 class SettledStateMixin:
@@ -106,6 +134,8 @@ class SwarmOptimizer(hivemind.Optimizer):
 
         def schedule_step_with_fingerprint(*args, **kwargs):
             kwargs.setdefault("gather", [self.local_epoch, self._gathered_fingerprint(), self._synced_epochs])
+            if self.delay_grad_averaging:
+                kwargs.setdefault("allow_retries", False)  # see the module docstring
             return schedule_step(*args, **kwargs)
 
         if schedule_step is not None:
@@ -337,10 +367,12 @@ class SwarmOptimizer(hivemind.Optimizer):
                                            "no round started; stepped on local gradients"))
 
     def _maybe_schedule_gradient_averaging(self) -> None:
-        """Not while a round is in flight (see the module docstring)."""
+        """Not while the round in flight is still looking for its group (see the module docstring)."""
         if self.delay_grad_averaging and self.update_in_flight():
             self.overlapped_steps += 1  # hivemind calls this once per local step: one computed during a round
-            return
+            in_flight = self.scheduled_grads
+            if in_flight is not None and not (in_flight.began_allreduce or in_flight.done()):
+                return
         super()._maybe_schedule_gradient_averaging()
 
     def update_in_flight(self) -> bool:
