@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all setup setup-test benchmarks clean
+.PHONY: demo test test-all setup setup-test dist benchmarks clean
 
 $(BIN)/swarmtrain: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,12 @@ test: setup-test
 test-all: setup-test
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
+# A wheel to install elsewhere (`pip install dist/swarmtrain-*.whl`, e.g. on a volunteer's machine or in
+# the systemd unit's venv); it needs no venv of its own.
+dist:
+	rm -rf dist
+	$(PYTHON) -m pip wheel --quiet --no-deps --wheel-dir dist .
+	@ls dist/swarmtrain-*.whl
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

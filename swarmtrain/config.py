@@ -5,14 +5,16 @@ see it as a file. Every field that is wrong produces one line naming the field a
 """
 from __future__ import annotations
 
+import difflib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Dict, Literal, Optional, Tuple
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, WithJsonSchema,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, ValidationInfo,
+                      WithJsonSchema, field_validator, model_validator)
 
 from swarmtrain.compression.spec import CompressionSpec, parse_compression_spec
 from swarmtrain.errors import UserError
@@ -22,6 +24,24 @@ SCHEDULE_FORMS = "constant:H (an integer H >= 1, the period in epochs, e.g. cons
 DEFAULT_PERIODS_PER_BUDGET = 8  # averaging.round_budget defaults to optimizer.total_epochs // this
 _LOCAL_ONLY = ("outer_lr", "outer_momentum", "round_budget", "min_period", "max_period")
 _ADAPTIVE_ONLY = ("round_budget", "min_period", "max_period")
+# Bounds of what a volunteer's peer can run: a value beyond them is a typo or an attack, and a peer
+# handed it looped, hung or crashed (issue #20). Each is far beyond any real run's.
+MAX_SEED = 2**32 - 1  # numpy's seeds
+MAX_TARGET_BATCH_SIZE = 2**24  # samples per swarm step (large-batch LAMB runs use ~64k)
+MAX_EPOCHS = 10**7
+MAX_SECONDS = 3600.0  # any timeout or matchmaking time
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a page of YAML
+MAX_SEQ_LEN = 8192  # attention is quadratic in it: at 65536 a peer's first step never ended
+# transformers config class of each model.kind, and the size fields a peer must be able to build
+# (inclusive bounds); other numbers must be finite
+MODEL_CONFIG_CLASSES = {"gpt2": "GPT2Config", "albert": "AlbertConfig"}
+MODEL_SIZE_FIELDS = {
+    "gpt2": {"n_layer": 256, "n_head": 256, "n_embd": 65536, "n_positions": 65536, "n_inner": 262144},
+    "albert": {"num_hidden_layers": 256, "num_attention_heads": 256, "hidden_size": 65536, "embedding_size": 65536,
+               "intermediate_size": 262144, "max_position_embeddings": 65536, "num_hidden_groups": 256,
+               "inner_group_num": 256},
+}
+MODEL_HEADS = {"gpt2": ("n_embd", "n_head"), "albert": ("hidden_size", "num_attention_heads")}
 
 
 @dataclass(frozen=True)
@@ -63,8 +83,43 @@ ScheduleField = Annotated[Schedule, PlainValidator(parse_schedule),
 
 
 class _Section(BaseModel):
-    # unknown keys are almost always typos ("learning_rate" for "lr"): reject them loudly
-    model_config = ConfigDict(extra="forbid")
+    # unknown keys are almost always typos ("learning_rate" for "lr"): reject them loudly; and no
+    # float field of a run takes inf or nan (`lr: .inf` had peers loop on non-finite losses)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _model_config_fields(kind: str) -> Optional[set]:
+    """The fields transformers' config class for ``kind`` knows (with its aliases); None for a kind
+    without one here."""
+    name = MODEL_CONFIG_CLASSES.get(kind)
+    if name is None:
+        return None
+    import transformers  # only here: it takes seconds to import, and only model configs need it
+
+    config_class = getattr(transformers, name)
+    return set(config_class().to_dict()) | set(config_class.attribute_map)
+
+
+def check_model_fields(kind: str, fields: Dict[str, Any]) -> None:
+    """ValueError (one line) for a model.config a peer could not build: an unknown field, a size out of
+    bounds, a non-finite number, heads that do not divide the width."""
+    known = _model_config_fields(kind)
+    for name, value in fields.items():
+        if known is not None and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {close[0]}?" if close else "see transformers' " + MODEL_CONFIG_CLASSES[kind]
+            raise ValueError(f"{name} is not a {kind} config field ({hint})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    for name, largest in MODEL_SIZE_FIELDS.get(kind, {}).items():
+        value = fields.get(name)
+        if value is None and name == "n_inner":
+            continue
+        if name in fields and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= largest):
+            raise ValueError(f"{name} must be a whole number from 1 to {largest}, got {value!r}")
+    width, heads = MODEL_HEADS.get(kind, (None, None))
+    if width in fields and heads in fields and fields[width] % fields[heads]:
+        raise ValueError(f"{width} ({fields[width]}) must be a multiple of {heads} ({fields[heads]})")
 
 
 class ModelConfig(_Section):
@@ -79,6 +134,13 @@ class ModelConfig(_Section):
             raise ValueError("remove vocab_size: it is set from the data's tokenizer")
         return value
 
+    @field_validator("config")
+    @classmethod
+    def _buildable(cls, value: Dict[str, Any], info: ValidationInfo) -> Dict[str, Any]:
+        if "kind" in info.data:  # (a wrong kind is reported on its own)
+            check_model_fields(info.data["kind"], value)
+        return value
+
 
 class DataConfig(_Section):
     # stdlib: the Python standard library's own .py files (offline, every install has them)
@@ -87,10 +149,10 @@ class DataConfig(_Section):
     source: Literal["stdlib", "text", "datasets"] = "stdlib"
     path: Optional[str] = None
     text_column: str = "text"
-    seq_len: int = Field(128, ge=8, le=65536)
+    seq_len: int = Field(128, ge=8, le=MAX_SEQ_LEN)
     heldout_fraction: float = Field(0.02, gt=0, lt=0.5)
     max_bytes: Optional[int] = Field(None, gt=0, description="cap on corpus size read, for quick runs")
-    num_shards: int = Field(64, ge=1)
+    num_shards: int = Field(64, ge=1, le=2**20)
 
     @model_validator(mode="after")
     def _path_needed(self) -> "DataConfig":
@@ -103,16 +165,16 @@ class OptimizerConfig(_Section):
     # adamw_frozen: AdamW whose variance stops changing after freeze_variance_after epochs
     # (swarmtrain/peer/frozen_adam.py), the 1-bit Adam recipe for sparse (gaussiank/topk) averaging
     name: Literal["lamb", "adamw", "adamw_frozen"] = "lamb"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.01, ge=0, le=10)
     betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-6, gt=0)
+    eps: float = Field(1e-6, gt=0, le=1)
     eight_bit: bool = Field(False, description="bitsandbytes 8-bit optimizer state (home GPUs)")
-    warmup_epochs: int = Field(10, ge=0, description="linear warm-up, in global optimizer steps (epochs)")
-    total_epochs: int = Field(1000, ge=1, description="linear decay to zero ends here")
+    warmup_epochs: int = Field(10, ge=0, le=MAX_EPOCHS, description="linear warm-up, in global optimizer steps (epochs)")
+    total_epochs: int = Field(1000, ge=1, le=MAX_EPOCHS, description="linear decay to zero ends here")
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     freeze_variance_after: Optional[int] = Field(
-        None, ge=1, description="adamw_frozen only: epochs (optimizer steps) that update the variance")
+        None, ge=1, le=MAX_EPOCHS, description="adamw_frozen only: epochs (optimizer steps) that update the variance")
 
     @field_validator("betas")
     @classmethod
@@ -144,13 +206,13 @@ class AveragingConfig(_Section):
     schedule: Optional[ScheduleField] = Field(None, description="local mode only: constant:H or adaptive")
     # sparse compression only: start at density 1/64 and reach the spec's density geometrically over
     # this many epochs (the GaussianK paper's warm-up); 0 starts at the target density
-    density_warmup_epochs: int = Field(0, ge=0)
+    density_warmup_epochs: int = Field(0, ge=0, le=MAX_EPOCHS)
     # sparse compression only: average densely (density 1, through the sparse codec) for this many
     # epochs first -- the 1-bit Adam recipe's warm-up, needed by optimizer.name adamw_frozen
-    dense_warmup_epochs: int = Field(0, ge=0)
-    matchmaking_time: float = Field(3.0, gt=0)
-    averaging_timeout: float = Field(60.0, gt=0)
-    request_timeout: float = Field(1.0, gt=0)  # below matchmaking_time (see the check below)
+    dense_warmup_epochs: int = Field(0, ge=0, le=MAX_EPOCHS)
+    matchmaking_time: float = Field(3.0, gt=0, le=MAX_SECONDS)
+    averaging_timeout: float = Field(60.0, gt=0, le=MAX_SECONDS)
+    request_timeout: float = Field(1.0, gt=0, le=MAX_SECONDS)  # below matchmaking_time (see the check below)
     # mode sync: hivemind's delayed parameter updates -- at an epoch's end a peer goes on computing the
     # next epoch's gradients while the last epoch's are averaged and applied, one epoch late (the
     # "Training Transformers Together" recipe); false: it waits for every round. (mode local: not yet,
@@ -158,23 +220,23 @@ class AveragingConfig(_Section):
     overlap: bool = True
     # parameters are averaged every this many epochs as a safety net against drift (e.g. a peer
     # that stepped on local gradients when its group failed); 0 disables it
-    state_averaging_every: int = Field(0, ge=0)
+    state_averaging_every: int = Field(0, ge=0, le=MAX_EPOCHS)
     # what a reducer does with the parts it receives (swarmtrain/compression/robust.py): non-finite
     # parts are always dropped; a part whose norm exceeds max_norm_ratio x the group's median is
     # dropped too (0 turns that off); `clip` / `centered_clip` bound any one sender's pull on the
     # average, for swarms of strangers (at the price of exact error-feedback conservation)
     aggregation: Literal["mean", "clip", "centered_clip"] = "mean"
-    max_norm_ratio: float = Field(10.0, ge=0)
+    max_norm_ratio: float = Field(10.0, ge=0, le=1e6)
     # mode: local only (swarmtrain/peer/local.py): at each averaging point the peers average their model
     # delta since the last one and apply it with an outer step, anchor + outer_lr * (avg delta [+ Nesterov
     # momentum]); outer_lr 1 and outer_momentum 0 is plain averaging (DiLoCo: 0.7 and 0.9)
-    outer_lr: float = Field(1.0, gt=0)
+    outer_lr: float = Field(1.0, gt=0, le=10)
     outer_momentum: float = Field(0.0, ge=0, lt=1)
     # schedule: adaptive only (swarmtrain/peer/schedule.py): averaging rounds planned over
     # optimizer.total_epochs (default total_epochs // 8), and the bounds of the period, in epochs
-    round_budget: Optional[int] = Field(None, ge=1)
-    min_period: int = Field(1, ge=1)
-    max_period: int = Field(32, ge=1)
+    round_budget: Optional[int] = Field(None, ge=1, le=MAX_EPOCHS)
+    min_period: int = Field(1, ge=1, le=MAX_EPOCHS)
+    max_period: int = Field(32, ge=1, le=MAX_EPOCHS)
 
     @model_validator(mode="after")
     def _consistent(self) -> "AveragingConfig":
@@ -224,12 +286,13 @@ class AccessConfig(_Section):
 
 class RunConfig(_Section):
     run_id: str = Field(description="names the run in the DHT; letters, digits, '-' and '_'")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # required, except on a split run (privacy.split): its models are the split task's, not this one
     model: Optional[ModelConfig] = Field(description="the model to train (gpt2 or albert)")
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    target_batch_size: int = Field(gt=0, description="samples the swarm accumulates per optimizer step")
+    target_batch_size: int = Field(gt=0, le=MAX_TARGET_BATCH_SIZE,
+                                   description="samples the swarm accumulates per optimizer step")
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     access: AccessConfig = Field(default_factory=AccessConfig)
@@ -309,11 +372,19 @@ def parse_run_config(data: Any, source: str = "config") -> RunConfig:
 def load_run_config(path: str | Path) -> RunConfig:
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UserError(f"{path} is {path.stat().st_size} bytes, not a run config (a page of YAML); see configs/ "
+                            "for examples")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; see configs/ for examples") from None
     except OSError as error:
         raise UserError(f"cannot read config file {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file (a YAML run config is UTF-8 text); see configs/ for "
+                        "examples") from None
+    if "\x00" in text:
+        raise UserError(f"{path} is not a text file (it holds NUL bytes); give the run's YAML config")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -29,7 +29,8 @@ PINNED_VERSION = "1.1.12"
 # Averagers: the all-reduce (compression.averager, averaging.local) and the access gate; the state
 # averager: local mode's state (averaging.local); the dense all-reduce's runner and reducer: byte
 # counting and the robust reducer; the optimizer: round records, fingerprints and local mode; the
-# tracker: fewer progress reports; the DHT: its request loop (net.dht); the authorizer: access tokens.
+# tracker: fewer progress reports and a quorum epoch; the DHT: its request loop (net.dht); a record
+# validator: record lifetimes (monitoring.records); the authorizer: access tokens.
 OVERRIDDEN = {
     "hivemind.averaging.averager:DecentralizedAverager": {
         "_aggregate_with_group": "(self, group_info: 'GroupInfo', min_vector_size: 'int', **kwargs) -> 'GatheredData'",
@@ -71,10 +72,15 @@ OVERRIDDEN = {
     },
     "hivemind.optim.progress_tracker:ProgressTracker": {
         "update_epoch": '(self, new_epoch: Optional[int] = None) -> int',
+        "_parse_swarm_progress_data": '(self, metadata: hivemind.optim.progress_tracker.TrainingProgressSchema) -> hivemind.optim.progress_tracker.GlobalTrainingProgress',
         "shutdown": '(self, timeout: Optional[float] = None)',
     },
     "hivemind.optim.power_sgd_averager:PowerSGDGradientAverager": {
         "_aggregate_with_group": '(self, group_info: hivemind.averaging.group_info.GroupInfo, min_vector_size: int, **kwargs) -> Any',
+    },
+    "hivemind.dht.validation:RecordValidatorBase": {
+        "validate": '(self, record: hivemind.dht.validation.DHTRecord) -> bool',
+        "merge_with": "(self, other: 'RecordValidatorBase') -> bool",
     },
     "hivemind.dht.dht:DHT": {
         "run": "(self) -> 'None'",

@@ -3,12 +3,13 @@ waits that a stop signal interrupts."""
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Optional, TypeVar
+from typing import Callable, NoReturn, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -19,18 +20,38 @@ class StopRequested(KeyboardInterrupt):
     A KeyboardInterrupt, because hivemind's retry loops re-raise those and swallow other errors."""
 
 
-_stop_signal: list = []  # the name of the signal received, once one was
+_stop_signals: list = []  # the names of the stop signals received, in order
+_finishing: list = []  # what is being finished that a repeated stop signal must not cut short
+EXIT_AT_ONCE_AFTER = 3  # the third stop signal ends the process on the spot
 
 
 def stop_requested() -> bool:
-    return bool(_stop_signal)
+    return bool(_stop_signals)
+
+
+def stop_repeated() -> bool:
+    """A second stop signal arrived: the user wants out now, so skip everything that does not keep
+    state (a held-out evaluation, waiting for a clean hand-over to the swarm)."""
+    return len(_stop_signals) >= 2
 
 
 def raise_if_stop_requested() -> None:
     """For loops that call into code which may have caught the handler's exception (hivemind
     logs and carries on after most errors inside an averaging round)."""
-    if _stop_signal:
-        raise StopRequested(_stop_signal[0])
+    if _stop_signals:
+        raise StopRequested(_stop_signals[0])
+
+
+@contextmanager
+def finishing(what: str):
+    """A stop signal does not interrupt this block (writing a checkpoint): it is recorded, and takes
+    effect once the block is done (stop_requested(), raise_if_stop_requested(), stop_repeated()).
+    Only a third signal cuts the block short."""
+    _finishing.append(what)
+    try:
+        yield
+    finally:
+        _finishing.pop()
 
 
 def poll(check: Callable[[], Optional[T]], *, timeout: float, interval: float) -> Optional[T]:
@@ -66,19 +87,60 @@ def children_ignore_interrupts():
         signal.signal(signal.SIGTERM, previous_term)
 
 
+def _say(text: str) -> None:
+    # from a signal handler: a plain write, since the logging module's locks may be held right now
+    try:
+        os.write(sys.stderr.fileno(), (text + "\n").encode())
+    except (OSError, ValueError):
+        pass
+
+
+def _on_stop_signal(signum, _frame) -> None:
+    name = signal.Signals(signum).name
+    _stop_signals.append(name)
+    count = len(_stop_signals)
+    if count >= EXIT_AT_ONCE_AFTER:
+        _say(f"{name} received {count} times: exiting at once (helper processes end with this one)")
+        os._exit(128 + signum)
+    if _finishing:
+        _say(f"{name}: finishing {_finishing[-1]} first, then leaving")
+        return
+    if count == 1:
+        raise StopRequested(name)
+    _say(f"{name} again: leaving without the rest of the clean-up (once more to exit at once)")
+    raise StopRequested(name)
+
+
 def raise_on_stop_signals() -> None:
-    """SIGINT and SIGTERM raise StopRequested once; repeats are ignored while we clean up.
+    """SIGINT and SIGTERM stop the process in three steps, as a user pressing Ctrl+C expects:
+
+    1. the first raises StopRequested: the process saves what must not be lost (a peer's
+       checkpoint, first) and leaves cleanly;
+    2. a second one cuts the clean-up short: StopRequested again, and ``stop_repeated()`` tells
+       the rest of the clean-up to skip what does not keep state;
+    3. a third exits on the spot (``os._exit``); the children die with the process
+       (``children_die_with_this_process``).
+
+    Inside a ``finishing`` block (writing a checkpoint) the first two are only recorded.
 
     SIGTERM matters as much as Ctrl+C: systemd and docker stop with it, and its default action
     would kill us without shutting down the children, leaving orphaned daemons behind."""
-    def handler(signum, _frame):
-        if _stop_signal:
-            return
-        _stop_signal.append(signal.Signals(signum).name)
-        raise StopRequested(_stop_signal[0])
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+
+def exit_now(code: int = 0) -> NoReturn:
+    """End the process on the spot, once what it printed is flushed: no interpreter teardown, which
+    would wait on helper threads and processes that nobody shut down (a second stop signal, helpers
+    already killed by a signal to the whole process group). The children end with this process
+    (``children_die_with_this_process``)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def children_die_with_this_process() -> None:

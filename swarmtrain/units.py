@@ -1,4 +1,4 @@
-"""Sizes and durations as people write and read them (--max-memory 6GB, log lines)."""
+"""Sizes and durations as people write and read them (--max-memory 6GB, log lines, progress lines)."""
 from __future__ import annotations
 
 import re
@@ -25,3 +25,20 @@ def format_bytes(size: float) -> str:
         if abs(size) >= scale:
             return f"{size / scale:.2f} {unit}"
     return f"{int(size)} B"
+
+
+def format_duration(seconds: float) -> str:
+    """'45s', '7m 05s', '23h 26m', '3d 04h'; '?' for a duration not known (inf, NaN, None)."""
+    if seconds is None or seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return "?"
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"

@@ -131,3 +131,64 @@ def test_a_request_pipe_from_an_exited_process_does_not_kill_the_dht_process():
                                (ConnectionResetError, caught.value, caught.value.__traceback__), func="_run")
     OneLineForExpectedRoundFailures().filter(record)
     assert record.exc_info is None and record.levelno == logging.DEBUG
+
+
+HEAVY_MODULES = ("torch", "hivemind", "transformers", "datasets", "matplotlib")
+_IMPORTS_AFTER_HELP = """
+import sys
+from swarmtrain.cli import main
+try:
+    main(sys.argv[1:], prog_name="swarmtrain")
+except SystemExit:
+    pass
+print("LOADED", *sorted(name for name in {HEAVY} if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args", [[], ["peer"], ["coordinator"], ["coordinator", "issue-token"], ["doctor"],
+                                  ["demo"], ["audit"], ["identity"]], ids=lambda args: " ".join(args) or "swarmtrain")
+def test_help_does_not_load_the_training_stack(args):
+    """--help costs a volunteer's machine what the interpreter and click cost, not torch and
+    hivemind (seconds of CPU: benchmarks/cli_startup.py)."""
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    code = _IMPORTS_AFTER_HELP.replace("{HEAVY}", repr(HEAVY_MODULES))
+    result = subprocess.run([sys.executable, "-c", code, *args, "--help"], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert "Usage:" in result.stdout, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == "LOADED", result.stdout.splitlines()[-1]
+
+
+_HIVEMIND_LOGS = """
+import logging
+from swarmtrain.cli.logs import adopt_library_logs, setup_logging
+setup_logging(verbose=False)
+adopt_library_logs()
+from hivemind.averaging.matchmaking import MatchmakingException
+from hivemind.utils.logging import get_logger
+get_logger("hivemind.dht.routing").warning("a hivemind warning")
+try:
+    raise MatchmakingException("Unable to run All-Reduce: peer left")
+except MatchmakingException as error:
+    get_logger("hivemind.averaging.averager").exception(error)
+get_logger("hivemind.dht.routing").info("hivemind chatter")
+logging.getLogger("swarmtrain.peer").info("our own line")
+"""
+
+
+def test_hivemind_messages_come_in_our_format_once():
+    """hivemind's own handler wrote its lines in another format, straight to the terminal (through the
+    progress line), and repeated the round failures the peer already reports."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _HIVEMIND_LOGS], capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "HIVEMIND_LOGLEVEL": "WARNING"})
+    lines = result.stderr.splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "WARNING hivemind.dht.routing: a hivemind warning",
+        "INFO swarmtrain.peer: our own line",
+    ], result.stderr

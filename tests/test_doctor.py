@@ -73,6 +73,11 @@ def test_good_setup_is_all_ok(coordinator, tmp_path):
     assert rows["clock"]["status"] == "ok" and "offset" in rows["clock"]["detail"]
     assert rows["memory"]["status"] == "ok" and "parameters" in rows["memory"]["detail"]
     assert rows["access token"]["detail"].startswith("not required")
+    # issue #16: the JSON names things in full (the table shortens them), and stderr says what is being checked
+    assert f"initial peer {coordinator}" in rows and "…" not in out, out
+    progress = [line for line in err.splitlines() if line.startswith("doctor: ")]
+    assert any("dial this machine back" in line for line in progress), err
+    assert any("memory one training step" in line for line in progress), err
 
 
 def test_table_output(coordinator, tmp_path):

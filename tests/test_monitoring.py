@@ -248,7 +248,7 @@ def test_committed_dashboard_is_the_generated_one():
 def test_dashboard_layout():
     dashboard = build_dashboard()
     rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
-    assert rows == ["Swarm", "Training", "Communication", "Privacy", "Peers"]
+    assert rows == ["Swarm", "Training", "Communication", "Robustness", "Privacy", "Peers"]
     ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     for panel in dashboard["panels"]:
@@ -262,8 +262,9 @@ def test_dashboard_layout():
 def test_dashboard_queries_only_exported_metrics():
     metrics = SwarmMetrics(per_peer=True)
     metrics.update(synthetic_status())
-    exported = {sample.name for family in text_string_to_metric_families(metrics.render().decode())
-                for sample in family.samples}
+    families = list(text_string_to_metric_families(metrics.render().decode()))
+    # a family without samples (no rejected sender in this status) is still exported, with its HELP and TYPE
+    exported = {sample.name for family in families for sample in family.samples} | {family.name for family in families}
     for title, expr in dashboard_queries():
         used = {token for token in _identifiers(expr) if token.startswith("swarmtrain_")}
         assert used and used <= exported, f"panel {title!r} queries unknown metrics {used - exported}"

@@ -32,6 +32,9 @@ TOKEN_VERSION = 1
 _SIGNED_DOMAIN = b"swarmtrain access token\n"  # never a prefix of anything else this key signs
 _NAME_RE = re.compile(r"[\w.@+-]{1,64}")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MIN_TOKEN_LIFETIME = 60.0  # seconds: a shorter token would expire before the volunteer could paste it
+MAX_TOKEN_LIFETIME = 10 * 365 * 86400.0  # seconds; "never expires" is what --expires must not mean
+MAX_TOKEN_FILE_BYTES = 64 * 1024  # a token is a few hundred characters
 
 
 class TokenError(ValueError):
@@ -86,6 +89,8 @@ def issue_token(authority_key: RSAPrivateKey, name: str, peer_id: PeerID | str, 
     if not _NAME_RE.fullmatch(name or ""):
         raise TokenError(f"name {name!r}: use 1-64 letters, digits or . _ @ + - (e.g. alice)")
     peer_id = parse_peer_id(peer_id) if isinstance(peer_id, str) else peer_id
+    if not math.isfinite(expires) or not 0 < expires < 2**63:
+        raise TokenError(f"expiry time {expires!r} is not a usable unix time; use --expires like 7d")
     expires = int(math.ceil(expires))
     signature = base64.b64decode(authority_key.sign(signed_message(name, peer_id, expires)))
     return Token(name, peer_id, expires, authority_key.get_public_key(), signature)
@@ -146,6 +151,9 @@ def check_token(token: Token, *, peer_id: PeerID, trusted: Sequence[PeerID], ide
 def parse_peer_id(text: str) -> PeerID:
     import multihash
 
+    if len(text) > 128:  # a peer ID is about 46 characters; base58-decoding megabytes takes minutes
+        raise TokenError(f"{text[:20]!r}... ({len(text)} characters) is not a peer ID (like QmXfA...); the volunteer "
+                         "gets theirs from `swarmtrain identity`")
     try:
         peer_id = PeerID.from_base58(text.strip())
         multihash.decode(peer_id.to_bytes())
@@ -156,27 +164,37 @@ def parse_peer_id(text: str) -> PeerID:
 
 
 def parse_expiry(text: str, now: Optional[float] = None) -> float:
-    """Unix time from a duration (90m, 12h, 7d, 4w) or a UTC date/time (2026-12-31, 2026-12-31T18:00)."""
+    """Unix time from a duration (90m, 12h, 7d, 4w) or a UTC date/time (2026-12-31, 2026-12-31T18:00),
+    between MIN_TOKEN_LIFETIME and MAX_TOKEN_LIFETIME from now (TokenError otherwise)."""
     now = time.time() if now is None else now
     value = text.strip()
+    if len(value) > 64:
+        raise TokenError(f"--expires {value[:20]!r}...: use a duration like 90m, 12h, 7d or 4w, or a UTC date like "
+                         "2026-12-31")
     match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", value.lower())
     if match:
         seconds = float(match[1]) * _DURATION_UNITS[match[2]]
         if seconds <= 0:
             raise TokenError(f"--expires {text!r}: the duration must be positive, e.g. 7d")
-        return now + seconds
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise TokenError(f"--expires {text!r}: use a duration like 90m, 12h, 7d or 4w, "
-                         "or a UTC date like 2026-12-31") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    expires = calendar.timegm(moment.utctimetuple())
-    if expires <= now:
-        raise TokenError(f"--expires {text!r} is in the past")
-    return float(expires)
-
+        expires = now + seconds
+    else:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise TokenError(f"--expires {text!r}: use a duration like 90m, 12h, 7d or 4w, "
+                             "or a UTC date like 2026-12-31") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        expires = float(calendar.timegm(moment.utctimetuple()))
+        if expires <= now:
+            raise TokenError(f"--expires {text!r} is in the past")
+    if expires - now < MIN_TOKEN_LIFETIME:
+        raise TokenError(f"--expires {text!r}: a token must live at least {MIN_TOKEN_LIFETIME:.0f} s (it would expire "
+                         "before the volunteer could use it), e.g. 90m")
+    if expires - now > MAX_TOKEN_LIFETIME:
+        raise TokenError(f"--expires {text!r}: at most {MAX_TOKEN_LIFETIME / 86400 / 365:.0f} years; there is no "
+                         "revocation, so prefer short lifetimes (e.g. 4w) and issue new tokens")
+    return expires
 
 
 def token_from_options(token: Optional[str], token_file: Optional[str]) -> Optional[str]:
@@ -186,7 +204,14 @@ def token_from_options(token: Optional[str], token_file: Optional[str]) -> Optio
     if token_file is None:
         return token
     try:
-        with open(token_file) as handle:
-            return handle.read()
+        with open(token_file, "rb") as handle:
+            data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
     except OSError as error:
         raise UserError(f"--token-file {token_file}: cannot read it ({error.strerror})") from None
+    try:
+        if len(data) > MAX_TOKEN_FILE_BYTES:
+            raise ValueError
+        return data.decode("ascii")
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"--token-file {token_file}: this is not a token file (a token is one line of text "
+                        f"starting with {TOKEN_PREFIX!r}); save the token the organiser sent in it") from None

@@ -51,7 +51,7 @@ from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_
 from hivemind.utils import get_dht_time
 
 from swarmtrain import hivemind_compat
-from swarmtrain.averaging.rounds import NO_OTHER_PEERS, LocalRoundRecord
+from swarmtrain.averaging.rounds import NO_OTHER_PEERS, LocalRoundRecord, describe_round_failure
 from swarmtrain.averaging.schedule import (FINGERPRINT_SEED, FINGERPRINT_SIZE, ControllerSettings, ControllerState,
                                            MemberRecord, count_sketch, decide_after_round, first_round_epoch,
                                            in_step_with, parse_records, reference_member, state_after_failure)
@@ -318,8 +318,14 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             anchor_sum, digest = _describe_model(self.anchor)
             logger.info(f"took the swarm's averaged model of epoch {state.anchor_epoch} at epoch {self.local_epoch} "
                         f"({state.rounds_done} rounds so far; digest {digest}, sum {anchor_sum:.6f}); next "
-                        f"averaging at epoch {state.next_epoch}")
+                        f"averaging at epoch {self.next_averaging_epoch}")
         return loaded
+
+    @property
+    def next_averaging_epoch(self) -> int:
+        """The epoch whose start the next round leads into. A schedule point already behind us (a
+        donor's state that lone epochs kept overdue, a resumed peer) is due at our next epoch."""
+        return max(self.schedule_state.next_epoch, self.local_epoch + 1)
 
     def state_is_finite(self) -> bool:
         return super().state_is_finite() and all(bool(torch.isfinite(anchor).all()) for anchor in self.anchor)
@@ -426,7 +432,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
                 error = control.exception(timeout=0)
             except BaseException as cancelled:
                 error = cancelled
-            self._round_failed(epoch, started, repr(error)[:200])
+            self._round_failed(epoch, started, describe_round_failure(error))
             return None
         return control
 
@@ -449,7 +455,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         except BaseException as error:
             if not control.done():
                 control.cancel()
-            return self._round_failed(epoch, started, repr(error)[:200])
+            return self._round_failed(epoch, started, describe_round_failure(error))
         with torch.no_grad(), self.delta_averager.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
         self._apply_round(epoch, started, gathered, averaged, weight)
@@ -463,7 +469,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         self.rounds.append(LocalRoundRecord(epoch, 0, False, time.perf_counter() - started, note,
                                             next_epoch=self.schedule_state.next_epoch, finished_at=time.time()))
         logger.info(f"epoch {epoch}: averaging round failed ({note}); training on, next attempt at epoch "
-                    f"{self.schedule_state.next_epoch}")
+                    f"{self.next_averaging_epoch}")
 
     def _apply_round(self, epoch: int, started: float, gathered: Dict, averaged: List[torch.Tensor],
                      weight: float) -> None:

@@ -40,3 +40,28 @@ class LocalRoundRecord(RoundRecord):
     anchor_digest: str = ""  # SHA-256 prefix of its bytes (bit-identical peers share it)
     finished_at: float = 0.0  # unix time
     weight: float = 0.0  # samples this peer contributed
+
+
+# what a volunteer reads when a round fails: (exception name, words in its message or "", sentence)
+_ROUND_FAILURES = (
+    ("MatchmakingException", "all-reduce", "a group member left or stopped answering during the all-reduce"),
+    ("MatchmakingException", "", "no averaging group formed in time"),
+    ("BannedException", "", "a group member was left out of the round"),
+    ("AllreduceException", "could not find a group", "no averaging group formed in time"),
+    ("AllreduceException", "non-finite", "a group member's average was not finite"),
+    ("AllreduceException", "", "a group member left or stopped answering during the all-reduce"),
+    ("TimeoutError", "", "the round timed out"),
+    ("CancelledError", "", "the round was cancelled"),
+)
+
+
+def describe_round_failure(error: BaseException) -> str:
+    """One readable sentence for a failed averaging round (the progress line, the status file, the
+    log), instead of the exception's repr (``MatchmakingException('Unable to run sparse all-reduce:
+    StopAsyncIteration()')``)."""
+    name, text = type(error).__name__, str(error).lower()
+    for exception_name, words, sentence in _ROUND_FAILURES:
+        if name == exception_name and words in text:
+            return sentence
+    first_line = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+    return f"unexpected error ({name}{': ' + first_line if first_line else ''})"

@@ -38,7 +38,7 @@ from hivemind.utils.asyncio import achain, anext, as_aiter
 from swarmtrain import hivemind_compat
 from swarmtrain.access.guard import with_access_guard
 from swarmtrain.averaging.progress import SwarmProgressTracker
-from swarmtrain.averaging.rounds import NO_OTHER_PEERS, RoundRecord, group_id
+from swarmtrain.averaging.rounds import NO_OTHER_PEERS, RoundRecord, describe_round_failure, group_id
 from swarmtrain.compression.factory import with_mixin
 from swarmtrain.compression.stats import AveragingTraffic
 from swarmtrain.signals import poll, raise_if_stop_requested
@@ -236,6 +236,9 @@ class SwarmOptimizer(hivemind.Optimizer):
                 raise_if_stop_requested()
                 time.sleep(min(1.0 + 0.5 * attempt, 5.0))  # the donors are applying epoch `wanted` right now
             loaded = self.local_epoch >= wanted
+            # from now on our own epoch is a vote for the swarm's (averaging.progress.credible_epoch):
+            # we hold the swarm's state, or no donor could serve the epoch the records claimed
+            self.tracker.votes_own_epoch = True
             if not loaded:
                 logger.warning(f"could only get the state of epoch {self.local_epoch} (the swarm is at {wanted}); "
                                f"training on, the next rounds' checks will resynchronise")
@@ -409,7 +412,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             self._synced_epochs += 1
             self._check_fingerprints(group)
         except BaseException as error:  # the round failed; hivemind already fell back to local gradients
-            self.rounds.append(RoundRecord(epoch, 0, False, seconds, repr(error)[:200]))
+            self.rounds.append(RoundRecord(epoch, 0, False, seconds, describe_round_failure(error)))
 
 
 def _is_fingerprint_record(data) -> bool:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from swarmtrain.cli.logs import quiet_interpreter_teardown
+from swarmtrain.cli.logs import adopt_library_logs, quiet_interpreter_teardown
 from swarmtrain.cli.options import MULTIADDR_HELP
 from swarmtrain.errors import UserError
 
@@ -63,7 +63,12 @@ def coordinator(ctx, config_path, identity, host_maddrs, announce_maddrs, log_ev
     from swarmtrain.signals import StopRequested, children_die_with_this_process, raise_on_stop_signals
 
     children_die_with_this_process()
-    config = load_run_config(config_path)
+    adopt_library_logs()
+    config = load_run_config(config_path)  # every value peers could not run is refused here, before publishing
+    if checkpoint_dir:
+        from swarmtrain.training.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(checkpoint_dir)
     identity = identity or str(default_identity_path(f"coordinator-{config.run_id}"))
     token_gated = config.access.mode == "token"  # the coordinator is the authority (see Coordinator)
     raise_on_stop_signals()
@@ -87,11 +92,14 @@ def coordinator(ctx, config_path, identity, host_maddrs, announce_maddrs, log_ev
             click.echo(f"Metrics: {node.metrics_server.url}/metrics and {node.metrics_server.url}/status")
         sys.stdout.flush()
         node.run(log_every=log_every)
-    except StopRequested:
-        logging.getLogger("swarmtrain.coordinator").info("stopping; peers keep training")
+    except StopRequested as stop:
+        logging.getLogger("swarmtrain.coordinator").info(f"{stop.args[0]} received: stopping; peers keep training")
     finally:
-        if node is not None:
-            node.shutdown()
+        try:
+            if node is not None:
+                node.shutdown()
+        except StopRequested:
+            pass  # a second stop signal while the DHT shuts down: its process ends with this one
         quiet_interpreter_teardown()
 
 

@@ -8,19 +8,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import sys
 import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import List, Optional, Sequence, Tuple
-
-# hivemind reads its log level at import time; a diagnostic should not add its own noise
-os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import click
 
-from swarmtrain.cli.logs import quiet_interpreter_teardown
+from swarmtrain.cli.logs import adopt_library_logs, quiet_interpreter_teardown
 from swarmtrain.errors import UserError
 from swarmtrain.units import format_bytes
 
@@ -124,45 +120,48 @@ def free_host_memory() -> Optional[int]:
     return None
 
 
-def check_memory(config, device: Optional[str]) -> Row:
+def check_memory(config, device: Optional[str], data_path: Optional[str] = None) -> Row:
     if config is None:
         return Row("memory", SKIP, "needs the run config")
     if config.model is None:  # a split run (privacy.split): its digits models are well under 1 MB
         return Row("memory", OK, "a split run: its small models need no more than a few MB")
-    from swarmtrain.peer.resources import count_parameters, memory_needed  # torch and transformers: only here
+    from swarmtrain.cli.memory_estimate import estimate_peer_memory  # torch and the model: only here
 
-    num_params = count_parameters(config)
-    eight_bit = config.optimizer.eight_bit
-    optimizer = f"{config.optimizer.name}{' 8-bit' if eight_bit else ' fp32'}"
     device = device or "cpu"
-    gpu_need, host_need = memory_needed(num_params, eight_bit, device)
+    need = estimate_peer_memory(config, device, data_path)
+    eight_bit = config.optimizer.eight_bit
     problems, parts = [], []
     host_free = free_host_memory()
+    breakdown = (f"runtime {format_bytes(need.runtime)}, model and optimizer {format_bytes(need.model_and_optimizer)}"
+                 + (f", one step of {need.batch_size} samples {format_bytes(need.activations)}" if device == "cpu" else "")
+                 + (f", corpus {format_bytes(need.corpus)}" if need.corpus else ""))
     if host_free is None:
-        return Row("memory", WARN, f"{format_bytes(host_need)} RAM needed; could not measure free memory here "
-                   "(pip install psutil)")
-    parts.append(f"RAM {format_bytes(host_need)} of {format_bytes(host_free)} free")
-    if host_need > host_free:
+        return Row("memory", WARN, f"RAM {format_bytes(need.host_bytes)} needed ({breakdown}); could not measure free "
+                   "memory here (pip install psutil)")
+    parts.append(f"RAM {format_bytes(need.host_bytes)} of {format_bytes(host_free)} free")
+    if need.host_bytes > host_free:
         problems.append("RAM")
-    if gpu_need:
+    tight = need.host_bytes > MEMORY_MARGIN * host_free
+    if need.device_bytes:
         import torch
 
         gpu_free, _ = torch.cuda.mem_get_info(torch.device(device))
-        parts.append(f"{device} {format_bytes(gpu_need)} of {format_bytes(gpu_free)} free")
-        if gpu_need > gpu_free:
+        parts.append(f"{device} {format_bytes(need.device_bytes)} of {format_bytes(gpu_free)} free at one sample per "
+                     "step (--batch-size auto fills the rest)")
+        if need.device_bytes > gpu_free:
             problems.append("GPU memory")
-        tight = gpu_need > MEMORY_MARGIN * gpu_free or host_need > MEMORY_MARGIN * host_free
-    else:
-        tight = host_need > MEMORY_MARGIN * host_free
-    detail = (f"{num_params / 1e6:.1f}M parameters, {optimizer} state: needs {', '.join(parts)} "
-              "(plus activations, which --batch-size sets)")
+        tight = tight or need.device_bytes > MEMORY_MARGIN * gpu_free
+    detail = (f"{need.num_params / 1e6:.1f}M parameters, {config.optimizer.name}{' 8-bit' if eight_bit else ''}: "
+              f"needs {', '.join(parts)} ({breakdown})")
     if problems:
         fix = "free memory (close other programs) or use a bigger machine"
+        if device == "cpu":
+            fix += "; a smaller --batch-size needs less"
         if not eight_bit:
             fix += "; the organiser can set optimizer.eight_bit: true to cut the optimizer state 4x"
         return Row("memory", FIX, f"not enough {' and '.join(problems)}: {detail}", fix)
     if tight:
-        return Row("memory", WARN, detail, "little room left for activations: start with a small --batch-size")
+        return Row("memory", WARN, detail, "little room left: start with a small --batch-size")
     return Row("memory", OK, detail)
 
 
@@ -242,7 +241,7 @@ def token_row_without_token(config) -> Row:
 
 def check_swarm(initial_peers: List[str], host_maddrs: List[str], announce_maddrs: List[str],
                 listen_port: Optional[int], config_path: Optional[str], timeout: float,
-                access=None) -> Tuple[List[Row], object]:
+                access=None, say: Callable[[str], None] = lambda text: None) -> Tuple[List[Row], object]:
     """Rows for: each initial peer, the run config, this peer's reachability, the clock. Returns
     the rows and the run config (None if unknown). With `access` (a checked token) this node's DHT
     requests carry the token, as the peer's would."""
@@ -268,6 +267,7 @@ def check_swarm(initial_peers: List[str], host_maddrs: List[str], announce_maddr
         return rows, config
     from hivemind.dht.crypto import RSASignatureValidator
 
+    say(f"joining the swarm's DHT through {len(initial_peers)} initial peer(s) (up to {timeout:.0f} s)")
     try:
         # the run config is a signed record: without the validator hivemind cannot even read it
         dht = make_dht(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
@@ -276,11 +276,11 @@ def check_swarm(initial_peers: List[str], host_maddrs: List[str], announce_maddr
     except UserError as error:
         if error.message.startswith("could not reach any initial peer"):
             for maddr in initial_peers:
-                rows.append(Row(f"initial peer {_short_maddr(maddr)}", FIX, error.message,
+                rows.append(Row(f"initial peer {maddr}", FIX, error.message,
                                 "check the address (copy the coordinator's join command) and that the coordinator runs"))
         elif error.message.startswith("the initial peer(s)"):  # they answered, but refused us into the DHT
             for maddr in initial_peers:
-                rows.append(Row(f"initial peer {_short_maddr(maddr)}", FIX, error.message,
+                rows.append(Row(f"initial peer {maddr}", FIX, error.message,
                                 "see the access token row" if access is not None else
                                 "a token-gated run answers only peers with a token: pass --token"))
         else:  # our own side: a port in use, a bad announce address, the daemon did not start
@@ -289,36 +289,51 @@ def check_swarm(initial_peers: List[str], host_maddrs: List[str], announce_maddr
         rows += [Row(name, SKIP, "needs a reachable initial peer") for name in ("this peer reachable", "clock")]
         return rows, config
     try:
-        pings = dht.run_coroutine(partial(_ping_each, peer_ids=[peer_id_in(m) for m in initial_peers], timeout=timeout))
-        for maddr, ping in zip(initial_peers, pings):
-            if ping["ok"]:
-                rows.append(Row(f"initial peer {_short_maddr(maddr)}", OK, f"answers in {ping['rtt'] * 1000:.0f} ms"))
-            else:
-                rows.append(Row(f"initial peer {_short_maddr(maddr)}", FIX, f"does not answer: {ping['error']}",
-                                "check the address (copy the coordinator's join command) and that it runs"
-                                + ("" if access is not None else "; a token-gated run answers only peers with --token")))
-        if config_row is None:
-            try:
-                published = fetch_run_config(dht, trusted=[peer_id_in(m) for m in initial_peers], timeout=timeout,
-                                             has_token=access is not None)
-                config = published.config
-                config_row = Row("run config", OK, f"run {config.run_id!r} published by {str(published.owner)[:16]}…")
-            except UserError as error:
-                config_row = Row("run config", FIX, error.message, "")
-        rows.append(config_row)
-        reachability = check_reachability(dht, timeout, initial_peers=initial_peers, listen_port=listen_port)
-        if reachability.reachable and reachability.checked_by == "this machine":
-            rows.append(Row("this peer reachable", WARN, reachability.detail,
-                            "nothing to do now; a swarm with a newer coordinator checks from outside"))
-        elif reachability.reachable:
-            rows.append(Row("this peer reachable", OK, reachability.detail))
-        else:
-            rows.append(Row("this peer reachable", FIX,
-                            reachability.detail + "; `swarmtrain peer` would train as a client", reachability.suggestion))
-        rows.append(_clock_row(pings))
+        config, config_row = _rows_through_the_swarm(dht, rows, initial_peers, config, config_row, listen_port,
+                                                     timeout, access, say)
     finally:
         dht.shutdown()
     return rows, config
+
+
+def _rows_through_the_swarm(dht, rows: List[Row], initial_peers: List[str], config, config_row: Optional[Row],
+                            listen_port: Optional[int], timeout: float, access, say) -> Tuple[object, Row]:
+    """check_swarm's rows once this machine's DHT node is up (appended to `rows`)."""
+    from swarmtrain.net.addresses import peer_id_in
+    from swarmtrain.net.reachability import check_reachability
+    from swarmtrain.net.run_config import fetch_run_config
+
+    say("pinging the initial peers and comparing clocks")
+    pings = dht.run_coroutine(partial(_ping_each, peer_ids=[peer_id_in(m) for m in initial_peers], timeout=timeout))
+    for maddr, ping in zip(initial_peers, pings):
+        if ping["ok"]:
+            rows.append(Row(f"initial peer {maddr}", OK, f"answers in {ping['rtt'] * 1000:.0f} ms"))
+        else:
+            rows.append(Row(f"initial peer {maddr}", FIX, f"does not answer: {ping['error']}",
+                            "check the address (copy the coordinator's join command) and that it runs"
+                            + ("" if access is not None else "; a token-gated run answers only peers with --token")))
+    if config_row is None:
+        say("reading the run config the coordinator published")
+        try:
+            published = fetch_run_config(dht, trusted=[peer_id_in(m) for m in initial_peers], timeout=timeout,
+                                         has_token=access is not None)
+            config = published.config
+            config_row = Row("run config", OK, f"run {config.run_id!r} published by {published.owner}")
+        except UserError as error:
+            config_row = Row("run config", FIX, error.message, "")
+    rows.append(config_row)
+    say(f"asking the swarm to dial this machine back (up to {timeout:.0f} s)")
+    reachability = check_reachability(dht, timeout, initial_peers=initial_peers, listen_port=listen_port)
+    if reachability.reachable and reachability.checked_by == "this machine":
+        rows.append(Row("this peer reachable", WARN, reachability.detail,
+                        "nothing to do now; a swarm with a newer coordinator checks from outside"))
+    elif reachability.reachable:
+        rows.append(Row("this peer reachable", OK, reachability.detail))
+    else:
+        rows.append(Row("this peer reachable", FIX,
+                        reachability.detail + "; `swarmtrain peer` would train as a client", reachability.suggestion))
+    rows.append(_clock_row(pings))
+    return config, config_row
 
 
 def _clock_row(pings: Sequence[dict]) -> Row:
@@ -341,19 +356,27 @@ def _clock_row(pings: Sequence[dict]) -> Row:
 
 def run_checks(initial_peers: List[str], device: str, config_path: Optional[str], host_maddrs: List[str],
                announce_maddrs: List[str], listen_port: Optional[int], timeout: float,
-               token: Optional[str] = None, identity: Optional[str] = None) -> List[Row]:
+               token: Optional[str] = None, identity: Optional[str] = None, data_path: Optional[str] = None,
+               say: Callable[[str], None] = lambda text: None) -> List[Row]:
+    """Every check, in order; `say` hears what is being checked before each step (some take seconds)."""
+    say("checking Python, torch and the device")
     rows = [_guarded("python", check_python), _guarded("torch", check_torch)]
     device_row, resolved = _guarded_pair("device", lambda: check_device(device))
     rows.append(device_row)
+    if token is not None:
+        say("checking the access token")
     token_row, access = _guarded_pair("access token", lambda: check_token(token, identity, initial_peers))
     try:
         swarm_rows, config = check_swarm(initial_peers, host_maddrs, announce_maddrs, listen_port, config_path, timeout,
-                                         access=access)
+                                         access=access, say=say)
     except Exception as error:  # an unexpected failure becomes a row, not a traceback
         swarm_rows, config = [Row("swarm", FIX, f"check failed: {_one_line(error)}")], None
     needs_bnb = config is None or config.optimizer.name == "lamb" or config.optimizer.eight_bit
+    say("checking bitsandbytes")
     rows.append(_guarded("bitsandbytes", lambda: check_bitsandbytes(needs_bnb)))
-    rows.append(_guarded("memory", lambda: check_memory(config, resolved)))
+    if config is not None and config.model is not None:
+        say("measuring the memory one training step of this run's model takes")
+    rows.append(_guarded("memory", lambda: check_memory(config, resolved, data_path)))
     rows += swarm_rows
     rows.append(token_row or token_row_without_token(config))
     return rows
@@ -382,8 +405,8 @@ def print_table(rows: List[Row]) -> None:
     for column in ("check", "result", "detail", "fix"):
         table.add_column(column, overflow="fold")
     colours = {OK: "green", FIX: "bold red", WARN: "yellow", SKIP: "dim"}
-    for row in rows:
-        table.add_row(row.check, f"[{colours[row.status]}]{row.status}[/]", row.detail, row.fix)
+    for row in rows:  # (the JSON keeps whole addresses; the table shortens peer IDs to stay readable)
+        table.add_row(_short_check(row.check), f"[{colours[row.status]}]{row.status}[/]", row.detail, row.fix)
     console.print(table)
     fixes = sum(row.status == FIX for row in rows)
     console.print("[green]all ok[/]: `swarmtrain peer` with the same flags should join" if not fixes
@@ -411,11 +434,15 @@ def print_table(rows: List[Row]) -> None:
 @click.option("--identity", type=click.Path(dir_okay=False), default=None,
               help="The identity file you will join with (the token is bound to its peer ID). "
                    "Default with a token: ~/.swarmtrain/peer.id.")
+@click.option("--data", "data_path", type=click.Path(exists=True), default=None,
+              help="The --data you will train on (its size counts toward the memory needed). Default: the "
+                   "run's own source.")
 def doctor(initial_peers, device, config_path, announce_maddrs, public_ip, port, timeout, as_json, token, token_file,
-           identity):
+           identity, data_path):
     """Check that this machine can join the swarm: software, memory, network, clock.
 
-    Prints one line per check with what to fix; exits 0 when all are ok, 1 otherwise.
+    Says on stderr what it is checking as it goes (the network checks take up to --timeout seconds
+    each), then prints one line per check with what to fix; exits 0 when all are ok, 1 otherwise.
     """
     from swarmtrain.access.tokens import token_from_options
     from swarmtrain.net.addresses import host_and_announce_maddrs, parse_initial_peers, split_values
@@ -427,8 +454,10 @@ def doctor(initial_peers, device, config_path, announce_maddrs, public_ip, port,
         raise UserError(str(error)) from None
 
     token = token_from_options(token, token_file)
+    adopt_library_logs(default_level="ERROR")  # a diagnostic adds no hivemind chatter of its own
     try:
-        rows = run_checks(peers, device, config_path, host_maddrs, announce, port, timeout, token, identity)
+        rows = run_checks(peers, device, config_path, host_maddrs, announce, port, timeout, token, identity,
+                          data_path, say=lambda text: click.echo(f"doctor: {text}…", err=True))
     except KeyboardInterrupt:
         raise click.exceptions.Exit(130)
     if as_json:
@@ -442,6 +471,11 @@ def doctor(initial_peers, device, config_path, announce_maddrs, public_ip, port,
 def _one_line(error: BaseException) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def _short_check(check: str) -> str:
+    return f"initial peer {_short_maddr(check.removeprefix('initial peer '))}" if check.startswith("initial peer ") \
+        else check
 
 
 def _short_maddr(maddr: str) -> str:

@@ -3,32 +3,62 @@ expected failures (a groupmate leaving mid-round) cut to one line, and no teardo
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
+HIVEMIND_ROUND_LOGGERS = ("hivemind.averaging.averager", "hivemind.optim.optimizer", "hivemind.dht.dht")
+NOISY_LIBRARIES = ("bitsandbytes", "transformers", "urllib3", "filelock", "datasets", "fsspec")
+_settings = {"verbose": False}
+
+
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes each line to whatever ``sys.stderr`` is at that moment: while the live progress line
+    is up, rich swaps it for a proxy that prints the line above the progress line instead of
+    through it."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """Our format for every line. Cheap on purpose (no torch, hivemind or transformers import):
+    it runs before any command, ``--help`` included. Commands that use hivemind call
+    ``adopt_library_logs`` once they start."""
+    handler = CurrentStderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    _settings["verbose"] = verbose
     logging.getLogger("asyncio").addFilter(DropHivemindCancelledStepNoise())
     _ignore_orphaned_step_controls()
-    from hivemind.utils.logging import get_logger as get_hivemind_logger
-
-    for name in ("hivemind.averaging.averager", "hivemind.optim.optimizer", "hivemind.dht.dht"):
-        get_hivemind_logger(name).addFilter(OneLineForExpectedRoundFailures())
-    for noisy in ("bitsandbytes", "transformers", "urllib3", "filelock", "datasets", "fsspec"):
+    for name in HIVEMIND_ROUND_LOGGERS:  # logger objects outlive hivemind's set-up: the filter stays
+        logging.getLogger(name).addFilter(OneLineForExpectedRoundFailures())
+    for noisy in NOISY_LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers sets its level when first imported
     # hivemind steps a freshly loaded LR scheduler up to the swarm's epoch; torch warns about the order
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-    if verbose:
-        from hivemind.utils.logging import get_logger
 
-        get_logger("hivemind").setLevel(logging.INFO)
+
+def adopt_library_logs(default_level: str = "WARNING") -> None:
+    """hivemind writes its messages through its own handler, in its own format, straight to the
+    terminal: a second format in the log and a line drawn through the live progress line. Send
+    them through ours instead (they keep their logger names), at `default_level` ($HIVEMIND_LOGLEVEL
+    wins; INFO with --verbose). Imports hivemind: call it when a command starts, not at set-up."""
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("nowhere")
+    logging.addLevelName(logging.WARNING, "WARNING")  # hivemind renames it WARN for everyone when imported
+    level = logging.getLevelName("INFO" if _settings["verbose"] else os.environ.get("HIVEMIND_LOGLEVEL", default_level).upper())
+    logging.getLogger("hivemind").setLevel(level if isinstance(level, int) else logging.WARNING)
 
 
 class DropHivemindCancelledStepNoise(logging.Filter):
@@ -46,11 +76,14 @@ class DropHivemindCancelledStepNoise(logging.Filter):
 
 class OneLineForExpectedRoundFailures(logging.Filter):
     """In a volunteer swarm a round fails whenever a groupmate leaves or never shows up; hivemind
-    logs each with a full traceback at ERROR. Keep the line (as a warning), drop the traceback;
+    logs each with a full traceback at ERROR (and each retry at WARNING). The peer reports the
+    round's outcome itself, so these become debug lines without the traceback (shown with -v);
     unexpected errors keep theirs."""
 
     EXPECTED = ("AllreduceException", "MatchmakingException", "TimeoutError", "CancelledError", "BannedException",
                 "RejectedPart")
+    # a donor that left while we asked it for the state: the peer says how the download ended
+    REPORTED_BY_THE_PEER = ("Failed to download state from",)
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -61,10 +94,14 @@ class OneLineForExpectedRoundFailures(logging.Filter):
                 "dropped a DHT request from a process that has already exited", None, None, None)
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        if exc is not None and type(exc).__name__ in self.EXPECTED:
+        message = record.getMessage()
+        if (exc is not None and type(exc).__name__ in self.EXPECTED) or message.endswith(", retrying") \
+                or message.startswith(self.REPORTED_BY_THE_PEER):
+            # the peer reports the round's outcome itself, in one sentence (its progress line, its
+            # epoch log line, its status file): hivemind's own line would say it a second time
             record.exc_info, record.exc_text = None, None
-            if record.levelno > logging.WARNING:
-                record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from swarmtrain.cli.logs import quiet_interpreter_teardown
+from swarmtrain.cli.logs import adopt_library_logs, quiet_interpreter_teardown
 from swarmtrain.cli.options import BATCH_SIZE, MEMORY_SIZE, MULTIADDR_HELP
 from swarmtrain.errors import UserError
 
@@ -127,6 +127,11 @@ def peer(initial_peers, run_id, device, batch_size, max_memory, precision, data,
     from swarmtrain.signals import children_die_with_this_process
 
     children_die_with_this_process()
+    adopt_library_logs()
+    if checkpoint_dir:  # before joining: an unwritable directory is refused in one line, not at the first save
+        from swarmtrain.training.checkpoint import check_checkpoint_dir
+
+        check_checkpoint_dir(checkpoint_dir)
     initial_peers = parse_initial_peers(initial_peers)
     access, identity = peer_access_from_token(token, token_file, identity, initial_peers)
     try:

@@ -5,12 +5,13 @@ it comes back (with the same identity, hence the same multiaddr).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
@@ -27,14 +28,21 @@ from swarmtrain.net.identity import load_or_create_identity
 from swarmtrain.net.progress import SwarmProgress, read_swarm_progress
 from swarmtrain.net.reachability import serve_reachability_checks
 from swarmtrain.net.run_config import RUN_CONFIG_TTL, publish_run_config
-from swarmtrain.signals import children_ignore_interrupts, raise_if_stop_requested
+from swarmtrain.signals import StopRequested, children_ignore_interrupts, raise_if_stop_requested
+from swarmtrain.units import format_duration
 
 logger = logging.getLogger("swarmtrain.coordinator")
+DHT_CALL_TIMEOUT = 10.0  # seconds a call into the DHT process may take on the way out
 
 
 async def _connected_peers(_dht, node) -> List[str]:
     # runs inside the DHT process (hence module level: it is pickled there)
     return [f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs]
+
+
+async def _connected_peer_ids(_dht, node) -> List[str]:
+    # runs inside the DHT process, like _connected_peers
+    return [str(info.peer_id) for info in await node.p2p.list_peers()]
 
 
 def _read_known_peers(path: Path) -> List[str]:
@@ -79,6 +87,7 @@ class Coordinator:
         # bootstrap node about the swarm that kept training without it
         self.known_peers_path = Path(f"{identity}.peers.json")
         self._remembered = set()
+        self._observed: Dict[str, float] = {}  # peer ID -> when last seen connected (time.monotonic())
         self.dht = None
         known = _read_known_peers(self.known_peers_path)
         for initial_peers in ([known, []] if known else [[]]):
@@ -139,7 +148,7 @@ class Coordinator:
             if time.monotonic() - self._published_at > RUN_CONFIG_TTL / 4:
                 self.publish()
             if time.monotonic() - last_poll >= 2.0:
-                self.metrics.update(self.aggregator.poll(self.dht))
+                self.metrics.update(self.aggregator.poll(self.dht, observed=self.observed_peers()))
                 last_poll = time.monotonic()
             if time.monotonic() - last_remember >= 2.0:  # a local call; the file is written on changes only
                 self.remember_peers()
@@ -148,19 +157,30 @@ class Coordinator:
                 self.save_checkpoint()
                 last_checkpoint = time.monotonic()
             if time.monotonic() - last_log >= log_every:
-                p = self.progress()
-                eta = f"{p.eta_seconds:.0f}s" if p.eta_seconds != float("inf") else "?"
-                logger.info(
-                    f"epoch {p.epoch}: {p.peers} peers ({p.clients} clients), "
-                    f"{p.samples_accumulated}/{self.config.target_batch_size} samples, "
-                    f"{p.samples_per_second:.1f} samples/s, next epoch in {eta}"
-                )
+                logger.info(progress_line(self.progress(), self.config.target_batch_size))
                 last_log = time.monotonic()
             time.sleep(0.5)
 
+    def observed_peers(self) -> Set[str]:
+        """Peer IDs connected to this node now or within the last RECORD_TTL seconds. libp2p
+        authenticates them, so unlike a record's claims they cost something to multiply: only their
+        records count in the swarm's figures (a node publishing a thousand records under fresh keys is
+        still one peer)."""
+        try:
+            connected = self.dht.run_coroutine(_connected_peer_ids)
+        except Exception as error:
+            logger.debug(f"could not list peers: {error!r}")
+            connected = []
+        now = time.monotonic()
+        for peer_id in [*connected, str(self.dht.peer_id)]:
+            self._observed[peer_id] = now
+        for peer_id in [peer_id for peer_id, seen in self._observed.items() if now - seen > RECORD_TTL]:
+            del self._observed[peer_id]
+        return set(self._observed)
+
     def remember_peers(self) -> None:
         try:
-            maddrs = self.dht.run_coroutine(_connected_peers)
+            maddrs = self._ask_dht(_connected_peers)
         except Exception as error:
             logger.debug(f"could not list peers: {error!r}")
             return
@@ -171,20 +191,51 @@ class Coordinator:
             tmp.write_text(json.dumps(kept))
             os.replace(tmp, self.known_peers_path)
 
+    def _ask_dht(self, coroutine):
+        """Run `coroutine` in the DHT process; TimeoutError when that process is gone or does not
+        answer within DHT_CALL_TIMEOUT. A stop signal sent to our whole process group (``timeout``,
+        ``kill -TERM -PGID``, systemd) ends the DHT process too, and nothing would ever answer."""
+        future = self.dht.run_coroutine(coroutine, return_future=True)
+        deadline = time.monotonic() + DHT_CALL_TIMEOUT
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                if not self.dht.is_alive() or time.monotonic() > deadline:
+                    future.cancel()
+                    raise TimeoutError("the DHT process did not answer") from None
+
     def save_checkpoint(self):
         try:
             path = self.state.checkpoint(self.checkpoint_dir, self.keep_checkpoints)
         except Exception as error:  # no donor right now, a timeout: try again next period
-            logger.warning(f"checkpoint failed: {error!r}")
+            logger.warning(f"checkpoint failed ({type(error).__name__}: {error}); trying again in "
+                           f"{format_duration(self.checkpoint_every)}")
             return None
         if path is not None:
             logger.info(f"checkpoint of epoch {self.state.last_saved_epoch} saved to {path}")
         return path
 
     def shutdown(self) -> None:
-        self.remember_peers()  # so that a restart finds the swarm again even if it changed meanwhile
-        if self.metrics_server is not None:
-            self.metrics_server.stop()
-        if self.state is not None:
-            self.state.shutdown()
-        self.dht.shutdown()
+        """Leave promptly whatever state the children are in: a stop signal sent to the whole
+        process group (``timeout``, ``kill -TERM -PGID``, systemd's control-group stop) has already
+        ended the DHT process, and a call into a dead DHT would wait for ever. A second stop
+        signal skips what is left."""
+        try:
+            self.remember_peers()  # so that a restart finds the swarm again even if it changed meanwhile
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+            if self.state is not None:
+                self.state.shutdown()
+        except StopRequested:
+            logger.info("stopping without the rest of the clean-up")
+        finally:
+            self.dht.shutdown()  # returns at once when the DHT process is gone (and reaps it)
+
+
+def progress_line(progress: SwarmProgress, target_batch_size: int) -> str:
+    """The coordinator's periodic log line."""
+    peers = f"{progress.peers} peer{'' if progress.peers == 1 else 's'}"
+    return (f"epoch {progress.epoch}: {peers} ({progress.clients} client{'' if progress.clients == 1 else 's'}), "
+            f"{progress.samples_accumulated}/{target_batch_size} samples, "
+            f"{progress.samples_per_second:.1f} samples/s, next epoch in {format_duration(progress.eta_seconds)}")

@@ -20,7 +20,7 @@ from swarmtrain.config import RunConfig
 from swarmtrain.errors import UserError
 from swarmtrain.models import build_model
 from swarmtrain.signals import children_ignore_interrupts
-from swarmtrain.training.checkpoint import load_checkpoint, save_checkpoint
+from swarmtrain.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from swarmtrain.training.optimizers import make_scheduler_factory, make_torch_optimizer_factory
 
 logger = logging.getLogger("swarmtrain.coordinator")
@@ -47,9 +47,12 @@ class StateKeeper:
         checkpoint = None
         if resume_from is not None:
             try:
-                checkpoint = load_checkpoint(resume_from)
+                checkpoint = load_checkpoint(resume_from, run_id=config.run_id)
             except FileNotFoundError:
-                raise UserError(f"--resume {resume_from}: no checkpoint there") from None
+                raise UserError(f"--resume {resume_from}: no intact checkpoint of run {config.run_id!r} there") from None
+            except CheckpointError as error:
+                raise UserError(f"--resume {resume_from}: that checkpoint is damaged ({error}); give an intact one, "
+                                "or the directory that holds it to use the newest intact one") from None
             if checkpoint.meta.get("run_id") not in (None, config.run_id):
                 raise UserError(f"--resume {resume_from}: that checkpoint is of run {checkpoint.meta['run_id']!r}, "
                                 f"not {config.run_id!r}")

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, List, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -45,7 +46,7 @@ def _gauge(name: str, documentation: str, value: Optional[float], **labels) -> I
 # a scrape while its field is None
 SWARM_GAUGES = (
     ("status_timestamp_seconds", "Unix time of the last poll of the peer records", "time"),
-    ("epoch", "Swarm epoch (the most advanced peer's)", "epoch"),
+    ("epoch", "Swarm epoch (the highest one a majority of the alive peers reach)", "epoch"),
     ("throughput_samples_per_second", "Training samples per second, summed over alive peers", "samples_per_second"),
     ("epoch_accumulated_samples", "Samples accumulated toward the current epoch", "samples_accumulated"),
     ("target_batch_samples", "Samples per swarm epoch (target batch size)", "target_batch_size"),
@@ -186,7 +187,8 @@ class SwarmMetrics:
         return generate_latest(self.registry)
 
     def serve(self, host: str = "127.0.0.1", port: int = 9400) -> "MetricsServer":
-        return MetricsServer(self.registry, lambda: self._status.to_dict() if self._status else None, host, port).start()
+        return MetricsServer(self.registry, lambda: self._status.to_dict() if self._status else None, host, port,
+                             state=lambda: self._status).start()
 
 
 class PeerMetrics:
@@ -210,7 +212,8 @@ class PeerMetrics:
         return generate_latest(self.registry)
 
     def serve(self, host: str = "127.0.0.1", port: int = 9401) -> "MetricsServer":
-        return MetricsServer(self.registry, lambda: self._record.dict() if self._record else None, host, port).start()
+        return MetricsServer(self.registry, lambda: self._record.dict() if self._record else None, host, port,
+                             state=lambda: self._record).start()
 
     def _row(self) -> Optional[PeerSummary]:
         record = self._record
@@ -233,9 +236,15 @@ class _PeerRecordCollector(Collector):
             yield from peer_families([row])
 
 
+SCRAPER_BACKLOG = 128  # connections the kernel queues for the server (socketserver's default: 5)
+
+
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a stuck scrape must not keep the process alive at exit
     allow_reuse_address = True
+    # with socketserver's 5, the sixth of a burst of simultaneous scrapers (Prometheus, Grafana, a few
+    # dashboards) had its SYN dropped and retried after a second: p99 ~1 s under 20 clients
+    request_queue_size = SCRAPER_BACKLOG
 
 
 class _IPv6ThreadingWSGIServer(_ThreadingWSGIServer):
@@ -253,16 +262,26 @@ class MetricsServer:
     ``port=0`` picks a free port (see ``.port``). ``stop()`` (or leaving the ``with`` block) closes the
     socket and joins the thread.
 
+    With ``state`` (the object the collectors render, replaced whole on each update), a scrape between
+    two updates gets the bytes rendered for the first one (per exposition format): the coordinator
+    polls every 2 s, and a burst of scrapers then costs one rendering, not one each.
+
     :param registry: the collectors /metrics renders
     :param get_status: returns the JSON-able status /status answers (None: 503 until there is one)
     :param host: interface to listen on
     :param port: port to listen on (0: a free one)
+    :param state: returns what the registry's collectors render (None: render every scrape)
     """
 
-    def __init__(self, registry: CollectorRegistry, get_status: Callable[[], Optional[dict]], host: str, port: int):
+    def __init__(self, registry: CollectorRegistry, get_status: Callable[[], Optional[dict]], host: str, port: int,
+                 state: Optional[Callable[[], object]] = None):
         self.host = host
+        self._registry = registry
         self._metrics_app = make_wsgi_app(registry)
         self._get_status = get_status
+        self._state = state
+        self._rendered = {}  # content type -> (state object, body)
+        self._render_lock = threading.Lock()
         server_class = _IPv6ThreadingWSGIServer if ":" in host else _ThreadingWSGIServer
         self._server = make_server(host, port, self._app, server_class=server_class, handler_class=_QuietHandler)
         self.port = self._server.server_port
@@ -294,7 +313,11 @@ class MetricsServer:
     def _app(self, environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            return self._metrics_app(environ, start_response)
+            if self._state is None or environ.get("REQUEST_METHOD") != "GET" or environ.get("QUERY_STRING"):
+                return self._metrics_app(environ, start_response)
+            content_type, body = self._render(environ.get("HTTP_ACCEPT"))
+            start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+            return [body]
         if path == "/status":
             status = self._get_status()
             body = json.dumps(status if status is not None else {"error": "no status yet"}).encode()
@@ -307,6 +330,16 @@ class MetricsServer:
             return [body]
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
         return [b"not found\n"]
+
+
+    def _render(self, accept: Optional[str]):
+        encoder, content_type = choose_encoder(accept)
+        state = self._state()
+        with self._render_lock:
+            cached = self._rendered.get(content_type)
+            if cached is None or cached[0] is not state:
+                cached = self._rendered[content_type] = (state, encoder(self._registry))
+        return content_type, cached[1]
 
 
 def serve_metrics(metrics, host: str, port: int) -> MetricsServer:

@@ -12,20 +12,30 @@ its own RSA public key in hivemind's ``[owner:<key>]`` form. Two hivemind valida
 
 Readers still re-parse what they get (``fetch_records``): a node with no validators, an old node or a
 stale record must not crash the coordinator's tracker.
+
+Keys are free, so a valid signature says nothing about whether a record is true. Every field has a
+plausible bound (a record claiming epoch 4.6e18 or 1e300 samples/s is refused by every node that
+would store it), readers drop a record whose ``time`` runs ahead of their clock by more than
+``MAX_CLOCK_SKEW`` (it would count as fresh for ever), and ``RecordLifetimeValidator`` refuses records that would stay in the DHT for
+longer than a few record periods, so whatever a hostile node stores dies out soon after it stops.
+How many records count, and whose, is the reader's business (``swarmtrain.monitoring.aggregate``).
 """
 
 from __future__ import annotations
 
 import math
 import time as time_module
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Set
 
 import pydantic.v1 as pydantic
 from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
-from hivemind.dht.validation import RecordValidatorBase
-from hivemind.utils import get_logger
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import get_dht_time, get_logger
+
+from swarmtrain.net.claims import MAX_CLOCK_SKEW
 
 logger = get_logger(__name__)
 
@@ -34,9 +44,23 @@ RECORD_PERIOD = 5.0  # seconds between a peer's records
 RECORD_TTL = 20.0  # a killed peer disappears from the swarm's counts this long after its last record
 PeerRole = Literal["trainer", "coordinator", "data-owner", "trunk"]
 
-# Bounds keep a hostile peer from storing huge strings in everyone's DHT storage.
+MAX_RECORD_LIFETIME = 120.0  # seconds a record may stay in the DHT (a peer re-publishes every RECORD_PERIOD)
+MAX_RECORDS_READ = 4096  # records of one key a reader parses, at most (a hostile node may store thousands)
+
+# Bounds keep a hostile peer from storing huge strings in everyone's DHT storage, and absurd numbers
+# out of the swarm's figures: each is far beyond anything a real peer reaches, and far below what
+# breaks a sum or a Prometheus float.
+MAX_EPOCH = 10**9
+MAX_STEPS = 10**12
+MAX_SAMPLES = 10**12
+MAX_SAMPLES_PER_SECOND = 1e7
+MAX_BYTES = 10**17  # cumulative since the peer started: 100 PB
+MAX_ROUNDS = 10**9
+MAX_ABS_LOSS = 1e6
+MAX_ROUND_SECONDS = 86400.0
+MAX_GROUP_SIZE = 10**5
 _ShortText = pydantic.constr(strict=True, min_length=0, max_length=128)
-_Count = pydantic.conint(strict=True, ge=0)
+_Count = pydantic.conint(strict=True, ge=0, le=MAX_SAMPLES)
 _NonNegative = pydantic.confloat(strict=True, ge=0.0)
 _Fraction = pydantic.confloat(strict=True, ge=0.0, le=1.0)
 
@@ -53,17 +77,19 @@ class PeerRecord(pydantic.BaseModel):
 
     peer_id: _ShortText  # libp2p peer id, self-reported (the subkey is what authenticates)
     role: PeerRole
-    step: _Count  # local optimizer steps
-    epoch: _Count  # swarm epoch the peer is in
-    loss: Optional[pydantic.StrictFloat]  # last local training loss, None before the first step
-    samples_per_second: _NonNegative
+    step: pydantic.conint(strict=True, ge=0, le=MAX_STEPS)  # local optimizer steps
+    epoch: pydantic.conint(strict=True, ge=0, le=MAX_EPOCH)  # swarm epoch the peer is in
+    # last local training loss, None before the first step
+    loss: Optional[pydantic.confloat(strict=True, ge=-MAX_ABS_LOSS, le=MAX_ABS_LOSS)]
+    samples_per_second: pydantic.confloat(strict=True, ge=0.0, le=MAX_SAMPLES_PER_SECOND)
     samples_accumulated: _Count  # samples toward the current epoch's target batch
-    bytes_sent: _Count
-    bytes_received: _Count
-    rounds_ok: _Count
-    rounds_failed: _Count
-    last_round_seconds: Optional[_NonNegative]  # duration of the last averaging round
-    last_round_group_size: Optional[_Count]  # peers in the last averaging group
+    bytes_sent: pydantic.conint(strict=True, ge=0, le=MAX_BYTES)
+    bytes_received: pydantic.conint(strict=True, ge=0, le=MAX_BYTES)
+    rounds_ok: pydantic.conint(strict=True, ge=0, le=MAX_ROUNDS)
+    rounds_failed: pydantic.conint(strict=True, ge=0, le=MAX_ROUNDS)
+    # duration of the last averaging round
+    last_round_seconds: Optional[pydantic.confloat(strict=True, ge=0.0, le=MAX_ROUND_SECONDS)]
+    last_round_group_size: Optional[pydantic.conint(strict=True, ge=0, le=MAX_GROUP_SIZE)]  # peers in the last group
     compression_density: Optional[_Fraction]  # fraction of entries sent, None = dense
     leakage_dcor: Optional[_Fraction]  # distance correlation at the cut layer, None = no privacy head
     parts_rejected: _Count = 0  # parts this peer, as a reducer, left out of averages (bad or outsized)
@@ -72,7 +98,7 @@ class PeerRecord(pydantic.BaseModel):
     device: _ShortText
     client_mode: pydantic.StrictBool
     version: _ShortText
-    time: _NonNegative  # unix time when the record was made
+    time: _NonNegative  # unix time when the record was made (the peer's clock)
 
     class Config:
         extra = pydantic.Extra.forbid
@@ -146,6 +172,30 @@ def records_key(run_id: str) -> str:
     return f"{run_id}_peers"
 
 
+class RecordLifetimeValidator(RecordValidatorBase):
+    """Refuses records of the given DHT keys that would outlive ``max_lifetime`` seconds (by this node's
+    clock, with MAX_CLOCK_SKEW of slack): what a hostile node stores then dies out soon after it stops
+    storing, and each node's storage for those keys stays bounded by what arrives in that window.
+
+    :param keys: the raw DHT keys (e.g. ``records_key(run_id)``) it applies to; others pass
+    :param max_lifetime: seconds
+    """
+
+    def __init__(self, keys, max_lifetime: float = MAX_RECORD_LIFETIME):
+        self._lifetimes = {DHTID.generate(source=key).to_bytes(): max_lifetime for key in keys}
+
+    def validate(self, record: DHTRecord) -> bool:
+        lifetime = self._lifetimes.get(record.key)
+        return lifetime is None or record.expiration_time <= get_dht_time() + lifetime + MAX_CLOCK_SKEW
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, RecordLifetimeValidator):
+            return False
+        for key, lifetime in other._lifetimes.items():
+            self._lifetimes[key] = max(lifetime, self._lifetimes.get(key, 0.0))
+        return True
+
+
 def record_validators(
     run_id: str, signature_validator: Optional[RSASignatureValidator] = None
 ) -> List[RecordValidatorBase]:
@@ -160,7 +210,8 @@ def record_validators(
         raise ValueError(f"run_id must not contain '.', got {run_id!r}")
     if signature_validator is None:
         signature_validator = RSASignatureValidator()
-    return [signature_validator, SchemaValidator(PeerRecordsSchema, prefix=run_id)]
+    return [signature_validator, SchemaValidator(PeerRecordsSchema, prefix=run_id),
+            RecordLifetimeValidator([records_key(run_id), f"{run_id}_progress"])]
 
 
 def publish_record(
@@ -197,30 +248,43 @@ def fetch_records(
     max_age: Optional[float] = None,
     latest: bool = True,
     now: Optional[float] = None,
+    peer_ids: Optional[Set[str]] = None,
 ) -> Dict[str, PeerRecord]:
     """Current records of the run, keyed by the owner's public key subkey (``[owner:...]`` as str).
 
-    Drops entries that fail to parse (a node without validators could have returned them) and, if
-    ``max_age`` is given, records whose own ``time`` is older than ``max_age`` seconds (a peer that
-    died keeps its record until the DHT expiration). Subkeys that are not ``[owner:...]`` keys are
-    dropped as well: they could not have passed the signature check.
+    Drops entries that fail to parse (a node without validators could have returned them), records
+    whose own ``time`` lies ahead of this node's clock by more than MAX_CLOCK_SKEW and, if ``max_age``
+    is given, records older than ``max_age`` seconds (a peer that died keeps its record until the DHT
+    expiration). Subkeys that are not ``[owner:...]`` keys are dropped as well: they could not have
+    passed the signature check. With ``peer_ids``, entries claiming another peer ID are skipped before
+    they are parsed (a flood of forged records then costs a dictionary lookup each). At most
+    MAX_RECORDS_READ entries are parsed.
     """
     found = dht.get(records_key(run_id), latest=latest)
     if found is None or not isinstance(found.value, dict):
         return {}
     now = time_module.time() if now is None else now
     records: Dict[str, PeerRecord] = {}
+    parsed = 0
     for subkey, entry in found.value.items():
+        if peer_ids is not None and (not isinstance(entry.value, dict) or entry.value.get("peer_id") not in peer_ids):
+            continue
+        if parsed >= MAX_RECORDS_READ:
+            logger.debug(f"{len(found.value)} records under {records_key(run_id)}; read the first {MAX_RECORDS_READ}")
+            break
+        parsed += 1
         owner = subkey.decode(errors="replace") if isinstance(subkey, bytes) else str(subkey)
         if RSASignatureValidator._PUBLIC_KEY_RE.search(owner.encode()) is None:
             logger.debug(f"Dropping a peer record under an unprotected subkey {owner[:40]!r}")
+            continue
+        if entry.expiration_time < now:
             continue
         try:
             record = PeerRecord.parse_obj(entry.value)
         except (pydantic.ValidationError, TypeError) as error:
             logger.debug(f"Dropping a malformed peer record from {owner[:60]}: {error}")
             continue
-        if entry.expiration_time < now:
+        if record.time > now + MAX_CLOCK_SKEW:
             continue
         if max_age is not None and now - record.time > max_age:
             continue

@@ -10,6 +10,7 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 
 from swarmtrain import __version__
+from swarmtrain.averaging.rounds import NO_OTHER_PEERS
 from swarmtrain.monitoring.metrics import PeerMetrics, serve_metrics
 from swarmtrain.monitoring.records import RECORD_PERIOD, RECORD_TTL, PeerRecord, publish_record, record_validators
 
@@ -52,7 +53,7 @@ class PeerReporter:
             samples_per_second=samples_per_second, samples_accumulated=samples_accumulated,
             bytes_sent=int(traffic.bytes_sent_total) if traffic else 0,
             bytes_received=int(traffic.bytes_received_total) if traffic else 0,
-            rounds_ok=sum(1 for r in rounds if r.ok), rounds_failed=sum(1 for r in rounds if not r.ok),
+            rounds_ok=sum(1 for r in rounds if r.ok), rounds_failed=count_failed_rounds(rounds),
             last_round_seconds=last.seconds if last is not None else None,
             last_round_group_size=last.group_size if last is not None and last.ok else None,
             # dense averaging sends every entry (the averager only measures density when sparse)
@@ -74,3 +75,9 @@ class PeerReporter:
                 pass
         if self.server is not None:
             self.server.stop()
+
+
+def count_failed_rounds(rounds: list) -> int:
+    """Rounds that were tried and failed. A peer alone in the swarm steps without a round (its
+    record's note is NO_OTHER_PEERS): nothing failed, and the coordinator must not count it."""
+    return sum(1 for record in rounds if not record.ok and record.note != NO_OTHER_PEERS)

@@ -9,9 +9,12 @@ import hivemind
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import get_dht_time
 
+from swarmtrain.net.claims import plausible_time, quorum_epoch
+
 
 def progress_records(dht: hivemind.DHT, run_id: str, max_age: float) -> List[LocalTrainingProgress]:
-    """The progress records hivemind's trackers publish, without dead peers' (filtered by age)."""
+    """The progress records hivemind's trackers publish, without dead peers' (filtered by age) and
+    without records dated ahead of our clock (they would look fresh for ever)."""
     found = dht.get(f"{run_id}_progress", latest=True)
     records: List[LocalTrainingProgress] = []
     if found is not None and isinstance(found.value, dict):
@@ -21,7 +24,7 @@ def progress_records(dht: hivemind.DHT, run_id: str, max_age: float) -> List[Loc
             except Exception:
                 continue  # malformed or a goodbye (None): the schema validator lets goodbyes through
     now = get_dht_time()
-    return [r for r in records if now - r.time < max_age]
+    return [r for r in records if plausible_time(r.time, max_age, now)]
 
 
 @dataclass
@@ -35,11 +38,14 @@ class SwarmProgress:
 
 
 def read_swarm_progress(dht: hivemind.DHT, run_id: str, target_batch_size: int) -> SwarmProgress:
-    """Summarise the progress records hivemind's trackers publish."""
+    """Summarise the progress records hivemind's trackers publish; the epoch is the one a majority of
+    the full peers reach, not the largest any record claims."""
     records = progress_records(dht, run_id, max_age=60.0)
     if not records:
         return SwarmProgress(0, 0, 0, 0, 0.0, float("inf"))
-    epoch = max(r.epoch for r in records)
+    epoch = quorum_epoch(r.epoch for r in records if not r.client_mode)
+    if epoch is None:
+        epoch = quorum_epoch(r.epoch for r in records)
     current = [r for r in records if r.epoch == epoch]
     samples = sum(r.samples_accumulated for r in current)
     speed = sum(r.samples_per_second for r in records)

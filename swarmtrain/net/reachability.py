@@ -8,12 +8,18 @@ dials each address the asker announces, one at a time, with the asker's peer ID 
 handshake proves it reached the asker and not whoever else listens there). Every full peer and the
 coordinator serve these checks (`serve_reachability_checks`).
 
+A checker is not a port scanner for hire: it dials only addresses at an IP the asker's own
+connection comes from (an address elsewhere is answered "not dialled" without a connection attempt),
+and on a token-gated run it answers only askers that hold a valid access token (the same check as
+the DHT's: the caller's node signs nothing here, so the token's key must be the caller's peer ID).
+
 An unreachable peer can still train as a client (hivemind `client_mode`): it sends its gradients
 to reducers and takes no share of the reduction, so it never needs an incoming connection.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict, ParseDict
+from hivemind.proto.auth_pb2 import AccessToken
 
 from swarmtrain.net.addresses import DEFAULT_PORT
 
@@ -32,6 +39,7 @@ CHECK_HANDLER = "swarmtrain.ReachabilityCheck.v1"
 MAX_ADDRESSES_PER_CHECK = 8  # bounds the work one request can make a checker do
 MAX_CONCURRENT_CHECKS = 2  # each check starts a libp2p daemon; volunteers' machines are small
 CHECKER_TIMEOUT_LIMIT = 30.0  # a checker never spends longer dialling for one request
+MAX_TOKEN_CHARS = 8192  # an access token in a request (a few hundred bytes in base64)
 PROBE_STARTUP_TIMEOUT = 30.0  # starting the throw-away libp2p daemon (hivemind's default is 15 s)
 
 
@@ -58,6 +66,29 @@ def _dialable(maddr: str) -> bool:
 
 def _without_peer_id(maddr: str) -> str:
     return maddr.split("/p2p/", 1)[0]
+
+
+def _ip_of(maddr: str) -> Optional[str]:
+    parts = maddr.split("/")
+    return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6") else None
+
+
+def _encode_token(token: AccessToken) -> str:
+    return base64.b64encode(token.SerializeToString()).decode()
+
+
+def token_admits(authorizer, token_text, caller) -> bool:
+    """Whether ``token_text`` (a base64 hivemind AccessToken) is valid for ``authorizer`` (the node's DHT
+    authorizer) and was issued to ``caller`` (the libp2p-authenticated peer ID of the request)."""
+    from swarmtrain.net.identity import peer_id_of
+
+    if not isinstance(token_text, str) or len(token_text) > MAX_TOKEN_CHARS:
+        return False
+    try:
+        token = AccessToken.FromString(base64.b64decode(token_text, validate=True))
+        return bool(authorizer.is_token_valid(token)) and peer_id_of(token.public_key) == caller
+    except Exception:
+        return False
 
 
 async def _dial_each(target, maddrs: Sequence[str], timeout: float) -> List[Dict[str, object]]:
@@ -114,25 +145,41 @@ def _short_error(error: BaseException) -> str:
 
 
 class _DialBackService:
-    """Runs inside the DHT's process, on its event loop, next to hivemind's own handlers."""
+    """Runs inside the DHT's process, on its event loop, next to hivemind's own handlers.
 
-    def __init__(self, p2p):
-        self.p2p = p2p
+    :param p2p: the DHT's P2P
+    :param authorizer: the DHT's authorizer on a token-gated run (askers must hold a token it accepts), or None
+    """
+
+    def __init__(self, p2p, authorizer=None):
+        self.p2p, self.authorizer = p2p, authorizer
         self.slots = asyncio.Semaphore(MAX_CONCURRENT_CHECKS)
 
     async def handle(self, request: struct_pb2.Struct, context) -> struct_pb2.Struct:
         asked = MessageToDict(request)
+        if self.authorizer is not None and not token_admits(self.authorizer, asked.get("access_token"),
+                                                            context.remote_id):
+            return ParseDict(dict(refused="this run is token-gated: dial-back checks need a valid access token"),
+                             struct_pb2.Struct())
         # dial only the peer that asked (context.remote_id is authenticated by libp2p), so this
-        # RPC cannot be used to make us connect to a third party's peer ID
-        maddrs = [_without_peer_id(str(m)) for m in asked.get("maddrs", []) if isinstance(m, str)]
+        # RPC cannot be used to make us connect to a third party's peer ID...
+        maddrs = [_without_peer_id(m) for m in asked.get("maddrs", []) if isinstance(m, str) and len(m) < 512]
         maddrs = [m for m in maddrs if _dialable(m)][:MAX_ADDRESSES_PER_CHECK]
-        timeout = min(float(asked.get("timeout", 10.0)), CHECKER_TIMEOUT_LIMIT)
+        try:
+            timeout = min(max(float(asked.get("timeout", 10.0)), 0.0), CHECKER_TIMEOUT_LIMIT)
+        except (TypeError, ValueError):
+            timeout = 10.0
         observed = await self._observed_ips(context.remote_id)
+        # ...and only at an IP its connection comes from, so that it cannot probe anyone else's ports
+        elsewhere = [m for m in maddrs if _ip_of(m) not in observed]
+        maddrs = [m for m in maddrs if _ip_of(m) in observed]
+        skipped = [dict(maddr=m, ok=False, error="not dialled: your connection does not come from this IP")
+                   for m in elsewhere]
         if self.slots.locked():
             return ParseDict(dict(busy=True, observed_ips=observed), struct_pb2.Struct())
         async with self.slots:
             results = await _dial_each(context.remote_id, maddrs, timeout) if maddrs else []
-        return ParseDict(dict(results=results, observed_ips=observed), struct_pb2.Struct())
+        return ParseDict(dict(results=results + skipped, observed_ips=observed), struct_pb2.Struct())
 
     async def _observed_ips(self, peer_id) -> List[str]:
         """The IPs the asker's own connections come from: behind NAT, the router's public side."""
@@ -151,13 +198,15 @@ class _DialBackService:
 
 
 async def _register_service(_dht, node) -> None:
-    service = _DialBackService(node.p2p)
+    # a token-gated run's DHT has an authorizer: the same one decides who may ask for a check
+    service = _DialBackService(node.p2p, node.protocol.authorizer)
     await node.p2p.add_protobuf_handler(CHECK_HANDLER, service.handle, struct_pb2.Struct)
 
 
 def serve_reachability_checks(dht) -> None:
     """Answer other peers' "can you dial me?" requests. Call once on the coordinator's DHT and on
-    every full (non-client) peer's DHT, right after it starts."""
+    every full (non-client) peer's DHT, right after it starts. On a token-gated run (a DHT with an
+    authorizer) only askers with a valid token are answered."""
     dht.run_coroutine(_register_service)
 
 
@@ -178,7 +227,10 @@ async def _ask_swarm(_dht, node, timeout: float, initial_peers: List[str]) -> di
             candidates.append(PeerID.from_base58(maddr.rsplit("/p2p/", 1)[1]))
     candidates += [p for p in node.protocol.routing_table.peer_id_to_uid if p not in candidates]
     candidates = [p for p in candidates if p != node.peer_id]
-    request = ParseDict(dict(maddrs=own_maddrs, timeout=timeout), struct_pb2.Struct())
+    asked = dict(maddrs=own_maddrs, timeout=timeout)
+    if node.protocol.authorizer is not None:  # a token-gated run: checkers want to see our token
+        asked["access_token"] = _encode_token(await node.protocol.authorizer.get_token())
+    request = ParseDict(asked, struct_pb2.Struct())
     refusals = []
     deadline = time.monotonic() + timeout + PROBE_STARTUP_TIMEOUT  # the checker also starts a daemon
     for candidate in candidates[:8]:
@@ -192,8 +244,8 @@ async def _ask_swarm(_dht, node, timeout: float, initial_peers: List[str]) -> di
             refusals.append(f"{str(candidate)[:12]}…: {_short_error(error) or 'timed out'}")
             continue
         answer = MessageToDict(response)
-        if answer.get("busy"):
-            refusals.append(f"{str(candidate)[:12]}…: busy")
+        if answer.get("busy") or answer.get("refused"):
+            refusals.append(f"{str(candidate)[:12]}…: {answer.get('refused') or 'busy'}")
             continue
         return dict(own_maddrs=own_maddrs, checker=str(candidate), results=answer.get("results", []),
                     observed_ips=answer.get("observed_ips", []), refusals=refusals)

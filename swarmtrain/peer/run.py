@@ -14,7 +14,7 @@ from swarmtrain.monitoring.status import PeerStatus
 from swarmtrain.net.join import join_swarm
 from swarmtrain.peer.options import PeerOptions
 from swarmtrain.peer.resources import resolve_machine
-from swarmtrain.signals import StopRequested, raise_on_stop_signals
+from swarmtrain.signals import StopRequested, exit_now, raise_on_stop_signals, stop_repeated
 
 logger = logging.getLogger("swarmtrain.peer")
 
@@ -70,13 +70,30 @@ def run_peer(options: PeerOptions, access=None) -> dict:
         role.run()
         status.phase = "finished"
     except StopRequested as stop:
-        logger.info(f"{stop.args[0]} received: saving and leaving the swarm")
+        logger.info(f"{stop.args[0]} received: saving and leaving the swarm (a second Ctrl+C or SIGTERM skips "
+                    "the clean-up after the save)")
         status.phase = "stopped"
     finally:
-        try:
-            if role is not None:
-                role.close()
-        finally:
-            if swarm is not None:
-                swarm.leave()
+        _leave(role, swarm)
     return status.to_dict()
+
+
+def _leave(role, swarm) -> None:
+    """The role saves what must not be lost, then the peer leaves the swarm. When the role could not
+    hand over cleanly (a second stop signal; its helper processes already killed by a signal to the
+    whole process group), the process ends right after the save: the interpreter's teardown would
+    wait for helpers that nobody shut down."""
+    handed_over = True
+    try:
+        if role is not None:
+            handed_over = role.close() is not False
+    except StopRequested:
+        handed_over = False
+    if stop_repeated() or not handed_over:
+        logger.info("left without the clean-up: the state is saved, the helper processes end with this one")
+        exit_now(0)
+    try:
+        if swarm is not None:
+            swarm.leave()
+    except StopRequested:
+        exit_now(0)  # a second stop signal while the DHT shuts down

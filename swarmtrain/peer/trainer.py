@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import time
 from dataclasses import asdict
 from functools import partial
@@ -34,10 +35,13 @@ from swarmtrain.peer.options import PeerOptions
 from swarmtrain.peer.resources import (Machine, halved_after_out_of_memory, is_out_of_memory, pick_batch_size,
                                       yield_to_communication)
 from swarmtrain.peer.utilization import UtilizationMeter
+from swarmtrain.phases import phase
 from swarmtrain.privacy import attach_privacy_head
-from swarmtrain.signals import children_ignore_interrupts, poll, raise_if_stop_requested
-from swarmtrain.training.checkpoint import (latest_checkpoint_path, load_checkpoint, model_state_mismatch,
-                                            optimizer_state_mismatch, save_checkpoint)
+from swarmtrain.signals import (StopRequested, children_ignore_interrupts, finishing, poll, raise_if_stop_requested,
+                                stop_repeated, stop_requested)
+from swarmtrain.training.checkpoint import (CheckpointError, check_checkpoint_dir, checkpoint_paths,
+                                            latest_checkpoint_path, load_checkpoint, model_state_mismatch,
+                                            optimizer_state_mismatch, read_meta, save_checkpoint)
 
 logger = logging.getLogger("swarmtrain.peer")
 FINGERPRINTS_KEPT = 64  # epochs whose parameter fingerprint the status file keeps
@@ -55,6 +59,8 @@ class Trainer:
 
     def __init__(self, swarm: JoinedSwarm, options: PeerOptions, status: PeerStatus, machine: Machine):
         self.swarm, self.options, self.status, self.machine = swarm, options, status, machine
+        if options.checkpoint_dir:  # refused now, in one line, rather than at the first save
+            check_checkpoint_dir(options.checkpoint_dir)
         self.config = swarm.config
         self.device = machine.device
         self.corpus = self.heldout = self.model = self.privacy_head = self.optimizer = self.reporter = None
@@ -90,11 +96,17 @@ class Trainer:
             self._resync_if_apart()
             self._linger_until_swarm_finishes(self.options.max_epochs)
 
-    def close(self) -> None:
-        """Runs on success, on a stop signal and on errors: the state is what the user must not lose."""
+    def close(self) -> bool:
+        """Runs on success, on a stop signal and on errors: the state is what the user must not lose.
+
+        The checkpoint comes first, and a repeated stop signal waits for it (systemd gives a stopping
+        service little time). The final held-out evaluation runs only at a planned end: on a CPU it
+        can take minutes, which nobody stopping a peer wants to wait for. Then the hand-over to the
+        swarm (the DHT record, the averagers); False when it was skipped: a second stop signal, or
+        helper processes already ended by a signal to the whole process group."""
         optimizer, status = self.optimizer, self.status
         if optimizer is None:
-            return
+            return True
         try:
             optimizer.settle(timeout=5.0)  # overlap: the update in flight, if it lands soon
         except Exception as error:
@@ -103,24 +115,41 @@ class Trainer:
         status.overlapped_steps = optimizer.overlapped_steps
         status.rounds = [asdict(record) for record in optimizer.rounds]
         status.epoch = optimizer.local_epoch
-        if self.model is not None:
-            status.heldout_loss.append([optimizer.local_epoch, self._heldout_loss()])
-            if self.options.checkpoint_dir:
+        if self.model is not None and self.options.checkpoint_dir:
+            with finishing("writing the checkpoint"):
                 path = self._save()
+            if path is not None:
                 status.checkpoint = str(path)
                 logger.info(f"state saved to {path}")
         status.write(self.options.status_file)
-        if self.reporter is not None:
-            self.reporter.close()
+        if self.model is not None and not stop_requested():
+            try:
+                status.heldout_loss.append([optimizer.local_epoch, self._heldout_loss()])
+                status.write(self.options.status_file)
+            except StopRequested:
+                logger.info("held-out evaluation skipped: stopping")
+        if stop_repeated() or not self._helpers_alive():
+            return False
         try:
+            if self.reporter is not None:
+                self.reporter.close()
             optimizer.shutdown()
         except Exception as error:  # the state is saved; a hivemind hiccup on the way out is not the user's problem
             logger.debug(f"optimizer shutdown: {error!r}")
+        return True
+
+    def _helpers_alive(self) -> bool:
+        """The DHT and averager processes are all running (SIGTERM to our process group, from systemd
+        or `kill -- -PGID`, ends them with us; shutting down a dead one would wait for ever)."""
+        helpers = [self.swarm.dht] + [getattr(self.optimizer, name, None)
+                                      for name in ("state_averager", "grad_averager", "delta_averager")]
+        return all(helper.is_alive() for helper in helpers if isinstance(helper, multiprocessing.process.BaseProcess))
 
     # -------------------------------------------------------------- set-up
     def _build(self) -> None:
         config, options = self.config, self.options
-        self.corpus = load_corpus(config.data, options.data)
+        with phase("loading the corpus", logger):
+            self.corpus = load_corpus(config.data, options.data)
         logger.info(f"data: {self.corpus.description}")
         self.heldout = self.corpus.heldout.to(self.device)
         self.model = build_model(config.model, config.data.seq_len, config.seed).to(self.device)
@@ -130,6 +159,7 @@ class Trainer:
         except (AttributeError, KeyError, ValueError) as error:
             raise UserError(f"privacy.cut_layer {config.privacy.cut_layer!r}: {error}") from None
         self.batch_size = self._pick_batch_size()
+        interrupt_backward_on_stop(self.model)
         self.status.update(batch_size=self.batch_size, precision=self.machine.precision.name)
         if self.machine.precision.name != "fp32":
             logger.info(f"mixed precision: {self.machine.precision.name} autocast (weights, gradients and averaging "
@@ -162,32 +192,40 @@ class Trainer:
                 batch = corpus.train[:batch_size].clone().to(self.device)
                 return compute_loss(model, batch, config.model.kind, probe_generator)
 
-        return pick_batch_size(self.options.batch_size, self.options.max_memory, model, probe_loss, self.device,
-                               eight_bit=config.optimizer.eight_bit,
-                               target_batch_size=min(config.target_batch_size, corpus.train.shape[0]))
+        if self.options.batch_size is not None:
+            return self.options.batch_size
+        with phase("probing memory for --batch-size auto", logger):
+            batch_size = pick_batch_size(None, self.options.max_memory, model, probe_loss, self.device,
+                                         eight_bit=config.optimizer.eight_bit,
+                                         target_batch_size=min(config.target_batch_size, corpus.train.shape[0]))
+        probed = self.options.max_memory is not None or self.device.type == "cuda"
+        how = "the largest that fits the memory budget" if probed else "the CPU default; --max-memory sizes it"
+        logger.info(f"--batch-size auto: {batch_size} samples per local step ({how})")
+        return batch_size
 
     def _checkpoint_to_resume(self):
-        """This peer's newest checkpoint, if it belongs to this run and fits its model; None otherwise,
-        with one warning line saying why. A checkpoint that does not fit is left on disk untouched."""
+        """This peer's newest intact checkpoint that belongs to this run and fits its model; None if there is
+        none. A damaged one (its files do not match the hashes in its meta.json), another run's or another
+        model's is skipped with one line saying why, and left on disk untouched: the next one is tried."""
         directory = self.options.checkpoint_dir
-        if not directory or latest_checkpoint_path(directory) is None:
+        if not directory:
             return None
-        try:
-            checkpoint = load_checkpoint(directory)
-        except Exception as error:  # unreadable: say so and start without it rather than not at all
-            logger.warning(f"cannot read the checkpoint in {directory} ({error}); starting without it")
-            return None
-        saved_run = checkpoint.meta.get("run_id")
-        if saved_run is not None and saved_run != self.config.run_id:
-            problem = f"it is of run {saved_run!r}, not {self.config.run_id!r}"
-        else:
+        for path in checkpoint_paths(directory):
+            try:
+                saved_run = read_meta(path).get("run_id")
+                if saved_run is not None and saved_run != self.config.run_id:
+                    logger.info(f"{path} is of run {saved_run!r}, not {self.config.run_id!r}: left alone")
+                    continue
+                checkpoint = load_checkpoint(path)
+            except CheckpointError as error:
+                logger.warning(f"{path} is damaged: {error}. It stays on disk; trying an older checkpoint")
+                continue
             problem = model_state_mismatch(self.model.state_dict(), checkpoint.model_state)
-        if problem is not None:
-            logger.warning(f"not resuming from {checkpoint.path}: {problem}. It stays on disk; this peer starts "
-                           f"afresh, from the swarm's state when the run is under way (use another --checkpoint-dir "
-                           f"to keep the two apart)")
-            return None
-        return checkpoint
+            if problem is None:
+                return checkpoint
+            logger.warning(f"not resuming from {checkpoint.path}: {problem}. It stays on disk (use another "
+                           f"--checkpoint-dir to keep the two apart); trying an older checkpoint")
+        return None
 
     def _catch_up_with_swarm(self) -> None:
         optimizer = self.optimizer
@@ -198,7 +236,9 @@ class Trainer:
         self.status.phase = "loading state"
         self.status.write(self.options.status_file)
         logger.info(f"the swarm is at epoch {swarm_epoch}; downloading the current state from peers")
-        if optimizer.load_state_from_peers():
+        with phase("downloading the state", logger):
+            loaded = optimizer.load_state_from_peers()
+        if loaded:
             logger.info(f"loaded the state of epoch {optimizer.local_epoch}")
         self.status.loaded_state_epoch = optimizer.local_epoch
 
@@ -314,7 +354,8 @@ class Trainer:
         if options.eval_every and epoch % options.eval_every == 0:
             status.heldout_loss.append([epoch, self._heldout_loss()])
         if options.checkpoint_dir and options.checkpoint_every and epoch % options.checkpoint_every == 0:
-            self._save()
+            with finishing("writing the checkpoint"):
+                self._save()
         self._last_epoch = epoch
 
     def publish(self) -> None:
@@ -363,8 +404,9 @@ class Trainer:
         status.resynced_after = len(optimizer.rounds)
         if optimizer.tracker.global_progress.num_peers <= 1:
             checkpoint_dir = self.options.checkpoint_dir
-            if reason.startswith("its parameters or") and checkpoint_dir and latest_checkpoint_path(checkpoint_dir):
-                restored = load_checkpoint(checkpoint_dir)
+            newest = latest_checkpoint_path(checkpoint_dir, self.config.run_id) if checkpoint_dir else None
+            if reason.startswith("its parameters or") and newest is not None:
+                restored = load_checkpoint(newest)
                 logger.error(f"{reason}, and no peer to download from: back to {restored.path}")
                 optimizer.restore_checkpoint(self.model, restored.model_state, restored.optimizer_state)
                 status.restores = (status.restores or 0) + 1
@@ -389,9 +431,41 @@ class Trainer:
 
     # -------------------------------------------------------------- measurements and state
     def _heldout_loss(self) -> float:
-        return heldout_loss(self.model, self.heldout, self.config.model.kind)
+        with phase("evaluating the held-out loss", logger):
+            return heldout_loss(self.model, self.heldout, self.config.model.kind)
 
-    def _save(self) -> Path:
+    def _save(self) -> Optional[Path]:
+        """Save a checkpoint; None (one error line, training goes on) when the disk refuses it -- full, or
+        the directory went away since the start-up check."""
         self.optimizer.settle()  # overlap: not the optimizer's state half-way through a background step
-        return save_checkpoint(self.options.checkpoint_dir, self.optimizer.local_epoch, self.model.state_dict(),
-                               self.optimizer.state_dict(), meta={"run_id": self.config.run_id, "version": __version__})
+        try:
+            return save_checkpoint(self.options.checkpoint_dir, self.optimizer.local_epoch, self.model.state_dict(),
+                                   self.optimizer.state_dict(),
+                                   meta={"run_id": self.config.run_id, "version": __version__})
+        except OSError as error:
+            logger.error(f"could not save a checkpoint to {self.options.checkpoint_dir}: "
+                         f"{error.strerror or error}; the previous ones are untouched")
+            return None
+
+
+def _check_for_stop(_gradient) -> None:
+    raise_if_stop_requested()
+
+
+def interrupt_backward_on_stop(model: torch.nn.Module) -> None:
+    """Let a stop signal end a backward pass midway instead of after it.
+
+    Python runs a signal handler only between bytecodes, and a backward pass is one long C++ call:
+    on a CPU, a big model's step kept Ctrl+C waiting for most of a minute. A tensor hook is Python
+    code run by the autograd engine on this thread, so one on the output of every module that has
+    parameters lets the handler's StopRequested out (autograd passes it through unchanged) as soon
+    as the gradient reaches that module. Nothing is lost: the half-computed gradients are never
+    applied, and the checkpoint holds the parameters of the last completed step."""
+
+    def hook_output(_module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(_check_for_stop)
+
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            module.register_forward_hook(hook_output)

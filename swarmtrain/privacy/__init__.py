@@ -1,11 +1,19 @@
 """Privacy for swarmtrain: distance correlation, the NoPeek privacy head, split contribution, audits.
 
-Heavy pieces (hivemind RPC in `split`, matplotlib/skimage in `audits`) are imported lazily by their
-modules, so `import swarmtrain.privacy` stays cheap for peers that leave privacy off.
+Every piece is imported when first used (PEP 562 ``__getattr__``): `import swarmtrain.privacy` (the
+`swarmtrain audit` command's package) costs nothing, so `swarmtrain --help` does not load torch.
 """
-from .config import PrivacyConfig
-from .dcor import distance_correlation, distance_correlation_sqr
-from .head import PrivacyHead, PrivacyStats, attach_privacy_head
+from importlib import import_module
 
-__all__ = ["PrivacyConfig", "PrivacyHead", "PrivacyStats", "attach_privacy_head", "distance_correlation",
-           "distance_correlation_sqr"]
+_EXPORTS = {
+    "PrivacyConfig": ".config", "PrivacyHead": ".head", "PrivacyStats": ".head", "attach_privacy_head": ".head",
+    "distance_correlation": ".dcor", "distance_correlation_sqr": ".dcor",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name], __name__), name)

@@ -49,12 +49,15 @@ class PrometheusServer:
     """A Prometheus process on 127.0.0.1 with a temporary config and storage, stopped by ``stop()``."""
 
     def __init__(self, targets: Sequence[str], scrape_interval: str = "1s", binary: Optional[str] = None,
-                 startup_timeout: float = 30.0):
+                 startup_timeout: float = 30.0, config: Optional[dict] = None):
+        """``config``: a whole Prometheus config (e.g. deploy/prometheus.yml with its targets replaced)
+        instead of one job scraping ``targets``."""
         self.binary = binary or prometheus_binary()
         if self.binary is None:
             raise FileNotFoundError("prometheus binary not found (run deploy/install-prometheus.sh)")
         self.targets = list(targets)
         self.scrape_interval = scrape_interval
+        self.config = config
         self.startup_timeout = startup_timeout
         self.port: Optional[int] = None
         self._workdir: Optional[tempfile.TemporaryDirectory] = None
@@ -69,7 +72,8 @@ class PrometheusServer:
         workdir = Path(self._workdir.name)
         config_path = workdir / "prometheus.yml"
         # JSON is valid YAML: no YAML library needed
-        config_path.write_text(json.dumps(scrape_config(self.targets, self.scrape_interval), indent=2))
+        config = self.config if self.config is not None else scrape_config(self.targets, self.scrape_interval)
+        config_path.write_text(json.dumps(config, indent=2))
         self.port = free_port()
         self._log = open(workdir / "prometheus.log", "wb")
         self._process = subprocess.Popen(
@@ -165,13 +169,13 @@ class PrometheusServer:
 
 @pytest.fixture
 def prometheus():
-    """Factory: ``prometheus(targets, scrape_interval="1s") -> PrometheusServer`` (started, ready)."""
+    """Factory: ``prometheus(targets, scrape_interval="1s", config=None) -> PrometheusServer`` (started, ready)."""
     if prometheus_binary() is None:
         pytest.skip("prometheus binary not found: run deploy/install-prometheus.sh")
     started = []
 
-    def start(targets: Sequence[str], scrape_interval: str = "1s") -> PrometheusServer:
-        server = PrometheusServer(targets, scrape_interval)
+    def start(targets: Sequence[str], scrape_interval: str = "1s", config: Optional[dict] = None) -> PrometheusServer:
+        server = PrometheusServer(targets, scrape_interval, config=config)
         started.append(server)
         return server.start()
 
