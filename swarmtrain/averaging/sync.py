@@ -21,6 +21,7 @@ may then start while the last round still runs, so what changes here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
@@ -175,14 +176,23 @@ class SwarmOptimizer(hivemind.Optimizer):
         saved, evaluated or compared; a no-op otherwise."""
         if not self.delay_optimizer_step:
             return
-        timeout = self.averaging_timeout if timeout is None else timeout
-        deadline = time.monotonic() + (timeout or 30.0)
+        if timeout is None:
+            timeout = self.averaging_timeout or 30.0
+        deadline = time.monotonic() + timeout  # 0: only what has already landed
         for update in list(self.state_averager.pending_updates):
             try:
                 update.result(max(0.0, deadline - time.monotonic()))
             except BaseException as error:  # a failed update is logged by hivemind; keep what we have
                 logger.debug(f"delayed update: {error!r}")
         self.state_averager.step(wait_for_delayed_updates=False)  # applies what finished
+
+    @contextlib.contextmanager
+    def no_step_running(self):
+        """Inside this block no optimizer step runs (with delayed updates, one in flight waits at its
+        start or has finished; hivemind holds the same lock for its step, not for its round): the
+        optimizer's state read here is whole, for a checkpoint taken without waiting for the round."""
+        with self.state_averager.lock_optimizer:
+            yield
 
     def _check_fingerprints(self, group: dict) -> None:
         members = {peer: data for peer, data in group.items() if _is_fingerprint_record(data)}

@@ -107,8 +107,11 @@ class Trainer:
         optimizer, status = self.optimizer, self.status
         if optimizer is None:
             return True
+        # overlap: the update in flight, if it lands soon; not waited for when stopping (the checkpoint
+        # then holds the last applied step, one behind the swarm: the next round's check resyncs it)
+        settle_timeout = 0.0 if stop_requested() else 5.0
         try:
-            optimizer.settle(timeout=5.0)  # overlap: the update in flight, if it lands soon
+            optimizer.settle(timeout=settle_timeout)
         except Exception as error:
             logger.debug(f"settling the delayed update: {error!r}")
         status.utilization = self.utilization.share()
@@ -117,7 +120,7 @@ class Trainer:
         status.epoch = optimizer.local_epoch
         if self.model is not None and self.options.checkpoint_dir:
             with finishing("writing the checkpoint"):
-                path = self._save()
+                path = self._save(settle_timeout=settle_timeout)
             if path is not None:
                 status.checkpoint = str(path)
                 logger.info(f"state saved to {path}")
@@ -434,14 +437,16 @@ class Trainer:
         with phase("evaluating the held-out loss", logger):
             return heldout_loss(self.model, self.heldout, self.config.model.kind)
 
-    def _save(self) -> Optional[Path]:
+    def _save(self, settle_timeout: Optional[float] = None) -> Optional[Path]:
         """Save a checkpoint; None (one error line, training goes on) when the disk refuses it -- full, or
-        the directory went away since the start-up check."""
-        self.optimizer.settle()  # overlap: not the optimizer's state half-way through a background step
+        the directory went away since the start-up check. Overlap: the update in flight lands first (up
+        to `settle_timeout`, None: the averaging timeout), and no background step runs while saving."""
+        self.optimizer.settle(settle_timeout)
         try:
-            return save_checkpoint(self.options.checkpoint_dir, self.optimizer.local_epoch, self.model.state_dict(),
-                                   self.optimizer.state_dict(),
-                                   meta={"run_id": self.config.run_id, "version": __version__})
+            with self.optimizer.no_step_running():
+                return save_checkpoint(self.options.checkpoint_dir, self.optimizer.local_epoch,
+                                       self.model.state_dict(), self.optimizer.state_dict(),
+                                       meta={"run_id": self.config.run_id, "version": __version__})
         except OSError as error:
             logger.error(f"could not save a checkpoint to {self.options.checkpoint_dir}: "
                          f"{error.strerror or error}; the previous ones are untouched")
