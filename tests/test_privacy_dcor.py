@@ -109,3 +109,22 @@ def test_rejects_bad_shapes():
         distance_correlation(torch.randn(5, 2), torch.randn(6, 2))
     with pytest.raises(ValueError, match="at least 4"):
         distance_correlation(torch.randn(3, 2), torch.randn(3, 2), unbiased=True)
+
+
+def test_v_statistic_of_an_independent_z_sits_far_above_zero_at_the_audit_size():
+    """Why issue #17's 'dCor V <= 0.1 at n = 447' cannot be met by any Z: on the held-out digits an
+    activation independent of X (any shape tried) scores V >= 0.11, more for wide Z, and ~0.75 at
+    the penalty's batch of 64; the U statistic of the same Z is ~0."""
+    from swarmtrain.privacy.digits import load_digits_splits
+
+    x = load_digits_splits(seed=0).test_x
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"binary": torch.randint(0, 2, (len(x), 1), generator=generator).double(),
+              "1-d gaussian": torch.randn(len(x), 1, generator=generator, dtype=torch.float64),
+              "64-d gaussian": torch.randn(len(x), 64, generator=generator, dtype=torch.float64)}
+    v = {name: float(distance_correlation(x.double(), z)) for name, z in shapes.items()}
+    u = {name: float(distance_correlation(x.double(), z, unbiased=True)) for name, z in shapes.items()}
+    assert len(x) == 447
+    assert min(v.values()) > 0.1 and v["64-d gaussian"] > 0.4, v
+    assert max(u.values()) < 0.1, u
+    assert float(distance_correlation(x[:64].double(), shapes["64-d gaussian"][:64])) > 0.7

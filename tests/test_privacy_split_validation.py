@@ -12,7 +12,9 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 from swarmtrain.privacy import PrivacyConfig, PrivacyHead
-from swarmtrain.privacy.split import SPLIT_PROTOCOL_VERSION, DataOwnerClient, InvalidTensor, TrunkHost
+from swarmtrain.privacy.head import calibrated_release
+from swarmtrain.privacy.split import (SPLIT_PROTOCOL_VERSION, DataOwnerClient, InvalidTensor, TrunkHost,
+                                      owner_privacy_head)
 
 WIDTH, CLASSES = 4, 3
 CONTEXT = SimpleNamespace(remote_id="test-peer")
@@ -159,3 +161,23 @@ def test_head_must_sit_at_the_bottom_models_output():
     client = DataOwnerClient(FakeP2P(None), "trunk", bottom, head, torch.optim.SGD(bottom.parameters(), lr=0.1))
     with pytest.raises(RuntimeError, match="not the last layer"):
         asyncio.run(client.train_step(torch.randn(5, 6), GOOD_Y))
+
+
+def test_the_owner_sends_the_released_z_and_trains_against_the_adversary_with_its_labels():
+    """With the run's privacy section passed through (owner_privacy_head), what goes on the wire is the
+    calibrated, noisy release of Z, not Z, and the adversary's decoder is conditioned on the labels."""
+    torch.manual_seed(0)
+    bottom = nn.Sequential(nn.Linear(6, WIDTH), nn.Tanh())
+    run_privacy = PrivacyConfig(enabled=True, alpha=0.5, cut_noise=0.8, adversary_weight=1.0, warmup_steps=0,
+                                split={"cut_width": WIDTH})
+    head = owner_privacy_head(bottom, run_privacy, "1", num_classes=CLASSES, seed=3)
+    p2p = FakeP2P(_reply(torch.ones(5, WIDTH)))
+    client = DataOwnerClient(p2p, "trunk", bottom, head, torch.optim.SGD(bottom.parameters(), lr=0.1))
+    x = torch.randn(5, 6)
+    clean = torch.tanh(bottom[0](x)).detach()  # bottom[0] is before the hooked cut: no noise drawn
+    result = asyncio.run(client.train_step(x, GOOD_Y))
+    assert result.applied and head.stats.adversary_r2 is not None and head.adversary.num_classes == CLASSES
+    (name, request), = p2p.requests
+    sent = deserialize_torch_tensor(request.tensors[0])
+    assert torch.allclose(sent, calibrated_release(clean, 0.8, torch.Generator().manual_seed(3)), atol=1e-5)
+    assert not torch.allclose(sent, clean, atol=0.1)

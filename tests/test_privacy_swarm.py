@@ -23,6 +23,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer
 
 from swarmtrain.demo import start_peer
+from swarmtrain.privacy.config import DEFAULT_ALPHA, DEFAULT_CUT_NOISE
 from swarmtrain.privacy.digits import load_digits_splits
 from swarmtrain.privacy.split import SPLIT_PROTOCOL_VERSION, handler_names
 from tests.support.swarm import LocalSwarm
@@ -39,7 +40,8 @@ CONFIG = {
     "seed": 0,
     "target_batch_size": BATCH,
     "averaging": {"matchmaking_time": 2.0, "request_timeout": 1.0},
-    "privacy": {"enabled": True, "alpha": 0.3,
+    # no defence settings: the owner trains with PrivacyConfig's defaults, the chosen defence (issue #17)
+    "privacy": {"enabled": True,
                 "split": {"cut_width": CUT_WIDTH, "batch_size": BATCH, "average_every": 3.0,
                           "averaging_timeout": 10.0}},
 }
@@ -99,6 +101,8 @@ def test_data_owner_trains_through_the_swarms_trunk_hosts(tmp_path, monkeypatch)
         if status["step"] == 0:
             assert abs(status["trunk_norm"] - status["initial_trunk_norm"]) > 1e-3, status
     assert "Traceback" not in swarm.log(2), swarm.log(2)[-3000:]
+    # ...with the chosen default defence (issue #17): NoPeek and noise calibrated at the cut
+    assert f"privacy head at the cut: alpha {DEFAULT_ALPHA:g}, cut_noise {DEFAULT_CUT_NOISE:g}," in swarm.log(2)
 
     # 2) what left the owner (its main process and its DHT process): Z and labels, and DHT chatter
     splits = load_digits_splits(seed=0)
@@ -180,6 +184,11 @@ def test_the_example_split_config_has_no_model_section():
     assert "model" not in yaml.safe_load(path.read_text())
     config = load_run_config(path)
     assert config.model is None and config.privacy.split is not None
+    # it trains with the chosen default defence (issue #17), nothing overridden
+    from swarmtrain.privacy.config import DEFAULT_WARMUP_STEPS
+
+    assert (config.privacy.alpha, config.privacy.cut_noise, config.privacy.warmup_steps) == (
+        DEFAULT_ALPHA, DEFAULT_CUT_NOISE, DEFAULT_WARMUP_STEPS)
     # the places that build the run's model say what a split run does instead of failing on the missing model
     from swarmtrain.coordinator.state import StateKeeper
     from swarmtrain.cli.doctor import OK, check_memory

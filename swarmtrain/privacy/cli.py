@@ -10,6 +10,8 @@ from typing import List
 
 import click
 
+from .config import DEFAULT_ADVERSARY_WEIGHT, DEFAULT_CUT_NOISE, DEFAULT_WARMUP_STEPS
+
 
 def parse_alphas(value: str) -> List[float]:
     """"0,0.5,1,2" -> [0.0, 0.5, 1.0, 2.0]; ValueError naming the offending item otherwise."""
@@ -30,16 +32,26 @@ def parse_alphas(value: str) -> List[float]:
     return alphas
 
 
-class AlphaList(click.ParamType):
-    name = "ALPHAS"
+class CommaList(click.ParamType):
+    """A comma-separated flag that `parse` turns into a list, raising ValueError with the user's message.
+
+    (cli/options.ParsedValue does the same; importing it from here would make an import cycle, since
+    cli/main.py imports this module to register the `audit` group.)
+
+    :param name: the metavar shown in --help
+    :param parse: text -> list
+    """
+
+    def __init__(self, name: str, parse):
+        self.name, self.parse = name, parse
 
     def convert(self, value, param, ctx):
         if isinstance(value, list):
             return value
         try:
-            return parse_alphas(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
+            return self.parse(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
 
 
 @click.group(name="audit")
@@ -55,44 +67,73 @@ def audit(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def parse_seeds(value: str) -> List[int]:
+    """"0,1,2" -> [0, 1, 2]; ValueError naming the offending item otherwise."""
+    seeds = []
+    for item in (value or "").split(","):
+        item = item.strip()
+        try:
+            seed = int(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an integer (expected a comma-separated list such as 0,1,2)") from None
+        if seed < 0 or seed in seeds:
+            raise ValueError(f"seed {item!r} is negative or listed twice")
+        seeds.append(seed)
+    return seeds
+
+
 @audit.command()
-@click.option("--alphas", type=AlphaList(), default="0,0.5,1,2", show_default=True,
-              help="Comma-separated NoPeek weights α (≥ 0) to train and attack; include 0 as the reference.")
+@click.option("--alphas", type=CommaList("ALPHAS", parse_alphas), default="0,1,3", show_default=True,
+              help="Comma-separated NoPeek weights α (≥ 0) to train and attack, each with the --cut-noise and "
+                   "--adversary-weight given; an undefended model is always trained too, as the reference.")
+@click.option("--cut-noise", type=click.FloatRange(min=0, max=100), default=DEFAULT_CUT_NOISE, show_default=True,
+              help="Noise calibrated at the cut: Z is released as Z/rms(Z) + σ·N(0,1); 0 releases Z as is.")
+@click.option("--adversary-weight", type=click.FloatRange(min=0), default=DEFAULT_ADVERSARY_WEIGHT,
+              show_default=True, help="Weight λ of the adversarial reconstruction term (0: none).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=DEFAULT_WARMUP_STEPS, show_default=True,
+              help="Training steps (14 per epoch) over which the α and adversary terms ramp up from 0.")
+@click.option("--cut-width", type=click.IntRange(min=1, max=4096), default=64, show_default=True,
+              help="Width of Z, the layer the owner releases.")
+@click.option("--seeds", type=CommaList("SEEDS", parse_seeds), default="0,1,2", show_default=True,
+              help="Comma-separated seeds; each fixes the data split, the models and the attackers. The report "
+                   "gives the mean and spread over them.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for reconstruction.json and the PNG figures (created if missing).")
 @click.option("--epochs", type=click.IntRange(min=1), default=300, show_default=True,
-              help="Training epochs of the digits classifier at each α.")
-@click.option("--warmup-epochs", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Epochs of plain training before the dCor penalty is switched on.")
-@click.option("--attacker-epochs", type=click.IntRange(min=1), default=300, show_default=True,
-              help="Training epochs of the attacker's inverse network Z→X.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for data split, models and attacker.")
-def reconstruction(alphas: List[float], out_dir: Path, epochs: int, warmup_epochs: int, attacker_epochs: int,
-                   seed: int) -> None:
-    """Model-inversion attack against NoPeek on sklearn's digits, one model per α.
+              help="Training epochs of the digits classifier in every setting.")
+@click.option("--attacker-epochs", type=click.IntRange(min=1), default=400, show_default=True,
+              help="Most epochs of each attacker's decoder (it stops earlier once its validation error stops falling).")
+def reconstruction(alphas: List[float], cut_noise: float, adversary_weight: float, warmup_steps: int, cut_width: int,
+                   seeds: List[int], out_dir: Path, epochs: int, attacker_epochs: int) -> None:
+    """Model-inversion attacks against the privacy head's defences on sklearn's digits.
 
-    The data owner trains an MLP with loss = CE + α·dCor(X, Z) on a private split; an attacker holding
-    leaked (X, Z) pairs from a disjoint split trains an inverse network Z→X and reconstructs held-out
-    private images. Reports dCor (V and U), test accuracy, reconstruction MSE and SSIM per α; plots the
-    privacy–utility curve, the attack metrics and a grid of reconstructions.
+    The data owner trains an MLP whose cut layer releases Z (loss = CE + α·dCor(X, Z) [+ λ·adversary],
+    Z with calibrated noise); attackers holding leaked (X, Z) pairs from a disjoint split (a decoder,
+    k-NN, a white-box decoder that knows the noise, and a decoder also given the label) reconstruct
+    held-out private images. Reports accuracy, dCor (V and U, on the whole held-out set) and
+    reconstruction SSIM/MSE per setting, against the class-mean image an attacker draws from the
+    label alone, with a one-line verdict.
     """
-    if warmup_epochs >= epochs:
-        raise click.BadParameter(f"must be smaller than --epochs ({epochs})", param_hint="--warmup-epochs")
+    if warmup_steps >= epochs * 14:
+        raise click.BadParameter(f"must be smaller than the {epochs * 14} training steps of --epochs {epochs}",
+                                 param_hint="--warmup-steps")
     from .audits import reconstruction_audit
 
-    with click.progressbar(length=len(alphas), label="training + attacking", show_pos=True,
+    settings = (1 + len(alphas)) * len(seeds)
+    with click.progressbar(length=settings, label="training + attacking", show_pos=True,
                            item_show_func=lambda label: label) as bar:
-        report = reconstruction_audit(alphas, out_dir, epochs=epochs, warmup_epochs=warmup_epochs,
-                                      attacker_epochs=attacker_epochs, seed=seed,
-                                      progress=lambda label: bar.update(1, label))
-    baselines = {"mean-image baseline (knows nothing)": report["mean_image_baseline"],
-                 "class-mean baseline (knows the label)": report["class_mean_baseline"]}
-    click.echo(f"{'alpha':>6} {'dCor_V':>7} {'dCor_U':>7} {'test_acc':>8} {'rec_MSE':>8} {'rec_SSIM':>8}")
+        report = reconstruction_audit(alphas, out_dir, cut_noise=cut_noise, adversary_weight=adversary_weight,
+                                      warmup_steps=warmup_steps, cut_width=cut_width, seeds=seeds, epochs=epochs,
+                                      attacker_epochs=attacker_epochs, progress=lambda label: bar.update(1, label))
+    click.echo(f"{'setting':>24} {'accuracy':>13} {'dCor_V':>6} {'dCor_U':>6} {'SSIM':>13} {'label-only':>10}")
     for row in report["results"]:
-        click.echo(f"{row['alpha']:>6g} {row['dcor_v']:>7.3f} {row['dcor_u']:>7.3f} {row['test_accuracy']:>8.3f} "
-                   f"{row['reconstruction_mse']:>8.4f} {row['reconstruction_ssim']:>8.3f}")
-    for name, baseline in baselines.items():
-        click.echo(f"{name:>40} {baseline['reconstruction_mse']:>8.4f} {baseline['reconstruction_ssim']:>8.3f}")
+        click.echo(f"{row['setting']:>24} {row['test_accuracy']['mean']:>6.3f}±{row['test_accuracy']['std']:<6.3f} "
+                   f"{row['dcor_v']['mean']:>6.3f} {row['dcor_u']['mean']:>6.3f} "
+                   f"{row['reconstruction_ssim']['mean']:>6.3f}±{row['reconstruction_ssim']['std']:<6.3f} "
+                   f"{row['label_only_ssim']['mean']:>10.3f}")
+    click.echo(f"dCor measured on the {report['splits']['held_out_test']} held-out samples; SSIM of the strongest "
+               f"attacker that sees Z; label-only = the class-mean image")
+    click.echo(f"verdict: {report['verdict']}")
     click.echo(f"wrote {out_dir / 'reconstruction.json'} and {', '.join(report['figures'])}")
 
 
@@ -113,7 +154,8 @@ def membership(checkpoint: Path, out_dir: Path, members_path, nonmembers_path, m
     """Loss-threshold membership inference against a trained classifier.
 
     Guesses "member" when a sample's loss is below a threshold τ and sweeps τ. Reports the advantage
-    max_τ(TPR − FPR), AUC, TPR at 1% FPR and the loss-gap lower bound ½ + (E_test ℓ − E_train ℓ)/(2B).
+    max_τ(TPR − FPR) with its p-value (a one-sided Kolmogorov–Smirnov test: is it more than chance?),
+    AUC, TPR at 1% FPR and the loss-gap lower bound ½ + (E_test ℓ − E_train ℓ)/(2B), and a verdict.
     """
     from .audits import load_audit_checkpoint, load_labelled_npz, membership_audit
 
@@ -134,8 +176,9 @@ def membership(checkpoint: Path, out_dir: Path, members_path, nonmembers_path, m
         raise click.ClickException(f"the model cannot evaluate this data: {str(e).splitlines()[0]}") from None
     click.echo(f"members {report['n_members']} (acc {report['member_accuracy']:.3f}), "
                f"non-members {report['n_nonmembers']} (acc {report['nonmember_accuracy']:.3f})")
-    click.echo(f"advantage {report['advantage']:.3f}  AUC {report['auc']:.3f}  "
+    click.echo(f"advantage {report['advantage']:.3f} (p = {report['p_value']:.2g})  AUC {report['auc']:.3f}  "
                f"TPR@1%FPR {report['tpr_at_1pct_fpr']:.3f}  loss-gap bound {report['loss_gap_bound']:.4f}")
+    click.echo(f"verdict: {report['verdict']}")
     click.echo(f"wrote {out_dir / 'membership.json'} and {', '.join(report['figures'])}")
 
 

@@ -5,6 +5,13 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The default defence, chosen from benchmarks/privacy_defences.py (BENCHMARKS.md, "Privacy"):
+# NoPeek plus noise calibrated at the cut, NoPeek ramped up over the first 280 steps (20 digits epochs).
+DEFAULT_ALPHA = 3.0
+DEFAULT_CUT_NOISE = 1.0
+DEFAULT_ADVERSARY_WEIGHT = 0.0
+DEFAULT_WARMUP_STEPS = 280
+
 
 class SplitConfig(BaseModel):
     """A split run (`privacy.split`): data owners keep the layers up to the cut, trunk peers host the rest.
@@ -38,8 +45,20 @@ class PrivacyConfig(BaseModel):
         default=None, min_length=1,
         description="dotted module path whose *output* is Z, the activations that may leave the data owner, "
                     "e.g. 'features.2' or 'transformer.h.0'")
-    alpha: float = Field(default=0.0, ge=0.0, allow_inf_nan=False,
+    alpha: float = Field(default=DEFAULT_ALPHA, ge=0.0, allow_inf_nan=False,
                          description="NoPeek weight: loss = task_loss + alpha * dCor(X, Z)")
+    cut_noise: float = Field(
+        default=DEFAULT_CUT_NOISE, ge=0.0, le=100.0, allow_inf_nan=False,
+        description="noise calibrated at the cut: what leaves is Z / rms(Z) + cut_noise * N(0, 1) (per sample); "
+                    "0 releases Z unchanged")
+    adversary_weight: float = Field(
+        default=DEFAULT_ADVERSARY_WEIGHT, ge=0.0, allow_inf_nan=False,
+        description="adversarial reconstruction: loss += adversary_weight * R^2 of a decoder Z -> X refitted every "
+                    "step (0: no adversary)")
+    warmup_steps: int = Field(
+        default=DEFAULT_WARMUP_STEPS, ge=0,
+        description="the alpha and adversary terms ramp up linearly over this many training steps "
+                    "(full weight at once from a random init can collapse Z before it carries the label)")
     leakage_statistic: Literal["u", "v"] = Field(
         default="u",
         description="estimator of the *reported* leakage: 'u' = bias-corrected U-statistic (comparable across "

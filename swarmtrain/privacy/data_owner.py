@@ -18,10 +18,8 @@ from hivemind.p2p import PeerID
 from swarmtrain.errors import UserError
 from swarmtrain.monitoring.status import PeerStatus
 
-from .config import PrivacyConfig
 from .digits import NUM_CLASSES, NUM_FEATURES, load_digits_splits
-from .head import PrivacyHead
-from .split import DataOwnerClient
+from .split import DataOwnerClient, owner_privacy_head
 from .swarm import SplitRole, find_trunks, run_in_loop_thread, split_models
 
 logger = logging.getLogger("swarmtrain.split")
@@ -85,9 +83,13 @@ class DataOwnerRole(SplitRole):
                                                                                             config.seed)
         logger.info(f"data (never leaves this machine): {description}")
         self.bottom = split_models(self.split, config.seed).features
-        alpha = config.privacy.alpha if config.privacy.enabled else 0.0  # 0: leakage is measured, not penalised
-        self.head = PrivacyHead(self.bottom, PrivacyConfig(enabled=True, cut_layer=OWNER_BOTTOM_CUT, alpha=alpha,
-                                                           leakage_statistic=config.privacy.leakage_statistic))
+        # Every defence of the run's privacy section (alpha, cut_noise, adversary, warm-up); a disabled
+        # section only measures leakage. The adversary's decoder sees the labels: what Z reveals beyond them.
+        self.head = owner_privacy_head(self.bottom, config.privacy, OWNER_BOTTOM_CUT, num_classes=NUM_CLASSES)
+        defence = self.head.config
+        logger.info(f"privacy head at the cut: alpha {defence.alpha:g}, cut_noise {defence.cut_noise:g}, adversary_weight "
+                    f"{defence.adversary_weight:g}, warm-up {defence.warmup_steps} steps; leakage reported as dCor "
+                    f"({defence.leakage_statistic.upper()} statistic) of X and the released Z")
         self.optimizer = torch.optim.Adam(self.bottom.parameters(), lr=self.split.lr)
         self.start_reporting()
         self.batches = owner_batches(self.train_x, self.train_y, self.split.batch_size,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PrivacyConfig
-from .head import PrivacyHead
+from .head import PrivacyHead, owner_head_config
 
 IMAGE_SHAPE = (8, 8)
 NUM_FEATURES = 64
@@ -62,18 +62,6 @@ class DigitsNet(nn.Module):
         return self.classifier(self.features(x.reshape(x.shape[0], -1)))
 
 
-class Inverter(nn.Module):
-    """The attacker's inverse network Z → X (pixels in [0, 1])."""
-
-    def __init__(self, cut_width: int, hidden: int = 256):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(cut_width, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, NUM_FEATURES), nn.Sigmoid())
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
-
-
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     order = torch.randperm(n, generator=generator)
     # drop a ragged last batch: dCor over a handful of samples is a noisy penalty
@@ -81,25 +69,29 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator
         yield order[start:start + batch_size]
 
 
-def train_nopeek(x: torch.Tensor, y: torch.Tensor, *, alpha: float, epochs: int = 300, warmup_epochs: int = 20,
-                 batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
-                 on_epoch: Optional[Callable[[int], None]] = None) -> Tuple[DigitsNet, PrivacyHead]:
-    """Train DigitsNet with loss = CE + alpha·dCor(X, Z) at DIGITS_CUT_LAYER; returns (model, head).
+def train_private(x: torch.Tensor, y: torch.Tensor, privacy: PrivacyConfig, *, epochs: int = 300,
+                  batch_size: int = 64, lr: float = 1e-3, cut_width: int = 64, seed: int = 0,
+                  on_epoch: Optional[Callable[[int], None]] = None) -> Tuple[DigitsNet, PrivacyHead]:
+    """Train DigitsNet with the privacy head of `privacy` at DIGITS_CUT_LAYER; returns (model, head).
 
-    The penalty is switched on after `warmup_epochs` of plain training: pushing dCor down from a
-    random init collapses Z before it carries the label (measured on digits, α=2, 80 epochs:
-    accuracy 0.958 without warm-up vs 0.982 with 20 warm-up epochs, similar dCor).
+    `privacy` is a run config's privacy section (its cut_layer and split are not used).
+    loss = CE + the head's terms (alpha * dCor, adversary), ramped up over privacy.warmup_steps
+    steps: pushing dCor down at full weight from a random init collapses Z before it carries the
+    label (measured on digits, α=2, 80 epochs: accuracy 0.958 without warm-up vs 0.982 with 20
+    warm-up epochs; with α=3 and an adversary at full weight from step 0, one seed of three
+    collapsed to chance, none with the ramp). The head stays attached, so `model.features(x)`
+    returns Z as released (with the cut noise).
     """
     torch.manual_seed(seed)
-    model = DigitsNet()
-    head = PrivacyHead(model, PrivacyConfig(enabled=True, cut_layer=DIGITS_CUT_LAYER, alpha=alpha))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model = DigitsNet(cut_width=cut_width)
+    # the settings a split run's data owner would use (privacy.enabled false: no defence, leakage measured)
+    head = PrivacyHead(model, owner_head_config(privacy, DIGITS_CUT_LAYER), num_classes=NUM_CLASSES, seed=seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for epoch in range(epochs):
         for idx in minibatches(len(x), batch_size, generator):
-            task_loss = F.cross_entropy(model(x[idx]), y[idx])
-            loss = head.add_penalty(task_loss) if epoch >= warmup_epochs else task_loss
+            loss = head.add_penalty(F.cross_entropy(model(x[idx]), y[idx]), labels=y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -117,5 +109,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def cut_activations(model: DigitsNet, x: torch.Tensor) -> torch.Tensor:
+    """Z of x as the model releases it: with a privacy head attached, its cut noise included."""
     model.eval()
     return model.features(x.reshape(x.shape[0], -1))

@@ -35,7 +35,8 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer, get_logger
 
-from .head import PrivacyHead
+from .config import PrivacyConfig
+from .head import PrivacyHead, owner_head_config
 
 logger = get_logger(__name__)
 
@@ -236,6 +237,15 @@ class TrunkHost:
 # ------------------------------------------------------------------------------------------------
 # Data owner
 # ------------------------------------------------------------------------------------------------
+def owner_privacy_head(bottom_model: nn.Module, privacy: PrivacyConfig, cut_layer: str, *,
+                       num_classes: Optional[int] = None, seed: Optional[int] = None) -> PrivacyHead:
+    """The data owner's privacy head: every defence setting of the run's privacy section (alpha,
+    cut_noise, adversary_weight, warmup_steps, leakage_statistic) at the owner's `cut_layer` of
+    `bottom_model`; with privacy.enabled false it only measures leakage. num_classes lets the
+    adversary's decoder see the labels (what Z reveals *beyond* the label is what it removes)."""
+    return PrivacyHead(bottom_model, owner_head_config(privacy, cut_layer), num_classes=num_classes, seed=seed)
+
+
 @dataclass
 class SplitStepResult:
     applied: bool                    # False: the reply was dropped and nothing was updated
@@ -257,8 +267,9 @@ class DataOwnerClient:
     """Trains `bottom` (the layers up to the cut) against a remote trunk; only Z and y are sent.
 
     privacy_head: a PrivacyHead attached to `bottom` at its last layer (its captured Z must be the
-    tensor bottom returns), or None. Its α·dCor(X, Z) term is optimised locally with the trunk's
-    gradient; its leakage is reported in each SplitStepResult.
+    tensor bottom returns, so with cut noise what is sent is the released, noisy Z), or None (see
+    owner_privacy_head). Its terms (α·dCor(X, Z), the adversary) are optimised locally with the
+    trunk's gradient; its leakage is reported in each SplitStepResult.
     """
 
     def __init__(self, p2p: P2P, trunk_peer_id: PeerID, bottom_model: nn.Module,
@@ -319,11 +330,15 @@ class DataOwnerClient:
         except Exception as e:  # timeout, refused request, garbage reply: drop the step, keep going
             return self._drop(f"{type(e).__name__}: {e}")
 
-        # Surrogate whose gradient w.r.t. the bottom is J_zᵀ·∂loss/∂Z (+ α·∂dCor/∂θ).
+        # Surrogate whose gradient w.r.t. the bottom is J_zᵀ·∂loss/∂Z (+ the privacy head's terms: α·∂dCor/∂θ
+        # and the adversary's, whose decoder sees the labels if the head was given num_classes).
         surrogate = (z * grad_z).sum()
         leakage = None
         if self.head is not None:
-            surrogate = surrogate + self.head.penalty().to(surrogate.dtype)
+            if self.head.penalises:
+                surrogate = surrogate + self.head.penalty(labels=y).to(surrogate.dtype)
+            else:
+                self.head.measure()
             leakage = self.head.last_leakage
         self.optimizer.zero_grad(set_to_none=True)
         surrogate.backward()
