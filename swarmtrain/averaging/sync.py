@@ -340,6 +340,20 @@ class SwarmOptimizer(hivemind.Optimizer):
                 except InvalidStateError:
                     pass  # finished between the check and the cancel
 
+    def shutdown(self):
+        """hivemind's first waits for the delayed update in flight (overlap) as long as its round takes:
+        up to the averaging timeout when a groupmate has just left, which kept a stopping peer for half a
+        minute. The rounds in flight are cancelled first instead (hivemind's background step then falls
+        back to local gradients at once); the checkpoint was written before, from settled parameters."""
+        if self.delay_grad_averaging:
+            for control in list(self._round_epochs.keys()):
+                if not control.done():
+                    try:
+                        control.cancel()
+                    except InvalidStateError:
+                        pass  # finished between the check and the cancel
+        super().shutdown()
+
     def _state_wait(self) -> float:
         # a donor is at most one averaging round away from serving the newest epoch
         return 2 * (self.averaging_timeout or 30.0) + 10.0
