@@ -22,7 +22,7 @@ from swarmtrain.privacy.config import PrivacyConfig
 
 SCHEDULE_FORMS = "constant:H (an integer H >= 1, the period in epochs, e.g. constant:8) or adaptive"
 DEFAULT_PERIODS_PER_BUDGET = 8  # averaging.round_budget defaults to optimizer.total_epochs // this
-_LOCAL_ONLY = ("outer_lr", "outer_momentum", "round_budget", "min_period", "max_period")
+_LOCAL_ONLY = ("outer_lr", "outer_momentum", "feedback_decay", "round_budget", "min_period", "max_period")
 _ADAPTIVE_ONLY = ("round_budget", "min_period", "max_period")
 # Bounds of what a volunteer's peer can run: a value beyond them is a typo or an attack, and a peer
 # handed it looped, hung or crashed (issue #20). Each is far beyond any real run's.
@@ -232,6 +232,10 @@ class AveragingConfig(_Section):
     # momentum]); outer_lr 1 and outer_momentum 0 is plain averaging (DiLoCo: 0.7 and 0.9)
     outer_lr: float = Field(1.0, gt=0, le=10)
     outer_momentum: float = Field(0.0, ge=0, lt=1)
+    # mode: local with sparse compression only: the error-feedback residual is multiplied by this after
+    # every round (SparseLoCo's β: the decayed residual takes the place of the outer momentum; 1: plain
+    # error feedback). SparseLoCo pairs it with outer_momentum 0
+    feedback_decay: float = Field(1.0, gt=0, le=1)
     # schedule: adaptive only (swarmtrain/peer/schedule.py): averaging rounds planned over
     # optimizer.total_epochs (default total_epochs // 8), and the bounds of the period, in epochs
     round_budget: Optional[int] = Field(None, ge=1, le=MAX_EPOCHS)
@@ -272,6 +276,9 @@ class AveragingConfig(_Section):
         if self.state_averaging_every:
             raise ValueError("averaging.state_averaging_every applies to mode: sync only; in mode: local "
                              "averaging.schedule decides when the model is averaged")
+        if self.feedback_decay != 1.0 and not self.compression.is_sparse:
+            raise ValueError(f"averaging.feedback_decay decays the residual of sparse compression; with "
+                             f"compression {self.compression} there is none: remove it or use e.g. gaussiank:0.02+2bit")
 
     def resolved_round_budget(self, total_epochs: int) -> int:
         """averaging.round_budget, or its default: one round per DEFAULT_PERIODS_PER_BUDGET epochs."""

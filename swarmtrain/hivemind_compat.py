@@ -26,7 +26,8 @@ PINNED_VERSION = "1.1.12"
 
 # every hivemind method a swarmtrain class overrides (private or public), by the hivemind class that
 # defines it, with the signature it was written against (str(inspect.signature(...)) in hivemind 1.1.12).
-# Averagers: the all-reduce (compression.averager, averaging.local) and the access gate; the state
+# Averagers: the all-reduce (compression.averager, averaging.local), the round check and ban list
+# (compression.crosscheck) and the access gate; the state
 # averager: local mode's state (averaging.local); the dense all-reduce's runner and reducer: byte
 # counting and the robust reducer; the optimizer: round records, fingerprints and local mode; the
 # tracker: fewer progress reports and a quorum epoch; the DHT: its request loop (net.dht); a record
@@ -35,6 +36,8 @@ OVERRIDDEN = {
     "hivemind.averaging.averager:DecentralizedAverager": {
         "_aggregate_with_group": "(self, group_info: 'GroupInfo', min_vector_size: 'int', **kwargs) -> 'GatheredData'",
         "_run_allreduce_inplace_": "(self, tensors: 'Sequence[torch.Tensor]', group_info: 'GroupInfo', group_id: 'Optional[bytes]' = None, **kwargs)",
+        # the round check: commits its seed into the gather before matchmaking (compression.crosscheck)
+        "_step": "(self, *, step: 'StepControl', future_for_init: 'MPFuture')",
         "get_current_state": "(self) -> 'Tuple[Any, Sequence[torch.Tensor], Sequence[CompressionInfo]]'",
         "load_state_from_peers": "(self, wait: 'bool' = True, timeout: 'Optional[float]' = None) -> 'Optional[Tuple[Any, Sequence[torch.Tensor]]]'",
         "rpc_join_group": "(self, request: 'averaging_pb2.JoinRequest', context: 'P2PContext') -> 'AsyncIterator[averaging_pb2.MessageFromLeader]'",
@@ -191,6 +194,25 @@ def is_signed_subkey(subkey) -> bool:
     from hivemind.dht.crypto import RSASignatureValidator
 
     return isinstance(subkey, bytes) and RSASignatureValidator._PUBLIC_KEY_RE.search(subkey) is not None
+
+
+def set_data_for_gather(step, data: bytes) -> None:
+    """Replace what a StepControl gathers for its group (StepControl._data_for_gather), in the averager's
+    process before matchmaking starts: the round check appends its seed commitment."""
+    step._data_for_gather = data
+
+
+def group_key_manager(averager):
+    """The GroupKeyManager through which an averager finds potential leaders
+    (DecentralizedAverager._matchmaking.group_key_manager), or None before matchmaking exists."""
+    matchmaking = getattr(averager, "_matchmaking", None)
+    return None if matchmaking is None else matchmaking.group_key_manager
+
+
+def input_parts(container) -> list:
+    """For each peer of an all-reduce, the (part, CompressionInfo) of the flat vector it reduces, in order
+    (TensorPartContainer._input_parts_by_peer): parts are contiguous, peer after peer."""
+    return [list(parts) for parts in container._input_parts_by_peer]
 
 
 class CleanShutdownMixin:

@@ -466,10 +466,13 @@ async def _probe(_dht, node, peer_id: str, run_id: str) -> dict:
     from hivemind.utils.asyncio import anext
 
     from swarmtrain.compression.averager import CountingGradientAverager
+    from swarmtrain.compression.crosscheck import CHECK_PROTOCOL_VERSION
 
     peer, out = PeerID.from_base58(peer_id), {}
     name = averaging_pb2.MessageCode.Name
-    grad = CountingGradientAverager.get_stub(node.p2p, peer, namespace=f"{run_id}_grad_averager")
+    # the gradient averager's namespace carries the round check's version (compression.crosscheck)
+    grad = CountingGradientAverager.get_stub(node.p2p, peer,
+                                             namespace=f"{run_id}_grad_averager_checked{CHECK_PROTOCOL_VERSION}")
     try:
         stream = await grad.rpc_join_group(averaging_pb2.JoinRequest(
             schema_hash=b"rogue", expiration=get_dht_time() + 10, group_key=f"{run_id}_grad_averager.0b"))

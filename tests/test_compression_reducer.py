@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hivemind.averaging.partition import AllreduceException
+from swarmtrain.compression.crosscheck import CHECK_PROTOCOL_VERSION
 from swarmtrain.compression.sparse_reduce import spans
 from swarmtrain.compression.sparse_round import SpanReducer
 from swarmtrain.compression.wire import SparsePart, WireFormatError, decode_sparse
@@ -111,7 +112,8 @@ def test_sparse_averager_schedule_prefix_and_stats():
     from swarmtrain.compression.wire import SPARSE_WIRE_VERSION
 
     result = ForkedPeers(1).run(_construct_averager_in_child, timeout=60)[0]
-    assert result["prefix"].endswith(f"_sparsewire{SPARSE_WIRE_VERSION}")  # other wire versions never match
+    assert f"_sparsewire{SPARSE_WIRE_VERSION}" in result["prefix"]  # other wire versions never match
+    assert f"_checked{CHECK_PROTOCOL_VERSION}" in result["prefix"]  # nor peers without the round check
     assert result["densities"][0] == pytest.approx(1 / 64) and result["densities"][1] == 0.001
     assert result["shared"] and result["residual_numel"] == 100
     assert result["snapshot"]["rounds_ok"] == 0 and "bytes_sent_total" in result["snapshot"]

@@ -7,8 +7,11 @@ from swarmtrain.compression.feedback import DensitySchedule, ErrorFeedbackSparsi
 from swarmtrain.compression.selection import (
     COUNT_HIGH,
     COUNT_LOW,
+    chunked_gaussiank,
+    chunked_topk,
     gather_into_dense,
     gaussiank,
+    selector_for,
     randomk,
     target_count,
     topk,
@@ -115,3 +118,56 @@ def test_error_feedback_keeps_all_mass():
         indices, values = sparsifier.compress(grad)
         total_out.index_add_(0, indices, values.double())
     torch.testing.assert_close(total_out + sparsifier.residual.double(), total_in, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "laplace", "student_t3", "shifted"])
+def test_chunked_gaussiank_lands_in_every_chunks_band(distribution):
+    chunk, density = 4096, 0.02
+    x = _sample(distribution, 50 * chunk + 1000)  # a partial last chunk
+    x[: 3 * chunk] *= 100.0  # one region with far larger values: a global selection would take only it
+    selected = chunked_gaussiank(x, density, chunk)
+    assert torch.equal(selected, torch.unique(selected)) and int(selected.max()) < x.numel()
+    k = target_count(chunk, density)
+    counts = torch.bincount(selected // chunk, minlength=51)
+    assert all(COUNT_LOW * k <= int(c) <= COUNT_HIGH * k for c in counts[:50]), counts
+    assert int(counts[50]) <= COUNT_HIGH * k
+    # the global selection spends almost the whole budget on the large region
+    assert int((gaussiank(x, density) < 3 * chunk).sum()) > 0.9 * target_count(x.numel(), density)
+
+
+def test_chunked_topk_is_exact_per_chunk_and_skips_zeros():
+    chunk = 100
+    x = torch.randn(1050, generator=torch.Generator().manual_seed(1))
+    x[200:300] = 0.0
+    x[300:303] = torch.tensor([5.0, -6.0, 7.0])
+    x[303:400] = 0.0
+    selected = chunked_topk(x, 0.05, chunk)
+    for row in range(11):
+        mine = selected[(selected >= row * chunk) & (selected < (row + 1) * chunk)]
+        values = x[row * chunk : (row + 1) * chunk]
+        if row == 2:
+            assert len(mine) == 0
+        elif row == 3:
+            assert mine.tolist() == [300, 301, 302]
+        else:
+            assert len(mine) == min(5, len(values))
+            assert x[mine].abs().min() >= values.abs().topk(min(5, len(values))).values.min()
+
+
+def test_selection_depends_on_its_input_only():
+    x = _sample("laplace", 100_000)
+    torch.manual_seed(1)
+    first = gaussiank(x, 0.01)
+    torch.manual_seed(2)
+    torch.rand(1000)
+    assert torch.equal(first, gaussiank(x, 0.01))
+    assert torch.equal(chunked_gaussiank(x, 0.01, 4096), chunked_gaussiank(x.clone(), 0.01, 4096))
+
+
+def test_selector_for_spec():
+    from swarmtrain.compression.spec import parse_compression_spec
+
+    x = _sample("gaussian", 20_000)
+    assert selector_for(parse_compression_spec("topk:0.01")) is topk
+    chunked = selector_for(parse_compression_spec("gaussiank:0.01:1000+2bit"))
+    assert torch.equal(chunked(x, 0.01), chunked_gaussiank(x, 0.01, 1000))

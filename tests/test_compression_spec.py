@@ -11,18 +11,23 @@ from swarmtrain.compression.spec import ACCEPTED_FORMS, CompressionSpec, parse_c
         ("gaussiank:0.01", CompressionSpec("gaussiank", 0.01)),
         (" topk:1e-3+8bit ", CompressionSpec("topk", 0.001, True)),
         ("randomk:1", CompressionSpec("randomk", 1.0)),
+        ("gaussiank:0.02+2bit", CompressionSpec("gaussiank", 0.02, two_bit_values=True)),
+        ("GaussianK:0.02:4096+2bit", CompressionSpec("gaussiank", 0.02, two_bit_values=True, chunk=4096)),
+        ("topk:0.1:64", CompressionSpec("topk", 0.1, chunk=64)),
     ],
 )
 def test_valid_specs(text, expected):
     spec = parse_compression_spec(text)
     assert spec == expected
+    assert spec.value_format == ("8bit" if spec.eight_bit_values else "2bit" if spec.two_bit_values else "fp16")
     assert parse_compression_spec(str(spec)) == spec  # str() is a valid spec again
 
 
 @pytest.mark.parametrize(
     "text",
     ["", "  ", "gzip", "gaussiank", "gaussiank:", "topk:0", "topk:1.5", "topk:abc", "topk:nan", "fp16+8bit",
-     "none:0.1", "randomk:-0.1", None, 0.01],
+     "none:0.1", "randomk:-0.1", None, 0.01, "fp16+2bit", "gaussiank:0.01:1", "gaussiank:0.01:x",
+     "gaussiank:0.01:-8", "randomk:0.01:4096", "gaussiank:0.01+8bit+2bit"],
 )
 def test_invalid_specs_name_the_accepted_forms(text):
     with pytest.raises(ValueError) as error:

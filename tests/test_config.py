@@ -157,7 +157,7 @@ def test_bad_schedule_names_the_field_and_the_forms(schedule):
 
 
 @pytest.mark.parametrize("field, value", [("outer_lr", 0.7), ("outer_momentum", 0.9), ("round_budget", 10),
-                                          ("min_period", 2), ("max_period", 8)])
+                                          ("min_period", 2), ("max_period", 8), ("feedback_decay", 0.95)])
 def test_local_only_fields_are_refused_in_sync_mode(field, value):
     data = _tiny()
     data["averaging"][field] = value
@@ -178,6 +178,9 @@ def test_adaptive_only_fields_are_refused_with_a_constant_schedule(field, value)
     (dict(schedule="adaptive", round_budget=10, max_period=4), "averaging.round_budget (10) x averaging.max_period (4) "
                                                                "must cover optimizer.total_epochs (200)"),
     (dict(schedule="adaptive", round_budget=150, min_period=2), "exceeds optimizer.total_epochs (200)"),
+    (dict(schedule="constant:4", compression="fp16", feedback_decay=0.9), "averaging.feedback_decay decays the residual"),
+    (dict(schedule="constant:4", compression="gaussiank:0.02", feedback_decay=0), "averaging.feedback_decay"),
+    (dict(schedule="constant:4", compression="gaussiank:0.02", feedback_decay=1.5), "averaging.feedback_decay"),
 ])
 def test_local_mode_field_values_are_checked(fields, expected):
     assert expected in _error(_local(**fields))
@@ -189,6 +192,9 @@ def test_a_published_local_config_parses_again():
     for schedule in ("constant:4", "adaptive"):
         config = parse_run_config(_local(schedule=schedule, outer_lr=0.7, outer_momentum=0.9))
         assert parse_run_config(yaml.safe_load(dump_run_config(config))) == config
+    sparseloco = parse_run_config(_local(schedule="constant:4", compression="gaussiank:0.02:4096+2bit",
+                                         feedback_decay=0.95))
+    assert parse_run_config(yaml.safe_load(dump_run_config(sparseloco))) == sparseloco
     sync = parse_run_config(_tiny())
     assert parse_run_config(yaml.safe_load(dump_run_config(sync))) == sync
 

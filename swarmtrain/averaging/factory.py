@@ -6,7 +6,10 @@ from typing import Optional
 import hivemind
 import torch
 from hivemind.compression import NoCompression
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
+
+from swarmtrain.access.bans import BanList
 
 from swarmtrain.averaging.local import (ANCHOR_TOLERANCE_LR, ROUND_MATCHMAKING_FACTOR, InStepWeightMixin,
                                         LocalSwarmOptimizer)
@@ -52,15 +55,20 @@ def make_optimizer(config: RunConfig, model: torch.nn.Module, dht: hivemind.DHT,
     density_schedule = DensitySchedule.for_spec(averaging.compression, dense_warmup_epochs=averaging.dense_warmup_epochs,
                                                 density_warmup_epochs=averaging.density_warmup_epochs)
     robust_policy = RobustPolicy(aggregation=averaging.aggregation, max_norm_ratio=averaging.max_norm_ratio)
+    # peers caught lying in a round's check are refused; bans are published under this peer's signed
+    # subkey, and on a token-gated run the organiser's revocations count alone (access/bans.py)
+    ban_list = BanList(dht, config.run_id, owner_subkey=RSASignatureValidator(private_key).local_public_key,
+                       authority_id=access.authority_id if access is not None else None)
     if averaging.mode == "local":  # local steps + averaging of model deltas: averaging/local.py
         tolerance = ANCHOR_TOLERANCE_LR * config.optimizer.lr
         delta_averager_factory = make_averager_factory(
             averaging.compression, density_schedule=density_schedule, access=access, mixin=InStepWeightMixin,
             anchor_tolerance=tolerance, request_timeout=ROUND_MATCHMAKING_FACTOR * averaging.request_timeout,
-            robust_policy=robust_policy)
+            robust_policy=robust_policy, ban_list=ban_list)
         return LocalSwarmOptimizer(
             settings=ControllerSettings.from_config(config), delta_averager_factory=delta_averager_factory,
-            outer_lr=averaging.outer_lr, outer_momentum=averaging.outer_momentum, anchor_tolerance=tolerance,
+            outer_lr=averaging.outer_lr, outer_momentum=averaging.outer_momentum,
+            feedback_decay=averaging.feedback_decay, anchor_tolerance=tolerance,
             averager_opts=dict(request_timeout=averaging.request_timeout), fingerprint_tolerance=tolerance, **common)
     # hivemind's load balancing gives each peer a span of the reduction in proportion to this; every
     # peer reports one (a peer reporting none counts as its group's average), so the default is a
@@ -70,7 +78,8 @@ def make_optimizer(config: RunConfig, model: torch.nn.Module, dht: hivemind.DHT,
     grad_averager_factory = make_averager_factory(
         averaging.compression, density_schedule=density_schedule, access=access,
         mixin=GroupRegistrationMixin if averaging.overlap else None,
-        request_timeout=averaging.request_timeout, robust_policy=robust_policy, bandwidth=bandwidth)
+        request_timeout=averaging.request_timeout, robust_policy=robust_policy, bandwidth=bandwidth,
+        ban_list=ban_list)
     # overlap: hivemind's delayed parameter updates (the round and the step in a background thread;
     # they need the optimizer offloaded to its own copy of the parameters, and a state averaging
     # round after a delayed step must be delayed too)

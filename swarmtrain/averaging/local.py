@@ -11,6 +11,9 @@ counter of `target_batch_size` samples, so all peers reach them together)::
     m        = μ·m + Δ̄                            outer momentum buffer (only when outer_momentum μ > 0)
     anchor  += outer_lr · (Δ̄ + μ·m)              Nesterov; outer_lr 1, μ 0: plain averaging, anchor + Δ̄
     θ_i      = anchor
+    r_i     *= β                                  sparse compression: the error-feedback residual decays
+                                                  (averaging.feedback_decay; SparseLoCo's e ← βe + Δ, whose
+                                                  decayed buffer stands in for the outer momentum)
 
 What is averaged, and what is not:
 
@@ -209,6 +212,8 @@ class LocalSwarmOptimizer(SwarmOptimizer):
       compression.factory.make_averager_factory, with InStepWeightMixin)
     :param outer_lr: the outer step's learning rate (1: plain averaging)
     :param outer_momentum: the outer step's Nesterov momentum (0: none)
+    :param feedback_decay: β, the factor a sparse averager's error-feedback residual is multiplied by
+      after each successful round (1: plain error feedback)
     :param anchor_tolerance: averaged models whose fingerprints agree within this are the same model
     :param kwargs: SwarmOptimizer's and hivemind.Optimizer's
     """
@@ -222,9 +227,10 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         return self._failed_out_of_step
 
     def __init__(self, *, settings: ControllerSettings, delta_averager_factory, outer_lr: float = 1.0,
-                 outer_momentum: float = 0.0, anchor_tolerance: float, **kwargs):
+                 outer_momentum: float = 0.0, feedback_decay: float = 1.0, anchor_tolerance: float, **kwargs):
         self.settings = settings
         self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
+        self.feedback_decay = float(feedback_decay)
         self.anchor_tolerance = float(anchor_tolerance)
         self._scheduled: Optional[StepControl] = None
         self._samples_since_anchor = 0
@@ -353,17 +359,9 @@ class LocalSwarmOptimizer(SwarmOptimizer):
 
     # -------------------------------------------------------------- rounds
     def _member_record(self, round_epoch: int) -> MemberRecord:
-        parameters = self._optimized_parameters()
-        with torch.no_grad():
-            delta = torch.cat([(param.detach().to("cpu", torch.float32) - anchor).reshape(-1)
-                               for param, anchor in zip(parameters, self.anchor)])
-        state = self.schedule_state
-        return MemberRecord(
-            round_epoch=round_epoch, anchor_epoch=state.anchor_epoch, rounds_done=state.rounds_done,
-            fit=state.fit, anchor_fingerprint=tuple(fingerprint(self.anchor, self._positions)),
-            sketch=tuple(count_sketch(delta).tolist()), weight=0.0 if self._fresh else float(self._samples_since_anchor),
-            peers_seen=int(self.tracker.global_progress.num_peers),
-        )
+        return member_record(round_epoch, self.schedule_state, self.anchor, self._optimized_parameters(),
+                             self._positions, 0.0 if self._fresh else float(self._samples_since_anchor),
+                             int(self.tracker.global_progress.num_peers))
 
     def _schedule_round(self, scheduled_time: float, round_epoch: int) -> StepControl:
         gather = self._member_record(round_epoch).to_wire()
@@ -486,12 +484,10 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         parameters = self._optimized_parameters()
         with torch.no_grad(), self.state_averager.lock_averaged_tensors:
             if mine in in_step:
-                for index, (anchor, update) in enumerate(zip(self.anchor, averaged)):
-                    if self.momentum is not None:
-                        # Nesterov: m = μm + Δ̄, step = Δ̄ + μm
-                        self.momentum[index].mul_(self.outer_momentum).add_(update)
-                        update = update.add(self.momentum[index], alpha=self.outer_momentum)
-                    anchor.add_(update, alpha=self.outer_lr)
+                outer_step(self.anchor, self.momentum, averaged, self.outer_lr, self.outer_momentum)
+                residual = getattr(self.delta_averager, "residual", None)
+                if residual is not None and self.feedback_decay != 1.0:
+                    residual.mul_(self.feedback_decay)  # the averager process wrote it before the round returned
             else:
                 # our averaged model was not the group's: the trainer downloads the state (diverged)
                 self.diverged = True
@@ -518,6 +514,32 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         self.schedule_state = state
         with self.state_averager.lock_averaged_tensors:
             self.state_averager.local_schedule = state.to_dict()
+
+
+def member_record(round_epoch: int, state: ControllerState, anchor: List[torch.Tensor], parameters,
+                  positions, weight: float, peers_seen: int) -> MemberRecord:
+    """What a member gathers in the round at `round_epoch` (the simulator of the swarm builds it here too):
+    its schedule state, its averaged model's fingerprint, the sketch of its delta since that model."""
+    with torch.no_grad():
+        delta = torch.cat([(param.detach().to("cpu", torch.float32) - base).reshape(-1)
+                           for param, base in zip(parameters, anchor)])
+    return MemberRecord(
+        round_epoch=round_epoch, anchor_epoch=state.anchor_epoch, rounds_done=state.rounds_done, fit=state.fit,
+        anchor_fingerprint=tuple(fingerprint(anchor, positions)), sketch=tuple(count_sketch(delta).tolist()),
+        weight=weight, peers_seen=peers_seen,
+    )
+
+
+@torch.no_grad()
+def outer_step(anchor: List[torch.Tensor], momentum: Optional[List[torch.Tensor]], averaged: List[torch.Tensor],
+               outer_lr: float, outer_momentum: float) -> None:
+    """anchor += outer_lr · (Δ̄ + μ·m) with m = μ·m + Δ̄ (Nesterov), in place; without momentum buffers
+    (μ = 0) anchor += outer_lr · Δ̄."""
+    for index, (base, update) in enumerate(zip(anchor, averaged)):
+        if momentum is not None:
+            momentum[index].mul_(outer_momentum).add_(update)
+            update = update.add(momentum[index], alpha=outer_momentum)
+        base.add_(update, alpha=outer_lr)
 
 
 def _describe_model(tensors: List[torch.Tensor]) -> tuple:

@@ -42,9 +42,14 @@ from swarmtrain.errors import UserError
 @click.option("--resume", "resume_from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Start the swarm from this checkpoint (a checkpoint directory, or a directory of them: "
                    "the newest is used); the first peers download it from the coordinator.")
+@click.option("--revoked", "revoked_file", type=click.Path(dir_okay=False), default=None,
+              help="A text file of peers to refuse, one per line: PEER_ID [UNTIL] [# reason], UNTIL being a duration "
+                   "counted from the file's last change (12h, 7d; 30d if omitted) or a UTC date (2026-12-31). "
+                   "Re-read while the coordinator runs; on a token-gated run every peer refuses to average "
+                   "with them until then.")
 @click.pass_context
 def coordinator(ctx, config_path, identity, host_maddrs, announce_maddrs, log_every, metrics_host, metrics_port,
-                per_peer_metrics, checkpoint_dir, checkpoint_every, keep_checkpoints, resume_from):
+                per_peer_metrics, checkpoint_dir, checkpoint_every, keep_checkpoints, resume_from, revoked_file):
     """Bootstrap the swarm, publish the run config (signed) and log the swarm's progress.
 
     Prints the command volunteers paste to join. Stop with Ctrl+C: peers keep training, and a
@@ -69,6 +74,10 @@ def coordinator(ctx, config_path, identity, host_maddrs, announce_maddrs, log_ev
         from swarmtrain.training.checkpoint import check_checkpoint_dir
 
         check_checkpoint_dir(checkpoint_dir)
+    if revoked_file is not None:
+        from swarmtrain.access.bans import read_revocations
+
+        read_revocations(revoked_file)  # a malformed file is a one-line error now, not a warning later
     identity = identity or str(default_identity_path(f"coordinator-{config.run_id}"))
     token_gated = config.access.mode == "token"  # the coordinator is the authority (see Coordinator)
     raise_on_stop_signals()
@@ -79,7 +88,7 @@ def coordinator(ctx, config_path, identity, host_maddrs, announce_maddrs, log_ev
                            metrics_port=metrics_port or None, per_peer_metrics=per_peer_metrics,
                            checkpoint_dir=checkpoint_dir,
                            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                           resume_from=resume_from)
+                           resume_from=resume_from, revoked_file=revoked_file)
         node.publish()
         maddrs = split_values(announce_maddrs) or node.maddrs
         command = join_command(maddrs) + (" --token TOKEN" if token_gated else "")

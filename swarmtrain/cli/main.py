@@ -22,6 +22,7 @@ def main(verbose: bool) -> None:
     Volunteer:  swarmtrain peer --initial-peers /ip4/.../tcp/31337/p2p/Qm...
     Organiser:  swarmtrain coordinator --config run.yaml
     Try it:     swarmtrain demo --peers 3
+    Plan a run: swarmtrain simulate --config run.yaml --peers 8
     """
     setup_logging(verbose)
 
@@ -31,9 +32,10 @@ def _register_commands() -> None:
     from swarmtrain.cli.demo import demo
     from swarmtrain.cli.doctor import doctor
     from swarmtrain.cli.peer import identity_command, peer
+    from swarmtrain.cli.simulate import simulate
     from swarmtrain.privacy.cli import audit
 
-    for command in (coordinator, peer, identity_command, demo, doctor, audit):
+    for command in (coordinator, peer, identity_command, demo, doctor, audit, simulate):
         main.add_command(command)
 
 

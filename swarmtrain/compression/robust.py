@@ -6,9 +6,13 @@ run every part of a round through :func:`aggregate` once all senders' parts for 
 
 1. validity: a part with non-finite values (or a non-finite / negative weight) is rejected;
 2. outliers: with at least ``min_group_for_outliers`` valid non-empty parts, a part whose L2 norm
-   exceeds ``max_norm_ratio`` x the median norm of those is rejected (needs a majority to say what
-   "normal" is: with two senders nobody can tell which one is off, so nothing is rejected on norm);
-   a self-reported weight above ``max_weight_ratio`` x the median weight is clamped to it;
+   exceeds ``max_norm_ratio`` x the median norm of those is rejected; a self-reported weight above
+   ``max_weight_ratio`` x the median weight is clamped to it. With fewer parts (a group of two) the
+   median says nothing -- the median of two norms is their mean, so a x1e6 part is only ~2x it -- and
+   the judge's *own* part on the same span is the reference instead (the ``judge`` argument: the
+   reducer's own part; a member checking a result applies the same rule with its own part, see
+   verify.py): a part above ``max_norm_ratio`` x that norm is rejected. Whoever is the outlier, an
+   honest judge never lets it into what it applies;
 3. aggregation of what is left: ``mean`` (hivemind's weighted mean), ``clip`` (each part clipped to
    the median norm first: bounds what any one sender can move the average) or ``centered_clip``
    (Karimireddy et al. 2021, as used by Gorbunov et al. 2022 for collaborative training: iterate
@@ -22,8 +26,8 @@ outsized in every span.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Dict, Literal, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -50,19 +54,95 @@ class RobustPolicy:
 
 @dataclass
 class Aggregate:
+    """A checked average.
+
+    :param average: the aggregate of the kept parts
+    :param total_weight: their effective weights' sum
+    :param rejected: index -> why, for the parts left out
+    :param coefficients: index -> coefficient of each kept part (see below)
+    :param norms: index -> the float32-rounded norm each valid part was judged by
+    """
+
     average: torch.Tensor
     total_weight: float
     rejected: Dict[int, str]  # index of the part -> why
+    # index of each averaged part -> its coefficient: average = sum of coefficient x part (up to float32
+    # rounding). A checker recomputes the coefficients of mean and clip from norms and weights alone
+    # (:func:`plan`); CenteredClip's depend on the parts' geometry and are reported by the reducer
+    coefficients: Dict[int, float] = field(default_factory=dict)
+    norms: Dict[int, float] = field(default_factory=dict)  # index -> float64 norm of each valid part judged
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a reducer does with the valid parts of one span, decided from their norms and weights only
+    (so that every member of the group can recompute it from the numbers the reducer reports).
+
+    :param kept: indices of the parts that are averaged
+    :param weights: their effective weights (after the median cap), in the order of ``kept``
+    :param rejected: index -> why, for parts left out on norm
+    :param coefficients: index -> coefficient of the part in the average, for mean and clip (None for
+      centered_clip, whose coefficients come out of its iterations)
+    """
+    kept: Tuple[int, ...]
+    weights: Tuple[float, ...]
+    rejected: Dict[int, str]
+    coefficients: Optional[Dict[int, float]]
+
+    @property
+    def total_weight(self) -> float:
+        return float(sum(self.weights))
 
 
 def _median(values: Sequence[float]) -> float:
     return float(torch.tensor(list(values), dtype=torch.float64).median())
 
 
-def aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], policy: RobustPolicy) -> Aggregate:
-    """Checked (and optionally robust) weighted average of equally shaped float tensors."""
-    if not parts:
-        raise ValueError("nothing to aggregate")
+def plan(norms: Mapping[int, float], weights: Mapping[int, float], policy: "RobustPolicy",
+         judge: Optional[int] = None) -> Plan:
+    """The outlier rules and the coefficients of mean / clip, on scalars.
+
+    :param norms: index -> L2 norm, for the valid parts with a positive weight (float64 numbers: the
+      caller computes them once and reports them, so that checkers reproduce the decision exactly)
+    :param weights: index -> weight (already clamped to the run's maximum), for the same parts
+    :param policy: the rules
+    :param judge: the index of the deciding peer's own part, if it is among them: with fewer than
+      ``min_group_for_outliers`` non-empty parts, parts above ``max_norm_ratio`` x its norm are rejected
+    """
+    rejected: Dict[int, str] = {}
+    norms = {index: float(norm) for index, norm in norms.items()}
+    # empty parts (a sparse sender that selected nothing in this span) say nothing about scale
+    nonzero = [norm for norm in norms.values() if norm > 0]
+    bound, source = None, ""
+    if policy.max_norm_ratio and len(nonzero) >= policy.min_group_for_outliers:
+        bound, source = policy.max_norm_ratio * _median(nonzero), "the group's median"
+    elif policy.max_norm_ratio and judge is not None and norms.get(judge, 0.0) > 0:
+        bound, source = policy.max_norm_ratio * norms[judge], "the judge's own part"
+    if bound is not None:
+        for index, norm in list(norms.items()):
+            if norm > bound:
+                rejected[index] = f"norm {norm:.3g} > {policy.max_norm_ratio:g} x {source}"
+                del norms[index]
+    kept = tuple(sorted(norms))
+    kept_weights = [float(weights[index]) for index in kept]
+    if policy.max_weight_ratio and len(kept) >= policy.min_group_for_outliers:
+        cap = policy.max_weight_ratio * _median(kept_weights)
+        kept_weights = [min(weight, cap) for weight in kept_weights]
+    total = float(sum(kept_weights))
+    coefficients = None
+    if policy.aggregation == "mean" or len(kept) == 1:
+        coefficients = {index: weight / total for index, weight in zip(kept, kept_weights)} if total > 0 else {}
+    elif policy.aggregation == "clip" and total > 0:
+        tau = _median([norms[index] for index in kept])
+        coefficients = {index: weight * min(1.0, tau / norms[index]) / total if norms[index] > 0 else weight / total
+                        for index, weight in zip(kept, kept_weights)}
+    return Plan(kept, tuple(kept_weights), rejected, coefficients)
+
+
+def check_parts(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> Tuple[Dict[int, float], Dict[int, str]]:
+    """(index -> float64 norm of each valid part with a positive weight, index -> why a part is invalid).
+
+    A zero-weight part (a peer tagging along) is neither judged nor averaged."""
     shape = parts[0].shape
     rejected: Dict[int, str] = {}
     norms: Dict[int, float] = {}
@@ -73,54 +153,56 @@ def aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], policy: R
             rejected[index] = f"invalid weight {weight}"
         elif not bool(torch.isfinite(part).all()):
             rejected[index] = "non-finite values"
-        elif weight > 0:  # a zero-weight part (a peer tagging along) is not averaged: nothing to judge
-            norms[index] = float(part.double().norm())
-    # empty parts (a sparse sender that selected nothing in this span) say nothing about scale
-    nonzero = [norm for norm in norms.values() if norm > 0]
-    if policy.max_norm_ratio and len(nonzero) >= policy.min_group_for_outliers:
-        bound = policy.max_norm_ratio * _median(nonzero)
-        for index, norm in list(norms.items()):
-            if norm > bound:
-                rejected[index] = f"norm {norm:.3g} > {policy.max_norm_ratio:g} x the group's median"
-                del norms[index]
-    kept = list(norms)
-    if not kept:
-        return Aggregate(torch.zeros(shape, dtype=torch.float32), 0.0, rejected)
-    kept_weights = [float(weights[index]) for index in kept]
-    if policy.max_weight_ratio and len(kept) >= policy.min_group_for_outliers:
-        cap = policy.max_weight_ratio * _median(kept_weights)
-        kept_weights = [min(weight, cap) for weight in kept_weights]
-    stacked = torch.stack([parts[index].float() for index in kept])
-    weight_tensor = torch.tensor(kept_weights, dtype=torch.float32)
-    total_weight = float(weight_tensor.sum())
-    if policy.aggregation == "mean" or len(kept) == 1:
-        average = _weighted_mean(stacked, weight_tensor)
+        elif weight > 0:
+            # rounded to float32: the round's check sends norms as float32, and every member must reach
+            # the reducer's decisions from the very numbers it decided on
+            norms[index] = float(part.double().norm().float())
+    return norms, rejected
+
+
+def aggregate(parts: Sequence[torch.Tensor], weights: Sequence[float], policy: RobustPolicy,
+              judge: Optional[int] = None) -> Aggregate:
+    """Checked (and optionally robust) weighted average of equally shaped float tensors.
+
+    ``judge``: the index of the deciding peer's own part (see :func:`plan`), or None."""
+    if not parts:
+        raise ValueError("nothing to aggregate")
+    shape = parts[0].shape
+    norms, rejected = check_parts(parts, weights)
+    decided = plan(norms, {index: weights[index] for index in norms}, policy, judge)
+    rejected.update(decided.rejected)
+    kept = list(decided.kept)
+    if not kept or decided.total_weight <= 0:
+        return Aggregate(torch.zeros(shape, dtype=torch.float32), 0.0, rejected, {}, norms)
+    stacked = torch.stack([parts[index].float() for index in kept]).reshape(len(kept), -1)
+    if decided.coefficients is not None:
+        coefficients = torch.tensor([decided.coefficients[index] for index in kept], dtype=torch.float32)
+        average = (coefficients[:, None] * stacked).sum(0)
+        by_index = dict(decided.coefficients)
     else:
-        average = _robust_mean(stacked, weight_tensor, policy)
-    return Aggregate(average.reshape(shape), total_weight, rejected)
+        weight_tensor = torch.tensor(decided.weights, dtype=torch.float64)
+        norm_tensor = torch.tensor([norms[index] for index in kept], dtype=torch.float64)
+        average, mixing = _centered_clip(stacked, weight_tensor, norm_tensor, policy)
+        by_index = {index: float(value) for index, value in zip(kept, mixing)}
+    return Aggregate(average.reshape(shape), decided.total_weight, rejected, by_index, norms)
 
 
-def _weighted_mean(stacked: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    flat = stacked.reshape(len(stacked), -1)
-    return (weights[:, None] * flat).sum(0) / weights.sum()
-
-
-def _clip_to(vectors: torch.Tensor, tau: float) -> torch.Tensor:
-    norms = vectors.norm(dim=1, keepdim=True)
-    return vectors * torch.clamp(tau / norms.clamp_min(1e-30), max=1.0)
-
-
-def _robust_mean(stacked: torch.Tensor, weights: torch.Tensor, policy: RobustPolicy) -> torch.Tensor:
-    flat = stacked.reshape(len(stacked), -1)
-    tau = float(flat.norm(dim=1).median())
-    clipped_mean = _weighted_mean(_clip_to(flat, tau), weights)
-    if policy.aggregation == "clip":
-        return clipped_mean
-    center = clipped_mean
+def _centered_clip(flat: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor,
+                   policy: RobustPolicy) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CenteredClip from the clipped mean, also returning the mixing coefficients: every step moves the
+    center to a convex combination of itself and the parts, so the result is sum(alpha_i x part_i) with
+    alpha_i >= 0 and sum(alpha) <= 1 -- what a checker of the group verifies (verify.py)."""
+    total = weights.sum()
+    tau = float(norms.median())
+    alpha = weights * torch.clamp(tau / norms.clamp_min(1e-30), max=1.0) / total
+    center = (alpha.float()[:, None] * flat).sum(0)
     for _ in range(policy.centered_clip_iterations):
         offsets = flat - center
-        tau = float(offsets.norm(dim=1).median())
+        distances = offsets.double().norm(dim=1)
+        tau = float(distances.median())
         if tau == 0:
             break
-        center = center + _weighted_mean(_clip_to(offsets, tau), weights)
-    return center
+        beta = weights * torch.clamp(tau / distances.clamp_min(1e-30), max=1.0) / total
+        center = center + (beta.float()[:, None] * offsets).sum(0)
+        alpha = alpha * (1.0 - beta.sum()) + beta
+    return center, alpha

@@ -8,17 +8,26 @@ Every operator has the same public signature ``op(x, density) -> LongTensor`` of
 - ``gaussiank`` a threshold on |x| from the Gaussian model of the signed values (Shi et al.), then a
                 refinement on the *count* so that it lands in [2k/3, 4k/3] on any distribution, with
                 O(d) counting passes and no sort of the full tensor.
+
+Chunk-wise forms (``chunked_selector``, spec ``gaussiank:RHO:CHUNK``): the same density of every chunk of
+CHUNK consecutive entries (SparseLoCo selects top-k per chunk), so every part of the model sends its
+share each round instead of the largest-update layers taking the whole budget.
+
+Every selection is a function of its input only (gaussiank's sample is drawn from a fixed seed): the
+same vector selects the same entries on a peer and in the simulator of the swarm.
 """
 from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from functools import partial
 from typing import Callable, Dict, Optional
 
 import torch
 
 COUNT_LOW, COUNT_HIGH = 2.0 / 3.0, 4.0 / 3.0  # acceptance band for gaussiank's count, as a multiple of k
 MAX_COUNTING_PASSES = 40  # safety net only; continuous inputs land in 1-4 passes
+SAMPLE_SEED = 20250821  # gaussiank's sample positions: fixed, so a selection depends on its input only
 
 
 def target_count(numel: int, density: float) -> int:
@@ -124,7 +133,8 @@ def gaussiank_indices(flat: torch.Tensor, magnitudes: torch.Tensor, k: int) -> O
         gaussian_guess = abs(mean) + std * NormalDist().inv_cdf(1.0 - density / 2.0)
 
     sample_size = min(numel, max(4096, int(256 / density)))
-    sample = magnitudes[torch.randint(numel, (sample_size,), device=magnitudes.device)]
+    positions = torch.randint(numel, (sample_size,), generator=torch.Generator().manual_seed(SAMPLE_SEED))
+    sample = magnitudes[positions.to(magnitudes.device)]
     expected_in_sample = density * sample_size
     guesses = []
     if gaussian_guess is not None:
@@ -173,6 +183,69 @@ SELECTORS: Dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "randomk": randomk,
     "gaussiank": gaussiank,
 }
+
+
+def _chunk_rows(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """|x| as rows of `chunk` entries, the last one padded with zeros (never selected: a threshold is >= 0
+    and selection is strictly above it)."""
+    flat = x.detach().reshape(-1)
+    rows = -(-flat.numel() // chunk)
+    magnitudes = torch.zeros(rows * chunk, dtype=flat.dtype, device=flat.device)
+    magnitudes[: flat.numel()] = flat.abs()
+    return magnitudes.view(rows, chunk)
+
+
+def chunked_topk(x: torch.Tensor, density: float, chunk: int) -> torch.Tensor:
+    """Exact top-k of every chunk (k = target_count(chunk, density)): sorted flat indices."""
+    rows = _chunk_rows(x, chunk)
+    k = target_count(chunk, density)
+    columns = torch.topk(rows, k, dim=1, sorted=False).indices
+    flat = (columns + torch.arange(rows.shape[0], device=rows.device)[:, None] * chunk).reshape(-1)
+    flat = flat[(flat < x.numel()) & (rows.reshape(-1)[flat] > 0)]  # not the padding, not exact zeros
+    return torch.sort(flat).values
+
+
+def chunked_gaussiank(x: torch.Tensor, density: float, chunk: int, report: Optional[dict] = None) -> torch.Tensor:
+    """GaussianK per chunk: every chunk's Gaussian threshold |mean| + std·Φ⁻¹(1 − ρ/2) from its own
+    statistics (one pass over the rows for all chunks at once); a chunk whose count misses its band
+    [2k/3, 4k/3] (heavy tails: error-feedback buffers often are) takes its exact k-th largest magnitude
+    instead (torch.kthvalue over the chunk, O(chunk)). Sorted flat indices.
+
+    Per-chunk k is small (82 at ρ = 0.02 over 4096), so the band is a few dozen entries wide and the
+    Gaussian guess lands in it less often than on a whole tensor; what it saves is the kthvalue of the
+    chunks it does fit (``benchmarks/simulate_selection.py`` measures both). `report`, when given, gets
+    ``chunks`` and ``fallback_chunks`` (those that took the exact k-th magnitude)."""
+    rows = _chunk_rows(x, chunk)
+    k = target_count(chunk, density)
+    if k >= chunk:
+        flat = torch.nonzero(rows.reshape(-1) > 0).reshape(-1)
+        return flat[flat < x.numel()]
+    signed = torch.zeros_like(rows).reshape(-1)
+    signed[: x.numel()] = x.detach().reshape(-1)
+    signed = signed.view_as(rows)
+    mean = signed.mean(1)
+    std = ((signed * signed).mean(1) - mean * mean).clamp(min=0).mul(chunk / (chunk - 1)).sqrt()
+    thresholds = mean.abs() + std * NormalDist().inv_cdf(1.0 - density / 2.0)
+    counts = (rows > thresholds[:, None]).sum(1)
+    missed = torch.nonzero((counts < COUNT_LOW * k) | (counts > COUNT_HIGH * k)).reshape(-1)
+    if report is not None:
+        report.update(chunks=rows.shape[0], fallback_chunks=len(missed))
+    if len(missed):
+        # the (chunk - k)-th smallest magnitude: exactly k entries lie strictly above it (ties aside)
+        exact = torch.kthvalue(rows[missed], chunk - k, dim=1).values
+        thresholds[missed] = exact
+    flat = torch.nonzero((rows > thresholds[:, None]).reshape(-1)).reshape(-1)
+    return flat[flat < x.numel()]
+
+
+CHUNKED_SELECTORS = {"topk": chunked_topk, "gaussiank": chunked_gaussiank}
+
+
+def selector_for(spec) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """The selection a CompressionSpec names: ``op(x, density) -> flat indices``."""
+    if spec.chunk:
+        return partial(CHUNKED_SELECTORS[spec.method], chunk=spec.chunk)
+    return SELECTORS[spec.method]
 
 
 def gather_into_dense(numel: int, indices: torch.Tensor, values: torch.Tensor, out: Optional[torch.Tensor] = None):

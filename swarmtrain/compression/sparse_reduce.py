@@ -24,7 +24,7 @@ numbers without a network (tests, a simulator of the swarm) calls them directly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -70,22 +70,40 @@ def sender_payloads(corrected: torch.Tensor, selected: torch.Tensor, all_spans: 
 
 @dataclass
 class SpanReduction:
-    """A reducer's result for its span."""
+    """A reducer's result for its span.
+
+    :param encoded: the answer every member decodes
+    :param rejected: sender index -> why its part was left out
+    :param total_weight: of the senders averaged
+    :param requantization_error: (applied - exact average) at the kept entries, or None
+    :param norms: sender index -> the norm its part was judged by (for the round's check)
+    :param coefficients: sender index -> its coefficient in the average (for the round's check)
+    :param kept_indices: the answer's support within the span
+    """
 
     encoded: bytes  # the re-sparsified weighted average, as every member decodes it
     rejected: Dict[int, str]  # sender index -> why its part was left out of the average
     total_weight: float  # of the senders averaged
     requantization_error: Optional[SparsePart]  # (applied - exact average) at the kept entries
+    # for the round's check (verify.py): sender index -> the float64 norm its part was judged by (valid
+    # parts with a positive weight), and -> its coefficient in the average (the kept ones)
+    norms: Dict[int, float] = field(default_factory=dict)
+    coefficients: Dict[int, float] = field(default_factory=dict)
+    kept_indices: Optional[torch.Tensor] = None  # the support of the answer (sorted, within the span)
 
 
 def reduce_span(parts: Mapping[int, Tuple[float, SparsePart]], span_length: int, density: float,
-                value_format: str, policy: RobustPolicy = RobustPolicy()) -> SpanReduction:
-    """Weighted average over the union of the received supports, re-sparsified, encoded.
+                value_format: str, policy: RobustPolicy = RobustPolicy(),
+                average_format: Optional[str] = None, judge: Optional[int] = None) -> SpanReduction:
+    """Weighted average over the union of the received supports, re-sparsified, encoded (in
+    `average_format`, by default `value_format`).
 
     ``parts`` maps each sender index to (weight, its part of the span). Works on the <= n·k support
     only (never allocates the dense span), so the reducer's cost is O(n·k·log(n·k)) and it stays
-    cheap even when the span is large."""
+    cheap even when the span is large. ``judge``: the reducer's own sender index, the reference of the
+    outlier rule in groups too small for a median (robust.plan)."""
     senders = [index for index, (weight, _) in parts.items() if weight > 0]
+    value_format = average_format or value_format  # everything this function encodes is the average
     empty = encode_sparse(torch.zeros(0, dtype=torch.long), torch.zeros(0), span_length, value_format)
     if not senders:
         return SpanReduction(empty, {}, 0.0, None)
@@ -98,10 +116,14 @@ def reduce_span(parts: Mapping[int, Tuple[float, SparsePart]], span_length: int,
         vector = torch.zeros(len(support), dtype=torch.float32)
         vector[torch.searchsorted(support, part.indices)] = part.values
         vectors.append(vector)
-    result = aggregate(vectors, [parts[index][0] for index in senders], policy)
+    judge_position = senders.index(judge) if judge in senders else None
+    result = aggregate(vectors, [parts[index][0] for index in senders], policy, judge=judge_position)
     rejected = {senders[position]: reason for position, reason in result.rejected.items()}
+    norms = {senders[position]: norm for position, norm in result.norms.items()}
+    coefficients = {senders[position]: alpha for position, alpha in result.coefficients.items()}
     if result.total_weight <= 0:
-        return SpanReduction(empty, rejected, result.total_weight, None)
+        return SpanReduction(empty, rejected, result.total_weight, None, norms, coefficients,
+                             torch.zeros(0, dtype=torch.long))
     average = result.average
     keep = min(len(support), target_count(span_length, density))
     # exact top-k is affordable here: it runs over the <= n·k support, not over the span
@@ -110,7 +132,7 @@ def reduce_span(parts: Mapping[int, Tuple[float, SparsePart]], span_length: int,
     encoded = encode_sparse(kept, exact_values, span_length, value_format)
     applied = decode_sparse(encoded, span_length)
     return SpanReduction(encoded, rejected, result.total_weight,
-                         SparsePart(span_length, kept, applied.values - exact_values))
+                         SparsePart(span_length, kept, applied.values - exact_values), norms, coefficients, kept)
 
 
 def apply_averages(corrected: torch.Tensor, all_spans: Sequence[Span], reducer_indices: Sequence[int],

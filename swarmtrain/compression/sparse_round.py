@@ -29,6 +29,7 @@ from hivemind.utils import get_logger
 from hivemind.utils.asyncio import aiter_with_timeout, anext
 
 from swarmtrain.compression.robust import RobustPolicy
+from swarmtrain.compression.verify import ABSENT, COUNTED, INVALID, quantization_bound
 from swarmtrain.compression.sparse_reduce import (absorb_requantization, apply_averages, reduce_span, sender_payloads,
                                                   spans)
 from swarmtrain.compression.wire import SparsePart, WireFormatError, decode_sparse
@@ -51,18 +52,24 @@ class SpanReducer:
     :param span_length: entries in this reducer's span
     :param num_senders: senders expected (the reduction waits for each to send or be banned)
     :param density: the round's density: the average is re-sparsified to about density x span_length entries
-    :param value_format: how values travel (fp16, 8bit, fp32; see wire.py)
+    :param value_format: how values travel (fp16, 8bit, 2bit, fp32; see wire.py)
     :param max_weight: a self-reported weight above this is clamped
     :param policy: checks and aggregation rule (robust.py)
+    :param judge: this reducer's own sender index (the outlier rule's reference in small groups), or None
+    :param average_format: how the average travels back (default: value_format)
     """
 
     def __init__(self, span_length: int, num_senders: int, density: float, value_format: str, max_weight: float,
-                 policy: RobustPolicy = RobustPolicy()):
+                 policy: RobustPolicy = RobustPolicy(), judge: Optional[int] = None,
+                 average_format: Optional[str] = None):
         self.span_length, self.num_senders = span_length, num_senders
         self.density, self.value_format, self.max_weight = density, value_format, max_weight
-        self.policy = policy
+        self.policy, self.judge, self.average_format = policy, judge, average_format
         self.parts: Dict[int, tuple] = {}  # sender index -> (weight, SparsePart)
+        self.weights_received: Dict[int, float] = {}  # sender index -> its self-reported weight, unclamped
         self.banned: Set[int] = set()
+        self.ban_reasons: Dict[int, str] = {}  # banned sender -> why, when it sent something unusable
+        self.reduction = None  # the SpanReduction, once done
         self.rejected: Dict[int, str] = {}  # sender index -> why its part was left out of the average
         self.result: asyncio.Future = asyncio.get_event_loop().create_future()
         self.requantization_error: Optional[SparsePart] = None  # (applied - exact average) at kept entries
@@ -78,17 +85,39 @@ class SpanReducer:
         if part.numel != self.span_length:
             raise WireFormatError(f"part length {part.numel} != span length {self.span_length}")
         self.parts[sender_index] = (min(weight, self.max_weight), part)
+        self.weights_received[sender_index] = float(weight)
         self._maybe_finish()
 
-    def ban(self, sender_index: int):
+    def ban(self, sender_index: int, reason: Optional[str] = None):
+        """Leave a sender out: silent (no reason) or with something unusable (``reason``)."""
         if sender_index not in self.parts and not self.result.done():
             self.banned.add(sender_index)
+            if reason is not None:
+                self.ban_reasons[sender_index] = reason
             self._maybe_finish()
+
+    def statuses(self) -> Dict[int, tuple]:
+        """For the round's check: sender index -> (status, weight received) (verify.py's statuses)."""
+        reduction, statuses = self.reduction, {}
+        for index in range(self.num_senders):
+            if index in self.parts:
+                weight = self.weights_received[index]
+                judged = reduction is not None and (index in reduction.norms or
+                                                    (weight == 0 and index not in reduction.rejected))
+                reason = reduction.rejected.get(index, "") if reduction is not None else "not reduced"
+                statuses[index] = (COUNTED, weight) if judged else (f"{INVALID}: {reason}", weight)
+            elif index in self.ban_reasons:
+                statuses[index] = (f"{INVALID}: {self.ban_reasons[index]}", 0.0)
+            else:
+                statuses[index] = (ABSENT, 0.0)
+        return statuses
 
     def _maybe_finish(self):
         if not self.result.done() and len(self.parts) + len(self.banned) >= self.num_senders:
             try:
-                reduction = reduce_span(self.parts, self.span_length, self.density, self.value_format, self.policy)
+                reduction = reduce_span(self.parts, self.span_length, self.density, self.value_format, self.policy,
+                                        self.average_format, judge=self.judge)
+                self.reduction = reduction
                 self.rejected, self.total_weight = reduction.rejected, reduction.total_weight
                 self.requantization_error = reduction.requantization_error
                 self.result.set_result(reduction.encoded)
@@ -107,10 +136,12 @@ class SparseAllReduceRound:
     :param density: the round's density
     :param sender_timeout: a reducer drops senders silent for SILENT_SENDER_GRACE x this long
     :param reducer_timeout: a sender waits this long (plus the grace) for a reducer's answer
+    :param round_check: the group's cross-check of this round (crosscheck.RoundCheck), or None
     """
 
     def __init__(self, *, averager, group_info: GroupInfo, peer_fractions, modes,
-                 weight: float, density: float, sender_timeout: Optional[float], reducer_timeout: Optional[float]):
+                 weight: float, density: float, sender_timeout: Optional[float], reducer_timeout: Optional[float],
+                 round_check=None):
         self.averager = averager
         self.group_id, self.peer_ids = group_info.group_id, tuple(group_info.peer_ids)
         self.peer_id = averager.peer_id
@@ -130,11 +161,16 @@ class SparseAllReduceRound:
         if reducer_timeout is not None:
             self.answer_timeout = reducer_timeout + (self.silent_sender_grace or 0.0)
         self.bytes_sent = self.bytes_received = 0
+        self.check = round_check
+        if round_check is not None:
+            round_check.weight = self.weight if self.is_sender else None
         start, end = self.spans[self.my_index]
         self.reducer = None
         if end > start:
+            own = self.sender_peer_ids.index(self.peer_id) if self.is_sender else None
             self.reducer = SpanReducer(end - start, len(self.sender_peer_ids), density,
-                                        averager.value_format, averager.max_sample_weight, averager.robust_policy)
+                                        averager.value_format, averager.max_sample_weight, averager.robust_policy,
+                                        judge=own, average_format=averager.average_format)
         self.senders_started: Set[PeerID] = {self.peer_id} if self.is_sender else set()
         # remote senders still waiting for this peer's averaged span; the round stays open until they
         # got it, or a peer that finished first could shut down before its answers left
@@ -167,7 +203,8 @@ class SparseAllReduceRound:
             # a bad part or a late sender: drop this sender from the span's average, tell it so
             logger.warning(f"dropping sender {sender} from sparse all-reduce: {e!r}")
             self.averager.stats.record_rejection(sender)
-            self.reducer.ban(sender_index)
+            silent = isinstance(e, (asyncio.TimeoutError, StopAsyncIteration))
+            self.reducer.ban(sender_index, None if silent else repr(e)[:100])
             self.answers_pending.discard(sender)
             if not self.answers_pending:
                 self.all_answered.set()
@@ -259,7 +296,45 @@ class SparseAllReduceRound:
         return payload
 
     async def run(self, flat_gradient: torch.Tensor, residual: torch.Tensor):
-        """Returns (applied, new_residual, sent_nonzeros, selection_seconds) or None for auxiliary peers."""
+        """Returns (applied, new_residual, sent_nonzeros, selection_seconds) or None for auxiliary peers.
+
+        With a round check, the result is returned only once the group's check passed (raises otherwise);
+        the check runs even when our own part of the round failed: the others need our seed and measures."""
+        outcome, error = None, None
+        try:
+            outcome = await self._reduce(flat_gradient, residual)
+        except Exception as failure:
+            error = failure
+        if self.check is not None:
+            self._record_reduction()
+            try:
+                await self.averager.finish_check(self.check, round_failed=error is not None)
+            finally:
+                self.bytes_sent += self.check.bytes_sent
+                self.bytes_received += self.check.bytes_received
+        if error is not None:
+            raise error
+        return outcome
+
+    def _record_reduction(self) -> None:
+        """Tell the check what we did as a reducer (in group indices)."""
+        reduction = self.reducer.reduction if self.reducer is not None else None
+        if reduction is None:
+            return
+        start = self.spans[self.my_index][0]
+        member = [self.peer_ids.index(peer) for peer in self.sender_peer_ids]
+        parts = {}
+        for index, (_, part) in self.reducer.parts.items():
+            if index in reduction.norms or index not in reduction.rejected:
+                norm = reduction.norms.get(index, float(part.values.double().norm()))
+                parts[member[index]] = (start + part.indices, part.values, norm)
+        statuses = {member[index]: status for index, status in self.reducer.statuses().items()}
+        coefficients = None
+        if self.averager.robust_policy.aggregation == "centered_clip" and len(reduction.coefficients) > 1:
+            coefficients = {member[index]: alpha for index, alpha in reduction.coefficients.items()}
+        self.check.record_reduced((self.my_index, 0), start + reduction.kept_indices, parts, statuses, coefficients)
+
+    async def _reduce(self, flat_gradient: torch.Tensor, residual: torch.Tensor):
         silent_sender_task = asyncio.create_task(self._ban_silent_senders())
         try:
             if not self.is_sender:
@@ -277,6 +352,12 @@ class SparseAllReduceRound:
 
             payloads = sender_payloads(corrected, selected, self.spans, self.reducer_indices, self.averager.value_format)
             self.own_part_ready.set()
+            if self.check is not None:
+                self.check.part_valid = lambda: bool(torch.isfinite(corrected).all())
+                for reducer_index in self.reducer_indices:
+                    start, end = self.spans[reducer_index]
+                    mine = decode_sparse(payloads[reducer_index], end - start)
+                    self.check.record_sent((reducer_index, 0), start + mine.indices, mine.values)
 
             async def exchange(reducer_index: int) -> bytes:
                 if reducer_index == self.my_index:
@@ -286,10 +367,21 @@ class SparseAllReduceRound:
                     encoded = await asyncio.shield(self.reducer.result)
                     if own_index in self.reducer.rejected:
                         raise RejectedPart(f"our own part: {self.reducer.rejected[own_index]}")
-                    return encoded
-                return await self._exchange_with_reducer(self.peer_ids[reducer_index], payloads[reducer_index])
+                else:
+                    encoded = await self._exchange_with_reducer(self.peer_ids[reducer_index], payloads[reducer_index])
+                if self.check is not None:  # as soon as it is in: a failure elsewhere must not lose it
+                    start, end = self.spans[reducer_index]
+                    answer = decode_sparse(encoded, end - start)
+                    self.check.record_received((reducer_index, 0), start + answer.indices, answer.values,
+                                               quantization_bound(answer.values, self.averager.average_format))
+                return encoded
 
-            averaged_payloads = await asyncio.gather(*(exchange(r) for r in self.reducer_indices))
+            # every exchange settles before we go on: the round's check needs each answer we got
+            answers = await asyncio.gather(*(exchange(r) for r in self.reducer_indices), return_exceptions=True)
+            failures = [answer for answer in answers if isinstance(answer, BaseException)]
+            if failures:
+                raise failures[0]
+            averaged_payloads = list(answers)
 
             own_weight = min(self.weight, self.averager.max_sample_weight)
             applied, new_residual, sent_nonzeros = apply_averages(

@@ -25,8 +25,14 @@ touches the network, is not counted):
                                        a small one (0 for a client)
     last_round_ok                      1.0 if the last round succeeded else 0.0
     parts_rejected_total               parts this peer, as a reducer, left out of an average (non-finite,
-                                       outsized, malformed: see robust.py); ``recent_rejections()`` names
-                                       the senders
+                                       outsized, malformed: see robust.py), and parts from others that
+                                       made this peer refuse a round's result; ``recent_rejections()``
+                                       names the senders
+    liars_named_total                  groupmates this peer caught lying in a round's check (a reducer
+                                       whose answer is not the average it received, a party misreporting
+                                       a part: see verify.py); ``recent_liars()`` names them
+    check_bytes_total                  bytes of the rounds' checks (sent + received, included in the
+                                       bytes above), last_check_bytes / last_check_seconds of the last one
 """
 from __future__ import annotations
 
@@ -56,19 +62,24 @@ class AveragingTraffic:
     last_reduce_share: float = 0.0
     last_round_ok: float = 0.0
     parts_rejected_total: float = 0.0
+    liars_named_total: float = 0.0
+    check_bytes_total: float = 0.0
+    last_check_bytes: float = 0.0
+    last_check_seconds: float = 0.0
     rejected_peers: Tuple[str, ...] = field(default=())  # the senders of the latest rejected parts
+    lying_peers: Tuple[str, ...] = field(default=())  # the latest groupmates caught lying in a check
     control_bytes_total: float = 0.0  # local mode: the round records gathered beside the averaged delta
 
     def to_dict(self) -> dict:
-        """The numbers, for a status file (the rejected senders are in the peer's record instead)."""
+        """The numbers, for a status file (the rejected senders and liars are in the peer's record instead)."""
         data = asdict(self)
-        del data["rejected_peers"]
+        del data["rejected_peers"], data["lying_peers"]
         return data
 
 
 # what the shared tensor holds: every number of AveragingTraffic that the averager's process writes
 STAT_FIELDS = tuple(item.name for item in fields(AveragingTraffic)
-                    if item.name not in ("rejected_peers", "control_bytes_total"))
+                    if item.name not in ("rejected_peers", "lying_peers", "control_bytes_total"))
 REJECTION_SLOTS, PEER_ID_BYTES = 8, 64
 _INDEX = {name: position for position, name in enumerate(STAT_FIELDS)}
 
@@ -78,14 +89,16 @@ class CompressionStats:
 
     def __init__(self):
         self._values = torch.zeros(len(STAT_FIELDS), dtype=torch.float64).share_memory_()
-        # the last few rejected senders' peer IDs (base58, zero-padded), newest last
+        # the last few rejected senders' / caught liars' peer IDs (base58, zero-padded), newest last
         self._rejected = torch.zeros(REJECTION_SLOTS, PEER_ID_BYTES, dtype=torch.uint8).share_memory_()
+        self._liars = torch.zeros(REJECTION_SLOTS, PEER_ID_BYTES, dtype=torch.uint8).share_memory_()
         self._lock = mp.Lock()
 
     def snapshot(self) -> AveragingTraffic:
         with self._lock:
             values = self._values.tolist()
-        return AveragingTraffic(**dict(zip(STAT_FIELDS, values)), rejected_peers=tuple(self.recent_rejections()))
+        return AveragingTraffic(**dict(zip(STAT_FIELDS, values)), rejected_peers=tuple(self.recent_rejections()),
+                                lying_peers=tuple(self.recent_liars()))
 
     def record_round(self, *, ok: bool, bytes_sent: int, bytes_received: int, seconds: float, group_size: int,
                      density: Optional[float] = None, applied_density: Optional[float] = None,
@@ -117,15 +130,40 @@ class CompressionStats:
             values[_INDEX["last_bytes_received"]] += received
 
     def record_rejection(self, peer_id) -> None:
-        encoded = str(peer_id).encode()[:PEER_ID_BYTES]
         with self._lock:
             self._values[_INDEX["parts_rejected_total"]] += 1
-            self._rejected[:-1] = self._rejected[1:].clone()
-            self._rejected[-1].zero_()
-            self._rejected[-1, : len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+            _push(self._rejected, peer_id)
+
+    def record_liar(self, peer_id) -> None:
+        with self._lock:
+            self._values[_INDEX["liars_named_total"]] += 1
+            _push(self._liars, peer_id)
+
+    def record_check(self, *, bytes_sent: int, bytes_received: int, seconds: float) -> None:
+        """A round's check (its bytes are also counted in the round's, by the averager)."""
+        with self._lock:
+            values = self._values
+            values[_INDEX["check_bytes_total"]] += bytes_sent + bytes_received
+            values[_INDEX["last_check_bytes"]] = bytes_sent + bytes_received
+            values[_INDEX["last_check_seconds"]] = seconds
 
     def recent_rejections(self) -> List[str]:
         """Peer IDs of the senders whose parts were rejected lately (oldest first, repeats kept)."""
+        return self._read(self._rejected)
+
+    def recent_liars(self) -> List[str]:
+        """Peer IDs of the groupmates caught lying lately (oldest first, repeats kept)."""
+        return self._read(self._liars)
+
+    def _read(self, slots: torch.Tensor) -> List[str]:
         with self._lock:
-            rows = self._rejected.tolist()
+            rows = slots.tolist()
         return [bytes(row).rstrip(b"\0").decode() for row in rows if any(row)]
+
+
+def _push(slots: torch.Tensor, peer_id) -> None:
+    """Append a peer ID to a ring of slots (caller holds the lock)."""
+    encoded = str(peer_id).encode()[:PEER_ID_BYTES]
+    slots[:-1] = slots[1:].clone()
+    slots[-1].zero_()
+    slots[-1, : len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)

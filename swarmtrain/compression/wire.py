@@ -11,11 +11,15 @@ Layout (all integers LEB128 varints unless noted)::
                                   deltas: first index, then successive differences (each >= 1)
     ...     value section         fp32: 4*count | fp16: 2*count |
                                   8bit: count codes + float32 absmax per EIGHT_BIT_BLOCK values
-                                  (bitsandbytes blockwise dynamic quantization, fixed dynamic map)
+                                  (bitsandbytes blockwise dynamic quantization, fixed dynamic map) |
+                                  2bit: ceil(count/4) bytes of 2-bit codes (four per byte, first value
+                                  in the lowest bits) + two float32 levels per TWO_BIT_BLOCK values
 
 Indices are always exact; the smaller of bitmap and delta-varint is chosen per message. Values are
 rounded: fp16 keeps a relative error <= 2^-11 (within fp16 range), 8-bit blockwise keeps the error of
-each value within about 1% of its block's largest magnitude. Decoding validates everything a malicious or
+each value within about 1% of its block's largest magnitude, and 2-bit keeps the sign and one of two
+magnitudes per block (see :func:`_two_bit_levels`): coarse, meant for error-feedback senders, whose
+rounding stays in their residual (SparseLoCo's 2-bit values). Decoding validates everything a malicious or
 buggy peer could get wrong (version, lengths, index order and range, finiteness) and raises
 :class:`WireFormatError`.
 """
@@ -28,9 +32,10 @@ import numpy as np
 import torch
 
 SPARSE_WIRE_VERSION = 1  # of this message format (the swarm protocol has its own: net.run_config.PROTOCOL_VERSION)
-VALUE_FORMATS = {"fp32": 0, "fp16": 1, "8bit": 2}
+VALUE_FORMATS = {"fp32": 0, "fp16": 1, "8bit": 2, "2bit": 3}  # a 2-bit field of the flags byte: this is all of it
 _FORMAT_NAMES = {code: name for name, code in VALUE_FORMATS.items()}
 EIGHT_BIT_BLOCK = 1024  # values per absmax; 4 bytes / 1024 values is 0.4% overhead
+TWO_BIT_BLOCK = 1024  # values per pair of float32 levels: 8 bytes / 1024 values is 0.06 bit per value
 _FLAG_BITMAP = 1
 FP16_MAX = 65504.0
 
@@ -117,7 +122,60 @@ def _encode_values(values: torch.Tensor, value_format: str) -> bytes:
 
         codes, state = bnb_functional.quantize_blockwise(values, blocksize=EIGHT_BIT_BLOCK)
         return codes.numpy().tobytes() + state.absmax.to(torch.float32).numpy().tobytes()
+    if value_format == "2bit":
+        return _encode_two_bit(values)
     raise ValueError(f"unknown value format {value_format!r}; use one of {sorted(VALUE_FORMATS)}")
+
+
+def _two_bit_levels(magnitudes: torch.Tensor, present: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(low, high) magnitude levels of each block (a row of `magnitudes`; `present` marks the real
+    values of a padded last block), and which values take the high one. One Lloyd step of a
+    two-level quantizer of the magnitudes: split at the block's mean magnitude, each level the mean of
+    its side (a side left empty takes the other's level). A non-finite value makes its block's levels
+    non-finite, which every receiver refuses."""
+    counts = present.sum(1, keepdim=True).clamp(min=1)
+    split = (magnitudes * present).sum(1, keepdim=True) / counts
+    high = present & (magnitudes > split)
+    low = present & ~high
+
+    def side_mean(side):
+        return (magnitudes * side).sum(1) / side.sum(1).clamp(min=1)
+
+    low_level, high_level = side_mean(low), side_mean(high)
+    low_level = torch.where(low.any(1), low_level, high_level)
+    high_level = torch.where(high.any(1), high_level, low_level)
+    return torch.stack([low_level, high_level], dim=1), high
+
+
+def _encode_two_bit(values: torch.Tensor) -> bytes:
+    count = values.numel()
+    if count == 0:
+        return b""
+    num_blocks = -(-count // TWO_BIT_BLOCK)
+    magnitudes = torch.zeros(num_blocks * TWO_BIT_BLOCK)
+    magnitudes[:count] = values.abs()
+    present = (torch.arange(num_blocks * TWO_BIT_BLOCK) < count).view(num_blocks, TWO_BIT_BLOCK)
+    levels, high = _two_bit_levels(magnitudes.view(num_blocks, TWO_BIT_BLOCK), present)
+    codes = (values < 0).to(torch.uint8) | (high.reshape(-1)[:count].to(torch.uint8) << 1)
+    codes = np.pad(codes.numpy(), (0, -count % 4)).reshape(-1, 4)
+    packed = (codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)).astype(np.uint8)
+    return packed.tobytes() + levels.to(torch.float32).numpy().tobytes()
+
+
+def _decode_two_bit(data: memoryview, count: int) -> torch.Tensor:
+    num_blocks = -(-count // TWO_BIT_BLOCK)
+    code_bytes = -(-count // 4)
+    if len(data) != code_bytes + 8 * num_blocks:
+        raise WireFormatError(f"value section has {len(data)} bytes, expected {code_bytes + 8 * num_blocks}")
+    if count == 0:
+        return torch.zeros(0)
+    packed = np.frombuffer(data[:code_bytes], dtype=np.uint8)
+    codes = np.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], axis=1).reshape(-1)[:count]
+    levels = np.frombuffer(data[code_bytes:], dtype=np.float32).reshape(num_blocks, 2)
+    if not np.isfinite(levels).all() or (levels < 0).any():
+        raise WireFormatError("2-bit levels must be finite and non-negative")
+    magnitudes = levels[np.arange(count) // TWO_BIT_BLOCK, codes >> 1]
+    return torch.from_numpy(np.where(codes & 1, -magnitudes, magnitudes).astype(np.float32))
 
 
 _DYNAMIC_MAP = None
@@ -133,6 +191,8 @@ def _decode_values(data: memoryview, count: int, value_format: str) -> torch.Ten
         if len(data) != 2 * count:
             raise WireFormatError(f"value section has {len(data)} bytes, expected {2 * count}")
         values = torch.from_numpy(np.frombuffer(data, dtype=np.float16).astype(np.float32))
+    elif value_format == "2bit":
+        values = _decode_two_bit(data, count)
     else:  # 8bit
         num_blocks = -(-count // EIGHT_BIT_BLOCK)
         if len(data) != count + 4 * num_blocks:

@@ -32,6 +32,7 @@ from swarmtrain.signals import StopRequested, children_ignore_interrupts, raise_
 from swarmtrain.units import format_duration
 
 logger = logging.getLogger("swarmtrain.coordinator")
+REVOCATIONS_PERIOD = 30.0  # seconds between re-reads and re-publications of the revocations file
 DHT_CALL_TIMEOUT = 10.0  # seconds a call into the DHT process may take on the way out
 
 
@@ -70,12 +71,16 @@ class Coordinator:
     :param checkpoint_every: seconds between checkpoints
     :param keep_checkpoints: how many of the newest to keep
     :param resume_from: a checkpoint (directory) to start the swarm from
+    :param revoked_file: the organiser's revocations (access/bans.py: read_revocations), re-read and
+      published while the coordinator runs; on a token-gated run every averager refuses those peers
     """
 
     def __init__(self, config: RunConfig, *, identity: str, host_maddrs: Sequence[str],
                  announce_maddrs: Sequence[str] = (), metrics_host: str = "0.0.0.0",
                  metrics_port: Optional[int] = None, per_peer_metrics: bool = False, checkpoint_dir: Optional[str] = None,
-                 checkpoint_every: float = 600.0, keep_checkpoints: int = 3, resume_from: Optional[str] = None):
+                 checkpoint_every: float = 600.0, keep_checkpoints: int = 3, resume_from: Optional[str] = None,
+                 revoked_file: Optional[str] = None):
+        self.revoked_file = revoked_file
         self.config = config
         self.checkpoint_dir, self.checkpoint_every, self.keep_checkpoints = checkpoint_dir, checkpoint_every, keep_checkpoints
         self.private_key = load_or_create_identity(identity)
@@ -141,7 +146,7 @@ class Coordinator:
     def run(self, log_every: float = 10.0, stop_after: Optional[float] = None) -> None:
         """Publish the run and log progress until Ctrl+C/SIGTERM (or stop_after seconds)."""
         started = time.monotonic()
-        last_log = last_poll = last_remember = 0.0
+        last_log = last_poll = last_remember = last_revoked = 0.0
         last_checkpoint = time.monotonic()
         while stop_after is None or time.monotonic() - started < stop_after:
             raise_if_stop_requested()
@@ -153,6 +158,9 @@ class Coordinator:
             if time.monotonic() - last_remember >= 2.0:  # a local call; the file is written on changes only
                 self.remember_peers()
                 last_remember = time.monotonic()
+            if self.revoked_file and time.monotonic() - last_revoked >= REVOCATIONS_PERIOD:
+                self.publish_revocations()
+                last_revoked = time.monotonic()
             if self.checkpoint_dir and time.monotonic() - last_checkpoint >= self.checkpoint_every:
                 self.save_checkpoint()
                 last_checkpoint = time.monotonic()
@@ -160,6 +168,17 @@ class Coordinator:
                 logger.info(progress_line(self.progress(), self.config.target_batch_size))
                 last_log = time.monotonic()
             time.sleep(0.5)
+
+    def publish_revocations(self) -> None:
+        """Publish the revocations file's current entries (a malformed file is logged, not fatal: the
+        organiser fixes it while the run goes on)."""
+        from swarmtrain.access.bans import publish_revocations, read_revocations
+
+        try:
+            revocations = read_revocations(self.revoked_file)
+            publish_revocations(self.dht, self.config.run_id, self.signature_validator.local_public_key, revocations)
+        except Exception as error:
+            logger.warning(f"could not publish the revocations: {error}")
 
     def observed_peers(self) -> Set[str]:
         """Peer IDs connected to this node now or within the last RECORD_TTL seconds. libp2p

@@ -20,6 +20,8 @@ key, saying anything the schema allows. What counts, therefore:
   reducers report it. A reducer's report is self-reported like everything else: one liar naming an honest
   peer must not get it named (a poisoner sends bad parts to every reducer of its group, so real
   poisoning is reported by several). Groups of two lose that naming; the rejected parts are still counted.
+  Peers caught lying by a round's check (``lying_peers``) are named by the same rule: the honest members of a
+  liar's group each catch it.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ class SwarmStatus:
     parts_rejected_total: int = 0  # swarm-wide, only grows: parts reducers left out of averages
     # sender -> alive peers reporting it (only senders with at least MIN_REJECTION_REPORTERS)
     rejected_senders: Dict[str, int] = field(default_factory=dict)
+    # peer caught lying in a round's check -> alive peers reporting it (likewise, MIN_REJECTION_REPORTERS)
+    lying_peers: Dict[str, int] = field(default_factory=dict)
     peers: List[PeerSummary] = field(default_factory=list)
 
     @property
@@ -229,7 +233,8 @@ class SwarmAggregator:
             leakage_dcor_max=max(leakages) if leakages else None,
             mean_utilization=_mean(record.utilization for record in alive.values()),
             parts_rejected_total=self._totals["parts_rejected"],
-            rejected_senders=_confirmed_rejections(alive.values()),
+            rejected_senders=_confirmed_reports(alive.values(), "rejected_peers"),
+            lying_peers=_confirmed_reports(alive.values(), "lying_peers"),
             peers=rows,
         )
         self.latest = status
@@ -308,12 +313,13 @@ class SwarmAggregator:
         self._seen[owner] = _PeerCounters(record, sent_rate, received_rate)
 
 
-def _confirmed_rejections(records) -> Dict[str, int]:
-    """sender -> how many distinct alive reporters name it, for senders named by MIN_REJECTION_REPORTERS
-    or more (a reporter naming itself does not count)."""
+def _confirmed_reports(records, field_name: str) -> Dict[str, int]:
+    """peer -> how many distinct alive reporters name it in their record's ``field_name`` (``rejected_peers``:
+    senders of rejected parts; ``lying_peers``: peers caught lying by a round's check), for peers named by
+    MIN_REJECTION_REPORTERS or more (a reporter naming itself does not count)."""
     reporters: Dict[str, Set[str]] = {}
     for record in records:
-        for sender in set(record.rejected_peers):
+        for sender in set(getattr(record, field_name)):
             if sender != record.peer_id:
                 reporters.setdefault(sender, set()).add(record.peer_id)
     return {sender: len(names) for sender, names in reporters.items() if len(names) >= MIN_REJECTION_REPORTERS}

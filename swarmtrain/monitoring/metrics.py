@@ -124,6 +124,15 @@ class SwarmStatusCollector(Collector):
         for peer, count in sorted(status.rejected_senders.items())[: self.max_peers]:
             senders.add_metric([peer], count)
         yield senders
+        liars = GaugeMetricFamily(
+            f"{PREFIX}_averaging_lying_peer_reports",
+            "Alive peers that lately caught this peer lying in a round's check (e.g. a reducer answering "
+            "something else than the average it received); such a peer is banned by those who caught it",
+            labels=["peer"],
+        )
+        for peer, count in sorted(status.lying_peers.items())[: self.max_peers]:
+            liars.add_metric([peer], count)
+        yield liars
         if self.per_peer:
             yield from peer_families(status.peers[: self.max_peers])
 

@@ -95,6 +95,9 @@ class PeerRecord(pydantic.BaseModel):
     parts_rejected: _Count = 0  # parts this peer, as a reducer, left out of averages (bad or outsized)
     rejected_peers: pydantic.conlist(_ShortText, max_items=8) = []  # the senders of the latest rejected parts
     utilization: Optional[_Fraction] = None  # share of the wall time since training began spent computing
+    # groupmates this peer lately caught lying in a round's check (compression/verify.py), e.g. a reducer
+    # that answered something else than the average of the parts it received
+    lying_peers: pydantic.conlist(_ShortText, max_items=8) = []
     device: _ShortText
     client_mode: pydantic.StrictBool
     version: _ShortText
@@ -148,7 +151,7 @@ def _coerce(value, field):
         return None
     if field.name == "client_mode":
         return bool(value)
-    if field.name == "rejected_peers":
+    if field.name in ("rejected_peers", "lying_peers"):
         return [str(item) for item in value]
     if field.name in _TEXT_FIELDS:
         return str(value)

@@ -62,6 +62,7 @@ class PeerReporter:
             parts_rejected=int(traffic.parts_rejected_total) if traffic else 0,
             rejected_peers=sorted(set(traffic.rejected_peers)) if traffic else [],
             utilization=utilization,
+            lying_peers=sorted(set(traffic.lying_peers)) if traffic else [],
             device=self.device, client_mode=self.client_mode, version=__version__,
         )
         self.metrics.update(record)

@@ -95,13 +95,16 @@ def _peer_main(peers: ForkedPeers, rank: int, target: Callable, args) -> None:
         peers.results.put((rank, None, repr(error)))
 
 
-def make_test_averager(spec: str, dht, *, prefix: str, num_peers: int, min_group_size: int, numel: int = 60_000):
+def make_test_averager(spec: str, dht, *, prefix: str, num_peers: int, min_group_size: int, numel: int = 60_000,
+                       **options):
     """Two parameters (a matrix and a vector) and a gradient averager for `spec` over them, with the
-    loopback timeouts that keep every round whole on 2 cores."""
+    loopback timeouts that keep every round whole on 2 cores. ``options``: more averager arguments
+    (e.g. ``ban_list``, ``round_checks``, ``client_mode``)."""
     parameters = [torch.nn.Parameter(torch.zeros(numel // 3, 3)), torch.nn.Parameter(torch.zeros(numel // 2))]
-    averager = make_averager_factory(parse_compression_spec(spec))(
+    client_mode = options.pop("client_mode", False)  # True: an averager nobody can dial (behind NAT)
+    averager = make_averager_factory(parse_compression_spec(spec), **options)(
         parameters=parameters, dht=dht, prefix=prefix, min_matchmaking_time=2.0, request_timeout=1.0,
-        target_group_size=num_peers, min_group_size=min_group_size, client_mode=False, next_chunk_timeout=3.0,
+        target_group_size=num_peers, min_group_size=min_group_size, client_mode=client_mode, next_chunk_timeout=3.0,
         start=True,
     )
     return parameters, averager

@@ -1,0 +1,248 @@
+"""The simulation loop: time in ticks, epochs, rounds, evaluation, results.
+
+Time is counted in ticks: in one tick every present peer of speed 1 takes one local step, a peer of
+speed s < 1 steps in a share s of the ticks (evenly spread). Samples count toward the swarm's epoch as
+hivemind's progress tracker counts them; when the epoch's samples reach ``target_batch_size`` the
+swarm moves to the next epoch at the end of the tick -- after a round when one is due -- and the
+samples counter starts from zero (hivemind drops the excess too). Rounds never fail and cost no
+time: the simulator measures what the arithmetic of averaging does to training, not the network.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from swarmtrain.config import RunConfig
+from swarmtrain.data import Corpus, load_corpus
+from swarmtrain.errors import UserError
+from swarmtrain.models import build_model, heldout_loss
+from swarmtrain.signals import raise_if_stop_requested
+from swarmtrain.simulate.replicas import Replica, Trainee
+from swarmtrain.simulate.rounds import LocalAveraging, SyncAveraging
+
+
+@dataclass
+class SimulationOptions:
+    """How the simulated swarm runs.
+
+    :param peers: number of peers
+    :param steps: ticks to simulate (local steps of a peer of speed 1)
+    :param batch_size: samples per local step
+    :param seed: varies the model's initial weights (run seed + this), data orders and dropout
+    :param speeds: per peer, the share of ticks it steps in, (0, 1] (None: all 1)
+    :param joins: peer index -> tick at which it joins (others are there from tick 0)
+    :param leaves: peer index -> tick at which it leaves
+    :param disjoint_shards: each peer reads only its own contiguous 1/peers of the training blocks
+      (non-identical data) instead of all of them in its own order
+    :param eval_every: evaluate the swarm's model at the first epoch end after every this many ticks
+    :param max_epochs: stop when the swarm reaches this epoch (as a peer's --max-epochs), if before `steps`
+    """
+
+    peers: int = 4
+    steps: int = 1000
+    batch_size: int = 8
+    seed: int = 0
+    speeds: Optional[Sequence[float]] = None
+    joins: Dict[int, int] = field(default_factory=dict)
+    leaves: Dict[int, int] = field(default_factory=dict)
+    disjoint_shards: bool = False
+    eval_every: int = 100
+    max_epochs: Optional[int] = None
+
+    def check(self) -> None:
+        if self.peers < 1 or self.steps < 1 or self.batch_size < 1:
+            raise UserError("--peers, --steps and --batch-size must be at least 1")
+        if self.speeds is not None and (len(self.speeds) != self.peers or not all(0 < s <= 1 for s in self.speeds)):
+            raise UserError(f"--speeds needs one number in (0, 1] per peer ({self.peers}), e.g. 1,1,0.5,0.25")
+        for name, plan in (("--join", self.joins), ("--leave", self.leaves)):
+            if any(not 0 <= peer < self.peers or tick < 0 for peer, tick in plan.items()):
+                raise UserError(f"{name} takes PEER:TICK with PEER in 0..{self.peers - 1} and TICK >= 0")
+
+
+@dataclass
+class SimulationResult:
+    """What a simulated run produced (JSON-ready through ``to_dict``)."""
+
+    seed: int
+    mode: str
+    compression: str
+    peers: int
+    ticks: int
+    epochs: int
+    samples: int
+    steps_per_peer: List[int]
+    curve: List[dict]  # {"tick", "epoch", "samples", "heldout_loss", "train_loss"}
+    rounds: List[dict]
+    wall_seconds: float
+    stopped_early: bool = False
+
+    @property
+    def final_loss(self) -> float:
+        return self.curve[-1]["heldout_loss"] if self.curve else math.nan
+
+    def bytes_sent_per_peer(self) -> float:
+        """Averaging bytes sent per peer over the run (mean over the peers that took part)."""
+        totals: Dict[int, int] = {}
+        for entry in self.rounds:
+            for peer, sent in zip(entry["members"], entry["bytes_sent"]):
+                totals[peer] = totals.get(peer, 0) + sent
+        return sum(totals.values()) / max(1, len(totals))
+
+    def to_dict(self) -> dict:
+        steps = sum(self.steps_per_peer)
+        return dict(seed=self.seed, mode=self.mode, compression=self.compression, peers=self.peers, ticks=self.ticks,
+                    epochs=self.epochs, samples=self.samples, steps_per_peer=self.steps_per_peer,
+                    final_heldout_loss=self.final_loss, bytes_sent_per_peer=self.bytes_sent_per_peer(),
+                    rounds_done=len(self.rounds), wall_seconds=self.wall_seconds,
+                    optimizer_steps_per_minute=60.0 * steps / max(self.wall_seconds, 1e-9),
+                    stopped_early=self.stopped_early, curve=self.curve, rounds=self.rounds)
+
+
+def data_seed(seed: int, peer: int) -> int:
+    """A simulated peer's data seed (the trainer derives its own from its peer ID)."""
+    return int.from_bytes(hashlib.sha256(f"simulated-peer-{seed}-{peer}".encode()).digest()[:8], "little")
+
+
+def _shard(corpus: Corpus, peer: int, peers: int) -> Corpus:
+    blocks = corpus.train.shape[0]
+    part = corpus.train[peer * blocks // peers : (peer + 1) * blocks // peers]
+    return Corpus(part, corpus.heldout, f"{corpus.description} (shard {peer + 1}/{peers})")
+
+
+def _steps_now(speed: float, tick: int) -> bool:
+    return math.floor((tick + 1) * speed + 1e-9) > math.floor(tick * speed + 1e-9)
+
+
+class Simulation:
+    """One simulated run of a run config (see the module docstring).
+
+    :param config: the run config (its model, data, optimizer, target batch size and averaging)
+    :param options: peers, length, heterogeneity
+    :param corpus: the data (loaded from the config when None)
+    :param on_progress: called with (tick, epoch, last evaluated loss) after every evaluation
+    """
+
+    def __init__(self, config: RunConfig, options: SimulationOptions, corpus: Optional[Corpus] = None,
+                 on_progress: Optional[Callable[[int, int, float], None]] = None):
+        options.check()
+        if config.model is None:
+            raise UserError("the simulator trains the run's model: this config has no model section (a split run?)")
+        self.config, self.options, self.on_progress = config, options, on_progress
+        self.corpus = corpus if corpus is not None else load_corpus(config.data)
+        model_seed = config.seed + options.seed
+        torch.manual_seed(model_seed + 1)  # dropout draws come from the global generator, as on a peer
+        local = config.averaging.mode == "local"
+        self.replicas = []
+        for index in range(options.peers):
+            data = _shard(self.corpus, index, options.peers) if options.disjoint_shards else self.corpus
+            self.replicas.append(Replica(index, data, options.batch_size, data_seed(options.seed, index),
+                                         config.data.num_shards, Trainee(config, model_seed) if local else None))
+        if local:
+            self.averaging = LocalAveraging(config, self.replicas[0].trainee)
+            self.shared = None
+        else:
+            self.shared = Trainee(config, model_seed)
+            self.averaging = SyncAveraging(config, self.shared)
+        self.evaluator = build_model(config.model, config.data.seq_len, model_seed)
+        self.epoch = self.epoch_samples = self.samples = self.tick = 0
+        self.curve: List[dict] = []
+        self._next_eval = 0
+        # the order of a round's group: member i reduces span i. hivemind's matchmaking orders groups
+        # at random, so which peer reduces which span (and absorbs its rounding) varies; a test
+        # replaying a real swarm's rounds sets the order it recorded
+        self.group_order: Callable[[int, List[Replica]], List[Replica]] = lambda epoch, members: members
+
+    # -------------------------------------------------------------- the loop
+    def run(self) -> SimulationResult:
+        started, stopped = time.perf_counter(), False
+        try:
+            self._evaluate()
+            while self.tick < self.options.steps and self.epoch < (self.options.max_epochs or math.inf):
+                raise_if_stop_requested()
+                self._one_tick()
+            if not self.curve or self.curve[-1]["tick"] != self.tick:
+                self._evaluate()
+        except KeyboardInterrupt:
+            stopped = True  # what ran so far is the result
+        mode = self.config.averaging.mode
+        return SimulationResult(self.options.seed, mode, str(self.config.averaging.compression), self.options.peers,
+                                self.tick, self.epoch, self.samples, [r.steps for r in self.replicas], self.curve,
+                                [entry.to_dict() for entry in self.averaging.rounds], time.perf_counter() - started,
+                                stopped)
+
+    def _present(self) -> List[Replica]:
+        tick, options = self.tick, self.options
+        return [r for r in self.replicas
+                if options.joins.get(r.index, 0) <= tick < options.leaves.get(r.index, options.steps + 1)]
+
+    def _one_tick(self) -> None:
+        present = self._present()
+        self._admit_joiners(present)
+        speeds = self.options.speeds
+        for replica in present:
+            if speeds is not None and not _steps_now(speeds[replica.index], self.tick):
+                continue
+            if self.shared is None:
+                replica.local_step(self.epoch)
+            else:
+                replica.accumulate_step(self.shared)
+            self.epoch_samples += replica.batch_size
+            self.samples += replica.batch_size
+        self.tick += 1
+        if self.epoch_samples >= self.config.target_batch_size:
+            self._end_epoch(present)
+
+    def _admit_joiners(self, present: List[Replica]) -> None:
+        if self.shared is not None or self.tick == 0:
+            return
+        for replica in present:
+            if self.options.joins.get(replica.index, 0) == self.tick:
+                donors = [r for r in present if r is not replica and self.options.joins.get(r.index, 0) < self.tick]
+                self.averaging.admit(replica, donors[0] if donors else None, self.epoch)
+
+    def _end_epoch(self, present: List[Replica]) -> None:
+        averaged = False
+        if self.shared is None:
+            if len(present) > 1 and self.averaging.due(self.epoch):
+                group = self.group_order(self.epoch + 1, present)
+                self.averaging.run_round(group, self.epoch + 1, self.tick, peers_seen=len(present))
+                averaged = True
+        else:
+            averaged = self.averaging.run_round(present, self.epoch, self.tick) is not None
+        self.epoch += 1
+        self.epoch_samples = 0
+        if averaged and self.tick >= self._next_eval:
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        """Held-out loss of the swarm's model: mode local's last averaged model, mode sync's parameters."""
+        if self.shared is None:
+            self.evaluator.load_state_dict(self.replicas[0].trainee.model.state_dict())
+            flat, offset = self.averaging.flat_anchor(), 0
+            with torch.no_grad():
+                for param in self.evaluator.parameters():
+                    param.copy_(flat[offset : offset + param.numel()].view_as(param))
+                    offset += param.numel()
+            model = self.evaluator
+        else:
+            model = self.shared.model
+        loss = heldout_loss(model, self.corpus.heldout, self.config.model.kind)
+        recent = [loss for r in self.replicas for loss in r.losses]
+        for replica in self.replicas:
+            replica.losses.clear()
+        self.curve.append(dict(tick=self.tick, epoch=self.epoch, samples=self.samples, heldout_loss=loss,
+                               train_loss=sum(recent) / len(recent) if recent else None))
+        self._next_eval = self.tick + self.options.eval_every
+        if self.on_progress is not None:
+            self.on_progress(self.tick, self.epoch, loss)
+
+
+def simulate(config: RunConfig, options: SimulationOptions, corpus: Optional[Corpus] = None,
+             on_progress: Optional[Callable[[int, int, float], None]] = None) -> SimulationResult:
+    """Run one simulated swarm (see Simulation)."""
+    return Simulation(config, options, corpus, on_progress).run()
