@@ -20,10 +20,6 @@ from rich.table import Table
 from swarmtrain.errors import UserError
 
 TINY_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
-# the default demo's epoch (tiny.yaml's is 192 samples): an epoch must take longer than an averaging
-# round (~2 s on loopback, most of it matchmaking) for the round to hide behind the next epoch's
-# computation (averaging.overlap)
-DEMO_TARGET_BATCH_SIZE = 384
 
 
 def free_port() -> int:
@@ -148,31 +144,15 @@ def parameter_spread(checkpoint_dirs: List[Path]) -> Optional[float]:
     return max((other[name] - states[0][name]).abs().max().item() for other in states[1:] for name in states[0])
 
 
-def demo_run_config(config_path: Optional[str], epochs: int, workdir: Path) -> Path:
-    """The run config the demo starts: the given file as it is; by default the embedded tiny config
-    with the demo's epoch size and its learning rate schedule ending with the demo's last epoch
-    (written to the workdir)."""
-    if config_path:
-        return Path(config_path)
-    import yaml
-
-    config = yaml.safe_load(TINY_CONFIG.read_text())
-    config["target_batch_size"] = DEMO_TARGET_BATCH_SIZE
-    config["optimizer"]["total_epochs"] = epochs
-    path = workdir / "demo-run.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
 def run_demo(num_peers: int, config_path: Optional[str], epochs: int, batch_size: int,
              workdir: Optional[str]) -> int:
     from swarmtrain.config import load_run_config
 
     console = Console()
+    config_path = Path(config_path) if config_path else TINY_CONFIG
+    config = load_run_config(config_path)  # fail here, in one line, rather than in N processes
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="swarmtrain-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path = demo_run_config(config_path, epochs, workdir)
-    config = load_run_config(config_path)  # fail here, in one line, rather than in N processes
     console.print(f"[bold]swarmtrain demo[/]: run {config.run_id!r}, {num_peers} peers, logs in {workdir}")
     started = time.monotonic()
     metrics_port = free_port()
