@@ -10,7 +10,9 @@ changes) to
 - write ``bench.json`` at shutdown: start time, per-epoch times, snapshots, and the averager's
   byte counters (``optimizer.traffic``);
 - with ``SWARMTRAIN_BENCH_PROGRESS_EVERY=S`` (diagnostic), publish its progress to the DHT at most
-  every S seconds instead of after every step (see _ThrottledEvent).
+  every S seconds instead of after every step (see _ThrottledEvent);
+- with ``SWARMTRAIN_BENCH_TRAFFIC=RUN_ID``, count the bytes it moves by kind (benchmarks/traffic_meter.py)
+  into ``traffic.json``; this works for ``coordinator`` too.
 
 Usage: python benchmarks/bench_peer.py peer --initial-peers ... (same arguments as swarmtrain).
 """
@@ -97,6 +99,13 @@ def _instrumented(config, model, *args, **kwargs):
 
 
 trainer.make_optimizer = _instrumented
+if os.environ.get("SWARMTRAIN_BENCH_TRAFFIC"):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import traffic_meter
+
+    traffic_meter.install(os.environ["SWARMTRAIN_BENCH_TRAFFIC"], BENCH_DIR)
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # four peers on a small machine: no thread oversubscription

@@ -5,12 +5,16 @@ tiny config at an equal sample budget.
     sudo python benchmarks/wan.py                        # all five configurations, ~30 min
     python benchmarks/wan.py --loopback                  # no namespaces, no caps (also the fallback without root)
     python benchmarks/wan.py --configs sync_fp16,local_adaptive_gaussiank --epochs 20
+    sudo python benchmarks/wan.py --configs sync_fp16,sync_fp16_overlap --model wide --batch-multiplier 1
+                                                         # overlap: a model whose fp16 average takes 2.6 s to send
 
 Configurations (all: swarmtrain/configs/tiny.yaml with target_batch_size x4, total_epochs = --epochs,
-so the learning rate decays to 0 at the end of every run):
+so the learning rate decays to 0 at the end of every run; --model wide: 4 layers of width 256, 3.2M
+parameters, whose fp16 average is 6.5 MB, 2.6 s at 20 Mbit/s):
 
-    sync_fp16                  mode sync, fp16 (hivemind's dense averaging: the DeDLOC baseline)
-    sync_gaussiank             mode sync, gaussiank:RHO
+    sync_fp16                  mode sync, fp16 (hivemind's dense averaging: the DeDLOC baseline), no overlap
+    sync_fp16_overlap          the same with averaging.overlap (delayed parameter updates)
+    sync_gaussiank             mode sync, gaussiank:RHO, no overlap
     local_constant             mode local, constant:H, fp16
     local_adaptive             mode local, adaptive (round_budget = epochs / H), fp16
     local_adaptive_gaussiank   mode local, adaptive (same budget), gaussiank:RHO
@@ -236,8 +240,9 @@ def configurations(epochs: int, period: int, density: float) -> Dict[str, dict]:
     adaptive = dict(mode="local", schedule="adaptive", round_budget=budget, min_period=1,
                     max_period=max(2 * period, -(-epochs // budget)))
     return {
-        "sync_fp16": dict(mode="sync", compression="fp16"),
-        "sync_gaussiank": dict(mode="sync", compression=f"gaussiank:{density:g}"),
+        "sync_fp16": dict(mode="sync", compression="fp16", overlap=False),
+        "sync_fp16_overlap": dict(mode="sync", compression="fp16", overlap=True),
+        "sync_gaussiank": dict(mode="sync", compression=f"gaussiank:{density:g}", overlap=False),
         "local_constant": dict(mode="local", schedule=f"constant:{period}", compression="fp16"),
         "local_adaptive": dict(adaptive, compression="fp16"),
         "local_adaptive_gaussiank": dict(adaptive, compression=f"gaussiank:{density:g}"),
@@ -247,8 +252,13 @@ def configurations(epochs: int, period: int, density: float) -> Dict[str, dict]:
     }
 
 
-def run_config_dict(averaging: dict, epochs: int, seed: int, batch_multiplier: int) -> dict:
+MODELS = {"tiny": None, "wide": {"n_layer": 4, "n_embd": 256, "n_head": 4}}  # None: tiny.yaml's own
+
+
+def run_config_dict(averaging: dict, epochs: int, seed: int, batch_multiplier: int, model: str = "tiny") -> dict:
     config = yaml.safe_load(TINY.read_text())
+    if MODELS[model] is not None:
+        config["model"]["config"] = dict(MODELS[model])
     config["seed"] = seed
     config["target_batch_size"] *= batch_multiplier
     config["optimizer"]["total_epochs"] = epochs
@@ -297,12 +307,12 @@ def _stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
 
 def run_once(name: str, averaging: dict, net, workdir: Path, *, epochs: int, seed: int, peers: int,
              batch_multiplier: int, identities: List[Path], timeout: float, progress_every: float = 0.0,
-             log=print) -> RunResult:
+             log=print, model: str = "tiny") -> RunResult:
     from swarmtrain.net.identity import load_or_create_identity, peer_id_of
 
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "run.yaml"
-    config = run_config_dict(averaging, epochs, seed, batch_multiplier)
+    config = run_config_dict(averaging, epochs, seed, batch_multiplier, model)
     config["run_id"] = f"bench-{name.replace('_', '-')}-{seed}"
     config_path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, HIVEMIND_LOGLEVEL="WARNING", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
@@ -377,7 +387,7 @@ def run_once(name: str, averaging: dict, net, workdir: Path, *, epochs: int, see
                 + traffic.get("control_bytes_total", 0),
                 interface_bytes=interface, final_seconds=None if final_time is None else final_time - go,
                 heldout_end=(status.get("heldout_loss") or [[None, None]])[-1][1],
-                round_epochs=[r["epoch"] for r in rounds if r["ok"]],
+                round_epochs=[r["epoch"] for r in rounds if r["ok"]], utilization=status.get("utilization"),
                 periods=[r.get("period") for r in rounds if r["ok"] and "period" in r],
             ))
             if index == 0:
@@ -406,7 +416,7 @@ def _read_json(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def evaluate(result: RunResult, epochs: int, seed: int, batch_multiplier: int) -> None:
+def evaluate(result: RunResult, epochs: int, seed: int, batch_multiplier: int, model: str = "tiny") -> None:
     """Held-out loss of each saved averaged model of peer 0."""
     import torch
 
@@ -416,7 +426,7 @@ def evaluate(result: RunResult, epochs: int, seed: int, batch_multiplier: int) -
 
     import swarmtrain.data
 
-    config = parse_run_config(run_config_dict(result.averaging, epochs, seed, batch_multiplier))
+    config = parse_run_config(run_config_dict(result.averaging, epochs, seed, batch_multiplier, model))
     # more held-out blocks than a peer's own 64: the benchmark compares runs, and 64 blocks of 64 bytes
     # leave the loss noisy at the +-0.03 level
     swarmtrain.data.HELDOUT_BLOCKS = EVAL_BLOCKS
@@ -447,6 +457,7 @@ def summarise(result: RunResult) -> dict:
         averager_bytes_per_peer=mean([p["averager_bytes"] for p in peers]),
         interface_bytes_per_peer=mean([p["interface_bytes"] for p in peers if p["interface_bytes"] is not None]),
         round_epochs_peer0=peers[0]["round_epochs"] if peers else [],
+        utilization_per_peer=[p.get("utilization") for p in peers],
         periods_peer0=peers[0]["periods"] if peers else [],
         heldout_curve_peer0=curve,
     )
@@ -501,7 +512,7 @@ def run_suite(args, names: List[str], seeds: List[int], output: Path, log=print)
         peers=args.peers, epochs=args.epochs, period=args.period, density=args.density,
         target_batch_size=192 * args.batch_multiplier, samples_per_run=192 * args.batch_multiplier * args.epochs,
         progress_every=getattr(args, "progress_every", 0.0),
-        cpus=os.cpu_count(), load_average_start=os.getloadavg(), heldout_blocks=EVAL_BLOCKS, started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        model=getattr(args, "model", "tiny"), cpus=os.cpu_count(), load_average_start=os.getloadavg(), heldout_blocks=EVAL_BLOCKS, started=time.strftime("%Y-%m-%d %H:%M:%S"),
         workdir=str(workroot), runs={},
     )
     try:
@@ -515,8 +526,9 @@ def run_suite(args, names: List[str], seeds: List[int], output: Path, log=print)
                 result = run_once(name, all_configs[name], net, workroot / f"seed{seed}" / name, epochs=args.epochs,
                                   seed=seed, peers=args.peers, batch_multiplier=args.batch_multiplier,
                                   identities=identities, timeout=args.timeout,
-                                  progress_every=getattr(args, "progress_every", 0.0), log=log)
-                evaluate(result, args.epochs, seed, args.batch_multiplier)
+                                  progress_every=getattr(args, "progress_every", 0.0), log=log,
+                                  model=getattr(args, "model", "tiny"))
+                evaluate(result, args.epochs, seed, args.batch_multiplier, getattr(args, "model", "tiny"))
                 summary = summarise(result)
                 report["runs"].setdefault(str(seed), {})[name] = summary
                 log(f"  {name}: ok={result.ok} {result.note} wall {summary['wall_seconds']} s, final loss "
@@ -558,6 +570,8 @@ def main() -> None:
     parser.add_argument("--period", type=int, default=4, help="H of constant:H; the adaptive budget is epochs / H")
     parser.add_argument("--density", type=float, default=0.05, help="gaussiank density")
     parser.add_argument("--batch-multiplier", type=int, default=4, help="target_batch_size = 192 x this")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                        help="tiny: tiny.yaml's model; wide: 3.2M parameters (fp16 average 6.5 MB)")
     parser.add_argument("--rate", default="20mbit")
     parser.add_argument("--delay", default="30ms")
     parser.add_argument("--loopback", action="store_true", help="no namespaces, no caps")

@@ -213,6 +213,10 @@ def _summary(console: Console, swarm: Swarm, config, started: float, interrupted
         start = sum(h[0][1] for h in heldout) / len(heldout)
         end = sum(h[-1][1] for h in heldout) / len(heldout)
         table.add_row("held-out loss", f"{start:.3f} -> {end:.3f} (nats/byte)")
+    utilization = [s["utilization"] for s in statuses if s.get("utilization") is not None]
+    if utilization:
+        table.add_row("utilization", f"{sum(utilization) / len(utilization):.2f} of wall time computing "
+                                     f"(min {min(utilization):.2f}, max {max(utilization):.2f} over peers)")
     spread = parameter_spread([swarm.workdir / f"peer-{i}" for i in range(len(swarm.peers))])
     if spread is not None:
         table.add_row("parameter spread", f"max |difference| between peers {spread:.2e}")

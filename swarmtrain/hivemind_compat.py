@@ -65,6 +65,8 @@ OVERRIDDEN = {
         "_make_progress_tracker": "(self, target_batch_size: 'int', **kwargs) -> 'ProgressTracker'",
         "_update_global_epoch": "(self, grad_scaler: 'Optional[GradScaler]') -> 'None'",
         "_average_gradients_and_load_into_optimizer": "(self, maybe_step_control: 'Optional[StepControl]')",
+        "_begin_averaging_gradients": "(self, grad_scaler: 'Optional[GradScaler]') -> 'bool'",
+        "_maybe_schedule_gradient_averaging": "(self) -> 'None'",
         "_should_load_state_from_peers": "(self) -> 'bool'",
         "_tag_along_with_zero_weight": "(self, control: 'StepControl')",
         "load_state_from_peers": '(self, **kwargs)',
@@ -146,6 +148,12 @@ def running_group_future(averager, group_id: bytes):
     """The future hivemind resolves with the object that serves a group's incoming all-reduce RPCs
     (DecentralizedAverager._running_groups[group_id])."""
     return averager._running_groups[group_id]
+
+
+def group_registered(averager, group_id: bytes) -> bool:
+    """Whether the averager runs (or is about to run) the all-reduce of this group here
+    (group_id in DecentralizedAverager._running_groups)."""
+    return group_id in averager._running_groups
 
 
 def averaging_alpha(averager) -> float:

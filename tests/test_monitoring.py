@@ -110,7 +110,8 @@ def test_empty_swarm_has_no_eta_and_no_ratio():
 def synthetic_status() -> SwarmStatus:
     """A status with every field populated, so that every metric and dashboard query has data."""
     aggregator = SwarmAggregator("demo-run", target_batch_size=4096, max_age=60)
-    base = dict(samples_accumulated=512, compression_density=0.01, leakage_dcor=0.25, rounds_ok=3, rounds_failed=1)
+    base = dict(samples_accumulated=512, compression_density=0.01, leakage_dcor=0.25, rounds_ok=3, rounds_failed=1,
+                utilization=0.8)
     aggregator.update({owner(name): record(name, T0, **base) for name in ("a", "b", "c")}, now=T0)
     later = dict(base, bytes_sent=4000, bytes_received=3000, rounds_ok=5)
     return aggregator.update({owner(name): record(name, T0 + 4, **later) for name in ("a", "b", "c")}, now=T0 + 5)

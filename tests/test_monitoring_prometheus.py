@@ -24,7 +24,7 @@ def synthetic_records(now: float, tick: int) -> dict:
             samples_per_second=8.0, samples_accumulated=100 + 10 * tick, bytes_sent=1000 * tick,
             bytes_received=900 * tick, rounds_ok=2 * tick, rounds_failed=tick // 3, last_round_seconds=1.2,
             last_round_group_size=4, compression_density=0.01, leakage_dcor=0.2 + 0.05 * index, device="cpu",
-            client_mode=False, version="0.1.0", time=now,
+            utilization=0.7 + 0.05 * index, client_mode=False, version="0.1.0", time=now,
             parts_rejected=tick if index < MIN_REJECTION_REPORTERS else 0,
             rejected_peers=["peer9"] if index < MIN_REJECTION_REPORTERS else [],
         )

@@ -32,7 +32,8 @@ REFUSAL_READ_TIMEOUT = 5.0  # seconds a refused averaging stream may take to sen
 REFUSAL_READ_MESSAGES = 64  # messages read from a refused averaging stream, at most
 ACCESS_RECORD_PERIOD = 60.0  # a peer re-publishes its token this often...
 ACCESS_RECORD_TTL = 300.0  # ...with this DHT lifetime (never beyond the token's expiry)
-TABLE_REFRESH_PERIOD = 5.0  # an averager re-reads the published tokens this often
+TABLE_REFRESH_PERIOD = 5.0  # an averager re-reads the published tokens this often...
+TABLE_REFRESH_PEERS = 4  # ...stretched by (tokens / this) beyond: a read returns every peer's token
 TABLE_MISS_REFRESH = 1.0  # an unknown caller triggers a re-read at most this often
 
 
@@ -83,6 +84,12 @@ class AccessTable:
 
     def age(self) -> float:
         return time.monotonic() - self.refreshed_at
+
+    def refresh_period(self) -> float:
+        """Seconds between re-reads while every caller is known (an unknown caller triggers one sooner):
+        TABLE_REFRESH_PERIOD, longer in proportion beyond TABLE_REFRESH_PEERS tokens, so that what a
+        peer reads per second does not grow with the swarm."""
+        return TABLE_REFRESH_PERIOD * max(1.0, len(self.allowed) / TABLE_REFRESH_PEERS)
 
     def update(self, found, now: Optional[float] = None) -> None:
         """Replace the table with the valid tokens in a ``dht.get(key, latest=True)`` result."""
@@ -203,8 +210,9 @@ class AccessGuardedAverager:
         table = self._access_table
         if table.allows(peer_id):
             idle = self._access_background is None or self._access_background.done()
-            if table.age() > TABLE_REFRESH_PERIOD and idle:
-                self._access_background = asyncio.create_task(self._refresh_access_table(TABLE_REFRESH_PERIOD))
+            period = table.refresh_period()
+            if table.age() > period and idle:
+                self._access_background = asyncio.create_task(self._refresh_access_table(period))
             return True
         await self._refresh_access_table(TABLE_MISS_REFRESH)
         if table.allows(peer_id):

@@ -14,7 +14,7 @@ from swarmtrain.access.bans import BanList
 from swarmtrain.averaging.local import (ANCHOR_TOLERANCE_LR, ROUND_MATCHMAKING_FACTOR, InStepWeightMixin,
                                         LocalSwarmOptimizer)
 from swarmtrain.averaging.schedule import ControllerSettings
-from swarmtrain.averaging.sync import SwarmOptimizer
+from swarmtrain.averaging.sync import GroupRegistrationMixin, SwarmOptimizer
 from swarmtrain.compression.factory import make_averager_factory
 from swarmtrain.compression.feedback import DensitySchedule
 from swarmtrain.compression.robust import RobustPolicy
@@ -77,11 +77,17 @@ def make_optimizer(config: RunConfig, model: torch.nn.Module, dht: hivemind.DHT,
     # the factory carries the codec (dense or sparse) and the options hivemind does not forward
     grad_averager_factory = make_averager_factory(
         averaging.compression, density_schedule=density_schedule, access=access,
+        mixin=GroupRegistrationMixin if averaging.overlap else None,
         request_timeout=averaging.request_timeout, robust_policy=robust_policy, bandwidth=bandwidth,
         ban_list=ban_list)
+    # overlap: hivemind's delayed parameter updates (the round and the step in a background thread;
+    # they need the optimizer offloaded to its own copy of the parameters, and a state averaging
+    # round after a delayed step must be delayed too)
+    overlap = averaging.overlap
     return SwarmOptimizer(
         grad_averager_factory=grad_averager_factory, average_state_every=averaging.state_averaging_every or 10**9,
-        delay_state_averaging=False, averager_opts=dict(request_timeout=averaging.request_timeout, bandwidth=bandwidth),
+        offload_optimizer=True, delay_optimizer_step=overlap, delay_grad_averaging=overlap,
+        delay_state_averaging=overlap, averager_opts=dict(request_timeout=averaging.request_timeout, bandwidth=bandwidth),
         # a stale step moves parameters by about the learning rate (Adam, LAMB); float rounding
         # between peers in sync is orders of magnitude below this
         fingerprint_tolerance=0.05 * config.optimizer.lr, **common)

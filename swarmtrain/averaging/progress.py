@@ -15,6 +15,9 @@ from swarmtrain.net.claims import plausible_time, quorum_epoch
 
 logger = logging.getLogger("swarmtrain.peer")
 PROGRESS_REPORT_PERIOD = 1.0  # seconds between a peer's progress records (hivemind: after every step)
+# a read of the swarm's progress returns every peer's record: in a swarm of more than this many peers,
+# reads are spaced in proportion to its size, so that what a peer reads per second stays bounded
+PROGRESS_READ_PEERS = 4
 MAX_KNOWN_KEYS = 4096  # progress keys remembered as "seen before", at most
 IGNORED_CLAIM_LOG_PERIOD = 60.0  # seconds between warnings about progress records claiming far-off epochs
 
@@ -81,7 +84,7 @@ class AtMostEvery(threading.Event):
 
 
 class SwarmProgressTracker(ProgressTracker):
-    """hivemind's ProgressTracker with four changes.
+    """hivemind's ProgressTracker with five changes.
 
     - It publishes this peer's progress (a signed record stored on several DHT nodes) after every
       local step; with small steps that chatter was most of what crossed a home link (about
@@ -89,6 +92,11 @@ class SwarmProgressTracker(ProgressTracker):
       once per PROGRESS_REPORT_PERIOD, and at once when the epoch changes; the swarm's ETA
       extrapolates between reports from each peer's reported throughput anyway.
     - A new epoch brings the next read of the swarm's progress forward (see update_epoch).
+    - One read of the swarm's progress returns the N peers' signed records: hivemind reads every
+      0.5-10 s whatever N, so what each peer reads grew with the swarm (and the swarm's total as N²).
+      Its refresh bounds are stretched by N / PROGRESS_READ_PEERS beyond that size: bytes read per
+      second per peer stay about constant, and between reads hivemind extrapolates each peer's
+      progress from its reported throughput, as it does anyway.
     - It drops the future of its goodbye record on shutdown; when that future is garbage-collected
       before the DHT process reads the request, the DHT process logs a traceback and stalls its own
       shutdown. Same goodbye, but we wait for it.
@@ -106,10 +114,28 @@ class SwarmProgressTracker(ProgressTracker):
         self._known_keys: Dict[bytes, float] = {}  # progress subkeys read before -> when last read
         self._ignored_logged_at = -float("inf")
         super().__init__(*args, start=False, **kwargs)
+        self._base_refresh = (self.min_refresh_period, self.max_refresh_period)
         self.should_report_progress = AtMostEvery(report_period)
         if start:
             self.start()
 
+    @property
+    def global_progress(self):
+        return self._global_progress
+
+    @global_progress.setter
+    def global_progress(self, progress) -> None:
+        # hivemind sets this after every read, with the next read's time computed from its refresh
+        # bounds: stretch the bounds for the read after this one, and this read's interval alike
+        self._global_progress = progress
+        base = getattr(self, "_base_refresh", None)
+        if base is None or progress is None:
+            return  # hivemind's own __init__: the bounds are set up after it
+        stretch = max(1.0, progress.num_peers / PROGRESS_READ_PEERS)
+        self.min_refresh_period, self.max_refresh_period = base[0] * stretch, base[1] * stretch
+        now = get_dht_time()
+        if stretch > 1.0 and progress.next_fetch_time - now < self.min_refresh_period:
+            progress.next_fetch_time = now + self.min_refresh_period
     def _parse_swarm_progress_data(self, metadata):
         if isinstance(metadata, dict) and metadata:
             metadata = self._credible_progress(metadata)

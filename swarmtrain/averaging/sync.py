@@ -1,16 +1,40 @@
 """``averaging.mode: sync`` (DeDLOC): hivemind.Optimizer configured from the run config, with a record of
-every averaging round, parameter fingerprints gathered in each round, and a safer state download."""
+every averaging round, parameter fingerprints gathered in each round, and a safer state download.
+
+With ``averaging.overlap`` the optimizer runs hivemind's delayed parameter updates (the "Training
+Transformers Together" recipe): at an epoch's end the peer starts the gradient round and goes straight
+on computing the next epoch's gradients; the round and the optimizer step run in a background thread,
+and their result reaches the model at a later local step, one epoch late. The next round's matchmaking
+may then start while the last round still runs, so what changes here:
+- the next round's matchmaking starts (hivemind's pre-scheduling, before the epoch's expected end)
+  once the last round has its group, so that matchmaking, most of a round's time on a fast link,
+  hides behind computation too. Two steps in one hivemind averager are not safe as they come:
+  they share the flag that tells an arriving part to wait for its group's registration (parts were
+  refused and rounds failed, seen on loopback), which GroupRegistrationMixin replaces with a wait for
+  the group itself; and a failed round is not retried (its retry would look for a group beside the
+  next round and could meet other peers' rounds of the other epoch): it falls back to local
+  gradients and the peer re-synchronises;
+- the fingerprint gathered in round k is of the parameters after round k-2 (noted when round k-1
+  began), the same for every member in step whenever it schedules round k;
+- round records are written by the background thread, with the epoch the round was for;
+- a state donor never labels the parameters of epoch E-1 as epoch E while its step is in flight."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import logging
 import time
+import weakref
 from concurrent.futures import InvalidStateError
-from typing import List, Optional
+from typing import AsyncIterator, List, Optional, Tuple
 
 import hivemind
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import achain, anext, as_aiter
 
 from swarmtrain import hivemind_compat
 from swarmtrain.access.guard import with_access_guard
@@ -26,12 +50,55 @@ FINGERPRINT_SIZE = 64  # parameter values gathered from every member in each rou
 FINGERPRINT_SEED = 0
 
 
+GROUP_REGISTRATION_WAIT = 30.0  # seconds a part may wait for its group to start here (senders time out sooner)
+
+
+class GroupRegistrationMixin:
+    """Put in front of a gradient averager whose next round may look for a group while the last runs.
+
+    A part that arrives before its group has started here (a groupmate triggered first) waits in
+    hivemind for an event that any of the averager's steps may set: with two steps, a part of round
+    k found the event set by round k+1's matchmaking, its group not there, and was refused. Here it
+    waits for its own group to appear, up to GROUP_REGISTRATION_WAIT."""
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData],
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
+        request = await anext(stream)
+        deadline = asyncio.get_running_loop().time() + GROUP_REGISTRATION_WAIT
+        while (not hivemind_compat.group_registered(self, request.group_id)
+               and asyncio.get_running_loop().time() < deadline):
+            await asyncio.sleep(0.01)
+        async for message in super().rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield message
+
+
+class SettledStateMixin:
+    """Put in front of hivemind's TrainingStateAverager: a state it serves to a joiner is never torn
+    and never labelled one epoch ahead of its parameters.
+
+    With delayed updates hivemind counts the new epoch as soon as the round begins, while the
+    round and the optimizer step run in the background for a second or more: a joiner that
+    downloaded then got the parameters of epoch E-1 labelled E, and stayed one step apart. Here the
+    state is read between optimizer steps, and while an update is in flight it is labelled E-1
+    (the joiner, wanting E, asks again a moment later)."""
+
+    def get_current_state(self):
+        with self.lock_optimizer:  # not half-way through an optimizer step
+            in_flight = any(not update.done() for update in list(self.pending_updates))
+            metadata, tensors, infos = super().get_current_state()
+        if in_flight and isinstance(metadata.get("epoch"), int):
+            metadata["epoch"] = max(0, metadata["epoch"] - 1)
+        return metadata, tensors, infos
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer that remembers how each gradient averaging round went.
 
     hivemind only logs the group size; the progress display, the demo summary and the tests need
     it as data. The override wraps the one method that sees the round's outcome (hivemind is
     pinned, and every private method overridden here is listed in swarmtrain.hivemind_compat).
+    With hivemind's ``delay_grad_averaging`` (``averaging.overlap``) rounds run in the background:
+    see the module docstring.
 
     :param fingerprint_tolerance: peers whose fingerprints differ by more than this hold different
       parameters (about a learning rate: a stale step moves parameters by that much)
@@ -42,7 +109,8 @@ class SwarmOptimizer(hivemind.Optimizer):
     """
 
     # what _make_state_averager builds (local mode: its own); the name stays hivemind's, for its RPCs
-    state_averager_class = with_mixin(hivemind_compat.CleanShutdownMixin, TrainingStateAverager)
+    state_averager_class = with_mixin(SettledStateMixin, with_mixin(hivemind_compat.CleanShutdownMixin,
+                                                                    TrainingStateAverager))
 
     def __init__(self, *args, fingerprint_tolerance: float = 1e-4, access=None, **kwargs):
         self.access = access  # before super().__init__: it builds the state averager
@@ -51,8 +119,14 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.fingerprint_tolerance = fingerprint_tolerance
         self._fingerprint_cooldown = 0
         self._synced_epochs = 0  # epochs stepped with the swarm since we last took state from a peer
+        self._round_epochs = weakref.WeakKeyDictionary()  # a begun round's control -> the epoch it is for
+        self._round_began = False
+        self.overlapped_steps = 0  # local steps taken while a round or step was in flight (overlap)
         super().__init__(*args, **kwargs)
         self._fingerprint_positions = self._choose_fingerprint_positions()
+        # delayed updates: (epoch, fingerprint) of the parameters at the start of the last epoch whose
+        # round has begun (every earlier round applied): what rounds gather and the status file shows
+        self._settled_fingerprint: Optional[Tuple[int, List[float]]] = (self.local_epoch, self.parameter_fingerprint())
         # every gradient round also gathers each member's parameter fingerprint (a few hundred bytes),
         # so a peer that drifted -- it stepped alone before the others found it, its group split, or
         # its state download was one step stale -- learns it from the very next round instead of
@@ -60,7 +134,9 @@ class SwarmOptimizer(hivemind.Optimizer):
         schedule_step = self.grad_averager.schedule_step if self.grad_averager is not None else None  # None: mode local
 
         def schedule_step_with_fingerprint(*args, **kwargs):
-            kwargs.setdefault("gather", [self.local_epoch, self.parameter_fingerprint(), self._synced_epochs])
+            kwargs.setdefault("gather", [self.local_epoch, self._gathered_fingerprint(), self._synced_epochs])
+            if self.delay_grad_averaging:
+                kwargs.setdefault("allow_retries", False)  # see the module docstring
             return schedule_step(*args, **kwargs)
 
         if schedule_step is not None:
@@ -76,6 +152,47 @@ class SwarmOptimizer(hivemind.Optimizer):
     def parameter_fingerprint(self) -> List[float]:
         """The parameters' values at fixed pseudo-random positions (swarmtrain.training.fingerprint)."""
         return fingerprint(self._optimized_parameters(), self._fingerprint_positions)
+
+    def _gathered_fingerprint(self) -> List[float]:
+        """What this peer tells its group it holds. Without delayed updates: its parameters now (every
+        member applied the same rounds). With them: the parameters it held when its last round began
+        (see the module docstring); none (an empty list, left out of the comparison) until a round
+        has begun since the last state download."""
+        if not self.delay_optimizer_step:
+            return self.parameter_fingerprint()
+        return list(self._settled_fingerprint[1]) if self._settled_fingerprint is not None else []
+
+    def epoch_start_fingerprint(self) -> Optional[Tuple[int, List[float]]]:
+        """(epoch, fingerprint of the parameters at that epoch's start) for the newest epoch whose
+        starting parameters are settled: the current one, or with delayed updates (the last round
+        still in flight) the previous one; None right after a state download."""
+        if not self.delay_optimizer_step:
+            return self.local_epoch, self.parameter_fingerprint()
+        return self._settled_fingerprint
+
+    def settle(self, timeout: Optional[float] = None) -> None:
+        """With delayed updates: wait (up to `timeout` seconds; None: the averaging timeout) for the
+        round and optimizer step in flight, and apply their result to the model. Before the model is
+        saved, evaluated or compared; a no-op otherwise."""
+        if not self.delay_optimizer_step:
+            return
+        if timeout is None:
+            timeout = self.averaging_timeout or 30.0
+        deadline = time.monotonic() + timeout  # 0: only what has already landed
+        for update in list(self.state_averager.pending_updates):
+            try:
+                update.result(max(0.0, deadline - time.monotonic()))
+            except BaseException as error:  # a failed update is logged by hivemind; keep what we have
+                logger.debug(f"delayed update: {error!r}")
+        self.state_averager.step(wait_for_delayed_updates=False)  # applies what finished
+
+    @contextlib.contextmanager
+    def no_step_running(self):
+        """Inside this block no optimizer step runs (with delayed updates, one in flight waits at its
+        start or has finished; hivemind holds the same lock for its step, not for its round): the
+        optimizer's state read here is whole, for a checkpoint taken without waiting for the round."""
+        with self.state_averager.lock_optimizer:
+            yield
 
     def _check_fingerprints(self, group: dict) -> None:
         members = {peer: data for peer, data in group.items() if _is_fingerprint_record(data)}
@@ -119,10 +236,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             wanted, attempt = self.tracker.global_epoch, 0
             while True:
                 attempt += 1
-                try:
-                    self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
-                except Exception as error:  # a donor vanished mid-download: ask another
-                    logger.warning(f"state download failed ({error!r}); trying another peer")
+                self._download_state_once(**kwargs)
                 finite = self.state_is_finite()
                 if not finite:
                     logger.warning("a peer served a state with non-finite values; asking another")
@@ -146,7 +260,28 @@ class SwarmOptimizer(hivemind.Optimizer):
                 if not self.client_mode:
                     self.grad_averager.state_sharing_priority = self.local_epoch
         self._synced_epochs = 0
+        self._settled_fingerprint = None  # the one from before the download describes other parameters
         return loaded
+
+    def _download_state_once(self, **kwargs) -> None:
+        """One download from a random donor of the newest epoch; our epoch is then the state's.
+
+        hivemind refuses a state whose epoch is below ours. In mode sync a peer re-synchronising
+        already counts the swarm's epoch while its parameters are wrong, and a donor with a step in
+        flight serves the epoch before (SettledStateMixin): refused, the download left us as we were
+        while it looked like success. Here any donor's state is taken (the caller judges its epoch
+        and asks again); when none answered, our own epoch stays."""
+        accept_any = self.use_gradient_averaging  # mode local judges its downloads itself
+        current = self.local_epoch
+        if accept_any:
+            self.state_averager.local_epoch = -1
+        try:
+            self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+        except Exception as error:  # a donor vanished mid-download: ask another
+            logger.warning(f"state download failed ({error!r}); trying another peer")
+        finally:
+            if accept_any and self.state_averager.local_epoch < 0:  # nothing loaded
+                self.state_averager.local_epoch = current
 
     def state_is_finite(self) -> bool:
         """Parameters and optimizer statistics all finite (a NaN step or a bad download breaks this)."""
@@ -205,6 +340,20 @@ class SwarmOptimizer(hivemind.Optimizer):
                 except InvalidStateError:
                     pass  # finished between the check and the cancel
 
+    def shutdown(self):
+        """hivemind's first waits for the delayed update in flight (overlap) as long as its round takes:
+        up to the averaging timeout when a groupmate has just left, which kept a stopping peer for half a
+        minute. The rounds in flight are cancelled first instead (hivemind's background step then falls
+        back to local gradients at once); the checkpoint was written before, from settled parameters."""
+        if self.delay_grad_averaging:
+            for control in list(self._round_epochs.keys()):
+                if not control.done():
+                    try:
+                        control.cancel()
+                    except InvalidStateError:
+                        pass  # finished between the check and the cancel
+        super().shutdown()
+
     def _state_wait(self) -> float:
         # a donor is at most one averaging round away from serving the newest epoch
         return 2 * (self.averaging_timeout or 30.0) + 10.0
@@ -228,17 +377,54 @@ class SwarmOptimizer(hivemind.Optimizer):
         )
 
     def _update_global_epoch(self, grad_scaler) -> None:
-        epoch, recorded = self.local_epoch, len(self.rounds)
+        epoch, settled = self.local_epoch, None
+        self._round_began = False
+        if self.delay_optimizer_step and self.grad_averager is not None:
+            # hivemind waits for the update in flight first thing too; waiting here lets us note the
+            # parameters this epoch started from, before this epoch's round can change them
+            self.state_averager.step(wait_for_delayed_updates=True)
+            settled = (epoch, self.parameter_fingerprint())
         super()._update_global_epoch(grad_scaler)
-        if self.grad_averager is not None and len(self.rounds) == recorded:
-            # hivemind stepped without calling the method below: alone, or a round that never started
+        if settled is not None:  # from the next round on (this one was scheduled with the previous)
+            self._settled_fingerprint = settled
+        if self.grad_averager is not None and not self._round_began:
+            # hivemind stepped without a round: alone, or a round that never started
             alone = self.tracker.global_progress.num_peers <= 1
             self.rounds.append(RoundRecord(epoch, 0, False, 0.0, NO_OTHER_PEERS if alone else
                                            "no round started; stepped on local gradients"))
 
-    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
-        started = time.perf_counter()
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        """Not while the round in flight is still looking for its group (see the module docstring)."""
+        if self.delay_grad_averaging and self.update_in_flight():
+            self.overlapped_steps += 1  # hivemind calls this once per local step: one computed during a round
+            in_flight = self.scheduled_grads
+            if in_flight is not None and not (in_flight.began_allreduce or in_flight.done()):
+                return
+        super()._maybe_schedule_gradient_averaging()
+
+    def update_in_flight(self) -> bool:
+        """With delayed updates: a round or optimizer step still runs in the background."""
+        return any(not update.done() for update in list(self.state_averager.pending_updates))
+
+    def _begin_averaging_gradients(self, grad_scaler) -> bool:
         epoch = self.local_epoch
+        scheduled = self.scheduled_grads
+        if scheduled is not None and (scheduled.triggered or scheduled.done()):
+            # a round already used (with delayed updates: the last epoch's, when this one's was not
+            # pre-scheduled), or matchmaking that gave up: hivemind would step on local gradients
+            # instead of starting a round; start one
+            self.scheduled_grads = None
+        began = super()._begin_averaging_gradients(grad_scaler)
+        if began:
+            self._round_epochs[self.scheduled_grads] = epoch  # delayed: the epoch has moved on by the record
+        self._round_began = began
+        return began
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        # with delay_grad_averaging this runs in the state averager's background thread
+        started = time.perf_counter()
+        epoch = self._round_epochs.pop(maybe_step_control, None) if maybe_step_control is not None else None
+        epoch = self.local_epoch if epoch is None else epoch
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         seconds = time.perf_counter() - started
         if maybe_step_control is None:

@@ -70,6 +70,7 @@ class PeerSummary:
     last_round_seconds: Optional[float]
     compression_density: Optional[float]
     leakage_dcor: Optional[float]
+    utilization: Optional[float]  # share of wall time computing (trainers)
     device: str
     client_mode: bool
     version: str
@@ -86,7 +87,7 @@ class PeerSummary:
             bytes_received_per_second=bytes_received_per_second, rounds_ok=record.rounds_ok,
             rounds_failed=record.rounds_failed, last_round_seconds=record.last_round_seconds,
             compression_density=record.compression_density, leakage_dcor=record.leakage_dcor,
-            device=record.device, client_mode=record.client_mode, version=record.version,
+            utilization=record.utilization, device=record.device, client_mode=record.client_mode, version=record.version,
             age_seconds=age_seconds,
         )
 
@@ -114,6 +115,7 @@ class SwarmStatus:
     bytes_received_per_second: float
     compression_density: Optional[float]  # mean over peers that compress
     leakage_dcor_max: Optional[float]  # worst (highest) leakage reported by any alive peer
+    mean_utilization: Optional[float] = None  # mean share of wall time the alive trainers spent computing
     parts_rejected_total: int = 0  # swarm-wide, only grows: parts reducers left out of averages
     # sender -> alive peers reporting it (only senders with at least MIN_REJECTION_REPORTERS)
     rejected_senders: Dict[str, int] = field(default_factory=dict)
@@ -229,6 +231,7 @@ class SwarmAggregator:
             bytes_received_per_second=sum(row.bytes_received_per_second for row in rows),
             compression_density=_mean(record.compression_density for record in alive.values()),
             leakage_dcor_max=max(leakages) if leakages else None,
+            mean_utilization=_mean(record.utilization for record in alive.values()),
             parts_rejected_total=self._totals["parts_rejected"],
             rejected_senders=_confirmed_reports(alive.values(), "rejected_peers"),
             lying_peers=_confirmed_reports(alive.values(), "lying_peers"),

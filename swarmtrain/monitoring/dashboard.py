@@ -128,6 +128,9 @@ def _training_row() -> Row:
     return [
         (12, 8, _series("Throughput", [_target("A", f"swarmtrain_throughput_samples_per_second{{{ON}}}", "samples/s")])),
         (12, 8, _series("Mean training loss", [_target("A", f"swarmtrain_loss{{{ON}}}", "loss")])),
+        (24, 6, _series("Utilization", [_target("A", f"swarmtrain_utilization_ratio{{{ON}}}", "mean")], "percentunit",
+                        "Share of wall time the trainers spent computing rather than waiting for the swarm",
+                        min=0, max=1)),
     ]
 
 

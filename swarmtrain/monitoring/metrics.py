@@ -61,6 +61,8 @@ SWARM_GAUGES = (
      "compression_density"),
     ("privacy_leakage_dcor_max", "Highest distance correlation (0..1) at the cut layer among alive peers",
      "leakage_dcor_max"),
+    ("utilization_ratio", "Mean share of wall time the alive trainers spent computing (not waiting for the "
+     "swarm), 0..1", "mean_utilization"),
 )
 # metrics with one label: (name, help, label, ((label value, SwarmStatus field), ...)); a name ending in
 # _total is a counter
@@ -149,6 +151,7 @@ def peer_families(rows: List[PeerSummary]) -> Iterator[Metric]:
     wire = family(CounterMetricFamily, "network_bytes", "Bytes on the wire of the peer, by direction", ["direction"])
     leakage = family(GaugeMetricFamily, "leakage_dcor", "Distance correlation (0..1) at the peer's cut layer")
     age = family(GaugeMetricFamily, "record_age_seconds", "Age of the peer's last record")
+    utilization = family(GaugeMetricFamily, "utilization_ratio", "Share of wall time the peer spent computing, 0..1")
     for row in rows:
         labels = [row.owner, row.peer_id, row.role, row.device]
         step.add_metric(labels, row.step)
@@ -163,7 +166,9 @@ def peer_families(rows: List[PeerSummary]) -> Iterator[Metric]:
         if row.leakage_dcor is not None:
             leakage.add_metric(labels, row.leakage_dcor)
         age.add_metric(labels, row.age_seconds)
-    for metric in (step, epoch, loss, throughput, rounds, wire, leakage, age):
+        if row.utilization is not None:
+            utilization.add_metric(labels, row.utilization)
+    for metric in (step, epoch, loss, throughput, rounds, wire, leakage, age, utilization):
         if metric.samples:
             yield metric
 

@@ -94,6 +94,7 @@ class PeerRecord(pydantic.BaseModel):
     leakage_dcor: Optional[_Fraction]  # distance correlation at the cut layer, None = no privacy head
     parts_rejected: _Count = 0  # parts this peer, as a reducer, left out of averages (bad or outsized)
     rejected_peers: pydantic.conlist(_ShortText, max_items=8) = []  # the senders of the latest rejected parts
+    utilization: Optional[_Fraction] = None  # share of the wall time since training began spent computing
     # groupmates this peer lately caught lying in a round's check (compression/verify.py), e.g. a reducer
     # that answered something else than the average of the parts it received
     lying_peers: pydantic.conlist(_ShortText, max_items=8) = []
@@ -140,7 +141,7 @@ class PeerRecord(pydantic.BaseModel):
 
 
 _FLOAT_FIELDS = frozenset(
-    {"loss", "samples_per_second", "last_round_seconds", "compression_density", "leakage_dcor", "time"}
+    {"loss", "samples_per_second", "last_round_seconds", "compression_density", "leakage_dcor", "utilization", "time"}
 )
 _TEXT_FIELDS = frozenset({"peer_id", "role", "device", "version"})
 

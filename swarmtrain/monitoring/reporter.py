@@ -42,7 +42,7 @@ class PeerReporter:
 
     def maybe_publish(self, *, step: int, epoch: int, loss: Optional[float], samples_per_second: float,
                       samples_accumulated: int, rounds: list, traffic=None,
-                      leakage=None, force: bool = False) -> None:
+                      leakage=None, utilization: Optional[float] = None, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_publish < RECORD_PERIOD:
             return
@@ -61,6 +61,7 @@ class PeerReporter:
             leakage_dcor=leakage,
             parts_rejected=int(traffic.parts_rejected_total) if traffic else 0,
             rejected_peers=sorted(set(traffic.rejected_peers)) if traffic else [],
+            utilization=utilization,
             lying_peers=sorted(set(traffic.lying_peers)) if traffic else [],
             device=self.device, client_mode=self.client_mode, version=__version__,
         )

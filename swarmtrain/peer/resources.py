@@ -20,6 +20,7 @@ gradients and every tensor autograd saves for the backward pass.
 from __future__ import annotations
 
 import contextlib
+import os
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
@@ -252,3 +253,28 @@ def halved_after_out_of_memory(batch_size: int) -> int:
         torch.cuda.empty_cache()
     logger.warning(f"out of GPU memory at batch size {batch_size}: going on with {batch_size // 2} per step")
     return batch_size // 2
+
+
+COMPUTE_NICENESS = 5  # with overlap: how far below its own swarm processes a peer's computation runs
+
+
+def yield_to_communication(increment: int = COMPUTE_NICENESS) -> bool:
+    """Run this process's threads (the training computation) `increment` nice levels below the
+    processes it already started (its averagers, DHT and p2p daemon); threads started later inherit
+    it. With overlap a peer computes while its averager sends and reduces: on a machine whose cores
+    the computation fills, an averager starved of CPU answers its group late and is dropped from
+    the round (seen on loopback: groups split and peers drifted apart). A peer may only lower its
+    own priority, so this is the lever. True when it was applied."""
+    if not hasattr(os, "setpriority"):
+        return False  # Windows: no nice levels
+    # Linux keeps a nice level per thread (each task in /proc/self/task); elsewhere it is per process
+    tasks = [int(task) for task in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    applied = False
+    for task in tasks:
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, task)
+            os.setpriority(os.PRIO_PROCESS, task, min(19, current + increment))
+            applied = True
+        except OSError:  # the thread ended meanwhile
+            continue
+    return applied

@@ -37,7 +37,9 @@ from swarmtrain.net.join import JoinedSwarm
 from swarmtrain.net.progress import progress_records
 from swarmtrain.peer.display import ProgressDisplay
 from swarmtrain.peer.options import PeerOptions
-from swarmtrain.peer.resources import Machine, halved_after_out_of_memory, is_out_of_memory, pick_batch_size
+from swarmtrain.peer.resources import (Machine, halved_after_out_of_memory, is_out_of_memory, pick_batch_size,
+                                      yield_to_communication)
+from swarmtrain.peer.utilization import UtilizationMeter
 from swarmtrain.phases import phase
 from swarmtrain.privacy import attach_privacy_head
 from swarmtrain.signals import (StopRequested, children_ignore_interrupts, finishing, poll, raise_if_stop_requested,
@@ -76,6 +78,7 @@ class Trainer:
         self._window_start, self._window_samples = time.perf_counter(), 0
         self._last_epoch = 0
         self._last_status_write = 0.0
+        self.utilization = UtilizationMeter()
 
     # -------------------------------------------------------------- the role
     def run(self) -> None:
@@ -88,6 +91,7 @@ class Trainer:
         self._wait_for_peers()
         self.status.phase = "training"
         self._last_epoch = self.optimizer.local_epoch
+        self.utilization.start()
         with self.display:
             while self.options.max_epochs is None or self.optimizer.local_epoch < self.options.max_epochs:
                 raise_if_stop_requested()
@@ -97,6 +101,7 @@ class Trainer:
                     self.new_epoch()
                 self.publish()
         if self.options.max_epochs is not None:
+            self.optimizer.settle()  # the last round's update (overlap: still in flight) reaches the model
             self._resync_if_apart()
             self._linger_until_swarm_finishes(self.options.max_epochs)
 
@@ -120,11 +125,20 @@ class Trainer:
         optimizer, status = self.optimizer, self.status
         if optimizer is None:
             return True
+        # overlap: the update in flight, if it lands soon; not waited for when stopping (the checkpoint
+        # then holds the last applied step, one behind the swarm: the next round's check resyncs it)
+        settle_timeout = 0.0 if stop_requested() else 5.0
+        try:
+            optimizer.settle(timeout=settle_timeout)
+        except Exception as error:
+            logger.debug(f"settling the delayed update: {error!r}")
+        status.utilization = self.utilization.share()
+        status.overlapped_steps = optimizer.overlapped_steps
         status.rounds = [asdict(record) for record in optimizer.rounds]
         status.epoch = optimizer.local_epoch
         if self.model is not None and self.options.checkpoint_dir:
             with finishing("writing the checkpoint"):
-                path = self._save()
+                path = self._save(settle_timeout=settle_timeout)
             if path is not None:
                 status.checkpoint = str(path)
                 logger.info(f"state saved to {path}")
@@ -184,6 +198,8 @@ class Trainer:
             self.optimizer = make_optimizer(config, self.model, self.swarm.dht, batch_size=self.batch_size,
                                             client_mode=self.swarm.client_mode, private_key=self.swarm.private_key,
                                             access=self.swarm.access, upload_mbps=options.upload_mbps)
+        if config.averaging.overlap and config.averaging.mode == "sync":
+            yield_to_communication()  # rounds run while we compute: they must not wait for a core
         if resumed is not None and resumed.optimizer_state is not None:
             problem = optimizer_state_mismatch(self.optimizer.state_dict(), resumed.optimizer_state)
             if problem is None:
@@ -322,6 +338,7 @@ class Trainer:
         """One local step (forward, backward, the swarm optimizer's step); False when the batch was skipped."""
         optimizer = self.optimizer
         batch = next(self.batches).to(self.device)
+        started = time.perf_counter()
         try:
             with self.machine.precision.autocast():
                 loss = compute_loss(self.model, batch, self.objective, self.mask_generator, self.data.vocabulary)
@@ -344,7 +361,12 @@ class Trainer:
             return False
         if self.config.optimizer.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optimizer.max_grad_norm)
+        computed, epoch = time.perf_counter() - started, optimizer.local_epoch
+        started = time.perf_counter()
         optimizer.step()
+        if optimizer.local_epoch == epoch:  # a local step; one that moved to a new epoch was the swarm's
+            computed += time.perf_counter() - started
+        self.utilization.add_computing(computed)
         optimizer.zero_grad()
         self.steps += 1
         self._window_samples += self.batch_size
@@ -364,7 +386,9 @@ class Trainer:
         epoch = optimizer.local_epoch
         # what this peer holds at the start of each epoch: tools compare peers with it
         fingerprints = status.fingerprints if status.fingerprints is not None else {}
-        fingerprints[str(epoch)] = optimizer.parameter_fingerprint()[:8]
+        settled = optimizer.epoch_start_fingerprint()  # overlap: the previous epoch's (this one's is in flight)
+        if settled is not None:
+            fingerprints[str(settled[0])] = settled[1][:8]
         for old in list(fingerprints)[:-FINGERPRINTS_KEPT]:
             del fingerprints[old]
         status.fingerprints = fingerprints
@@ -388,12 +412,14 @@ class Trainer:
         self.neighbourhood.maybe_refresh()
         if time.monotonic() - self._data_peers_at > DATA_PEERS_PERIOD:
             self._share_shards_with_peers()
+        status.update(utilization=self.utilization.share(), overlapped_steps=optimizer.overlapped_steps)
         self.reporter.maybe_publish(
             step=self.steps, epoch=optimizer.local_epoch, loss=status.loss,
             samples_per_second=status.samples_per_second,
             samples_accumulated=optimizer.tracker.local_progress.samples_accumulated,
             rounds=optimizer.rounds, traffic=optimizer.traffic,
             leakage=self.privacy_head.last_leakage if self.privacy_head is not None else None,
+            utilization=status.utilization,
         )
         now = time.perf_counter()
         if now - self._last_status_write > STATUS_WRITE_PERIOD:
@@ -458,14 +484,17 @@ class Trainer:
         with phase("evaluating the held-out loss", logger):
             return heldout_loss(self.model, self.heldout, self.objective, vocabulary=self.data.vocabulary)
 
-    def _save(self) -> Optional[Path]:
+    def _save(self, settle_timeout: Optional[float] = None) -> Optional[Path]:
         """Save a checkpoint; None (one error line, training goes on) when the disk refuses it -- full, or
-        the directory went away since the start-up check."""
+        the directory went away since the start-up check. Overlap: the update in flight lands first (up
+        to `settle_timeout`, None: the averaging timeout), and no background step runs while saving."""
+        self.optimizer.settle(settle_timeout)
         try:
-            return save_checkpoint(self.options.checkpoint_dir, self.optimizer.local_epoch, self.model.state_dict(),
-                                   self.optimizer.state_dict(),
-                                   meta={"run_id": self.config.run_id, "version": __version__,
-                                         "data_position": self.data.position()})
+            with self.optimizer.no_step_running():
+                return save_checkpoint(self.options.checkpoint_dir, self.optimizer.local_epoch,
+                                       self.model.state_dict(), self.optimizer.state_dict(),
+                                       meta={"run_id": self.config.run_id, "version": __version__,
+                                             "data_position": self.data.position()})
         except OSError as error:
             logger.error(f"could not save a checkpoint to {self.options.checkpoint_dir}: "
                          f"{error.strerror or error}; the previous ones are untouched")
