@@ -6,11 +6,12 @@ see it as a file. Every field that is wrong produces one line naming the field a
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Dict, Literal, Optional, Tuple
+from typing import Annotated, Any, ClassVar, Dict, Literal, Optional, Tuple
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, ValidationInfo,
@@ -123,41 +124,145 @@ def check_model_fields(kind: str, fields: Dict[str, Any]) -> None:
 
 
 class ModelConfig(_Section):
-    kind: Literal["gpt2", "albert"] = Field(description="gpt2: causal LM; albert: masked LM")
-    # fields of transformers' GPT2Config / AlbertConfig; vocab_size is set from the tokenizer
+    # gpt2: causal LM (transformers' GPT2Config); albert: masked LM (AlbertConfig); auto: any transformers
+    # model type with a causal or masked LM head (llama, gpt_neox, bert, roberta, ...), from model_type
+    # or a local config.json. Models are built locally from the config, never downloaded.
+    kind: Literal["gpt2", "albert", "auto"] = Field(description="gpt2, albert, or auto (model_type / config_file)")
+    model_type: Optional[str] = Field(None, description="auto: a transformers model type, e.g. llama, bert")
+    config_file: Optional[str] = Field(None, description="auto: a local config.json; read once, into model_type and config")
+    objective: Optional[Literal["causal", "masked"]] = Field(
+        None, description="auto: which head to train; by default masked for types that have one (bert), else causal")
+    # fields of the transformers config; vocab_size is set from the data's tokenizer
     config: Dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_config_file(cls, data: Any) -> Any:
+        # the published run config must be complete on its own: a volunteer has no copy of the file
+        if not isinstance(data, dict) or not data.get("config_file"):
+            return data
+        if data.get("kind") != "auto":
+            raise ValueError("config_file applies to kind: auto only; remove it or set kind: auto")
+        if data.get("model_type"):
+            raise ValueError("give model_type or config_file, not both (the file names its model_type)")
+        path = Path(str(data["config_file"])).expanduser()
+        try:
+            fields = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"config_file {path}: no such file; give the path of a transformers config.json") from None
+        except (OSError, ValueError) as error:
+            raise ValueError(f"config_file {path}: not a readable JSON file ({error})") from None
+        if not isinstance(fields, dict) or not fields.get("model_type"):
+            raise ValueError(f"config_file {path}: not a transformers config.json (it has no model_type)")
+        architecture = {k: v for k, v in fields.items() if k not in _CONFIG_FILE_METADATA and not k.startswith("_")}
+        model_type = architecture.pop("model_type")
+        return {**data, "config_file": None, "model_type": model_type,
+                "config": {**architecture, **dict(data.get("config") or {})}}
 
     @field_validator("config")
     @classmethod
-    def _no_vocab(cls, value: Dict[str, Any]) -> Dict[str, Any]:
-        if "vocab_size" in value:
+    def _no_vocab(cls, value: Dict[str, Any], info: ValidationInfo) -> Dict[str, Any]:
+        # kind: auto may keep a config.json's vocab_size: the model checks it against the tokenizer's
+        if "vocab_size" in value and info.data.get("kind") != "auto":
             raise ValueError("remove vocab_size: it is set from the data's tokenizer")
         return value
 
     @field_validator("config")
     @classmethod
     def _buildable(cls, value: Dict[str, Any], info: ValidationInfo) -> Dict[str, Any]:
-        if "kind" in info.data:  # (a wrong kind is reported on its own)
-            check_model_fields(info.data["kind"], value)
+        kind = info.data.get("kind")
+        if kind == "auto":
+            if info.data.get("model_type"):  # (an unknown model_type is reported by _consistent)
+                cls._check_auto_fields(info.data["model_type"], value)
+        elif kind is not None:  # (a wrong kind is reported on its own)
+            check_model_fields(kind, value)
         return value
+
+    # kind: auto: bounds of the size fields most transformers configs share (as check_model_fields for
+    # gpt2 / albert: beyond them is a typo or an attack, and a peer handed it would hang or crash)
+    AUTO_SIZE_FIELDS: ClassVar[Dict[str, int]] = {
+        "num_hidden_layers": 256, "num_attention_heads": 256, "num_key_value_heads": 256, "hidden_size": 65536,
+        "intermediate_size": 262144, "max_position_embeddings": 65536, "n_layer": 256, "n_head": 256,
+        "n_embd": 65536, "n_positions": 65536, "n_inner": 262144, "vocab_size": 1 << 21}
+
+    @classmethod
+    def _check_auto_fields(cls, model_type: str, fields: Dict[str, Any]) -> None:
+        import transformers  # only here: it takes seconds to import
+
+        try:
+            config_class = type(transformers.AutoConfig.for_model(model_type))
+        except (ValueError, KeyError):
+            return
+        known = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))
+        for name, value in fields.items():
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f"did you mean {close[0]}?" if close else f"see transformers' {config_class.__name__}"
+                raise ValueError(f"{name} is not a {model_type} config field ({hint})")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+            largest = cls.AUTO_SIZE_FIELDS.get(name)
+            if largest is not None and value is not None and (
+                    not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= largest):
+                raise ValueError(f"{name} must be a whole number from 1 to {largest}, got {value!r}")
+        width, heads = fields.get("hidden_size"), fields.get("num_attention_heads")
+        if isinstance(width, int) and isinstance(heads, int) and width % heads:
+            raise ValueError(f"hidden_size ({width}) must be a multiple of num_attention_heads ({heads})")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelConfig":
+        if self.kind != "auto":
+            for name in ("model_type", "objective"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies to kind: auto only; remove it or set kind: auto")
+            return self
+        if not self.model_type:
+            raise ValueError("kind: auto needs model_type (e.g. llama, gpt_neox, bert) or config_file (a config.json)")
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if self.model_type not in CONFIG_MAPPING_NAMES:
+            close = [name for name in CONFIG_MAPPING_NAMES if self.model_type.replace("-", "_") in name][:5]
+            raise ValueError(f"model_type {self.model_type!r} is not a transformers model type"
+                             + (f" (did you mean {', '.join(close)}?)" if close else " (e.g. llama, gpt_neox, bert)"))
+        return self
+
+
+# keys of a saved config.json that describe the file, not the architecture
+_CONFIG_FILE_METADATA = {"architectures", "transformers_version", "torch_dtype", "dtype", "auto_map", "use_cache"}
 
 
 class DataConfig(_Section):
     # stdlib: the Python standard library's own .py files (offline, every install has them)
     # text: local text files (a file, a directory searched recursively, or a glob)
-    # datasets: a Hugging Face dataset saved with save_to_disk (a directory) or a hub name (online)
+    # datasets: a dataset saved with save_to_disk (memory-mapped Arrow), a directory of data files
+    # (parquet, json, csv, ...) or a hub name (online); both of the latter are streamed
     source: Literal["stdlib", "text", "datasets"] = "stdlib"
     path: Optional[str] = None
     text_column: str = "text"
+    split: str = Field("train", description="datasets: the split to read")
+    # bytes (ids 0..255 and three specials: the demo's), a tokenizer.json or a directory holding one
+    # (`swarmtrain tokenizer train` writes one), or a hub name (online)
+    tokenizer: str = "bytes"
+    # filled in by the coordinator from the tokenizer when it publishes the run (write them to pin it):
+    # every peer checks its tokenizer against this hash, and models take their vocab size from it
+    tokenizer_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
+    vocab_size: Optional[int] = Field(None, ge=1, le=1 << 21)
     seq_len: int = Field(128, ge=8, le=MAX_SEQ_LEN)
-    heldout_fraction: float = Field(0.02, gt=0, lt=0.5)
+    heldout_blocks: int = Field(64, ge=1, le=100_000, description="blocks in the held-out set, the same on every peer")
     max_bytes: Optional[int] = Field(None, gt=0, description="cap on corpus size read, for quick runs")
+    # the corpus is cut into shards of shard_bytes (each read on its own; peers split the shards between
+    # them); a small corpus into at least num_shards
+    shard_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
     num_shards: int = Field(64, ge=1, le=2**20)
 
     @model_validator(mode="after")
-    def _path_needed(self) -> "DataConfig":
+    def _consistent(self) -> "DataConfig":
         if self.source != "stdlib" and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if self.tokenizer == "bytes" and self.tokenizer_sha256 is not None:
+            raise ValueError("tokenizer_sha256 is for a tokenizer file; remove it (data.tokenizer is bytes)")
+        if self.tokenizer == "bytes" and self.vocab_size not in (None, 259):
+            raise ValueError("vocab_size of the byte tokenizer is 259; remove data.vocab_size")
         return self
 
 
@@ -296,7 +401,7 @@ class RunConfig(_Section):
     run_id: str = Field(description="names the run in the DHT; letters, digits, '-' and '_'")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     # required, except on a split run (privacy.split): its models are the split task's, not this one
-    model: Optional[ModelConfig] = Field(description="the model to train (gpt2 or albert)")
+    model: Optional[ModelConfig] = Field(description="the model to train (gpt2, albert or auto)")
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     target_batch_size: int = Field(gt=0, le=MAX_TARGET_BATCH_SIZE,

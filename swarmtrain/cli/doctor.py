@@ -134,7 +134,7 @@ def check_memory(config, device: Optional[str], data_path: Optional[str] = None)
     host_free = free_host_memory()
     breakdown = (f"runtime {format_bytes(need.runtime)}, model and optimizer {format_bytes(need.model_and_optimizer)}"
                  + (f", one step of {need.batch_size} samples {format_bytes(need.activations)}" if device == "cpu" else "")
-                 + (f", corpus {format_bytes(need.corpus)}" if need.corpus else ""))
+                 + (f", data loader {format_bytes(need.corpus)}" if need.corpus else ""))
     if host_free is None:
         return Row("memory", WARN, f"RAM {format_bytes(need.host_bytes)} needed ({breakdown}); could not measure free "
                    "memory here (pip install psutil)")

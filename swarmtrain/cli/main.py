@@ -33,9 +33,10 @@ def _register_commands() -> None:
     from swarmtrain.cli.doctor import doctor
     from swarmtrain.cli.peer import identity_command, peer
     from swarmtrain.cli.simulate import simulate
+    from swarmtrain.cli.tokenizer import tokenizer
     from swarmtrain.privacy.cli import audit
 
-    for command in (coordinator, peer, identity_command, demo, doctor, audit, simulate):
+    for command in (coordinator, peer, identity_command, demo, doctor, audit, simulate, tokenizer):
         main.add_command(command)
 
 

@@ -8,15 +8,14 @@ processes) for a 0.1M-parameter model, and an ALBERT-base peer several GB for 12
 - one training step keeps every activation autograd saves for the backward pass: for ALBERT at
   seq_len 512 that is hundreds of MB per sample. Counted here on the run's real model, run on the
   meta device at the batch the peer will use (activation_bytes);
-- the corpus, held as one int64 token per byte of text;
+- the data loader: a bounded window of the corpus, the same for a 1 MB or a 1 TB one (swarmtrain.data
+  streams it: ``loader_memory_bytes``);
 - the model, its gradients and hivemind's optimizer buffers (swarmtrain.peer.resources.memory_needed).
 
 benchmarks/peer_memory.py compares the total with a real peer's measured peak (tiny and ALBERT configs).
 """
 from __future__ import annotations
 
-import os
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,7 +24,6 @@ from typing import Optional
 # calibrated on the tiny run's peer by benchmarks/peer_memory.py, where they are most of what the
 # main process's own resident memory does not account for
 HELPER_PROCESSES_BYTES = 200 * 1024 ** 2
-CORPUS_BYTES_PER_TEXT_BYTE = 8  # one int64 token id per byte (swarmtrain.data is byte-level)
 
 
 @dataclass
@@ -35,7 +33,7 @@ class MemoryEstimate:
     :param runtime: the interpreter with the training stack loaded, and the peer's helper processes
     :param model_and_optimizer: on the host: weights, gradients and hivemind's buffers and state
     :param activations: what one step at `batch_size` samples keeps for its backward pass
-    :param corpus: the training data in memory (0 when unknown)
+    :param corpus: the training data in memory (the data loader's bound; it does not grow with the corpus)
     :param batch_size: samples per local step the estimate assumes
     :param num_params: parameters of the run's model
     :param device_bytes: on a GPU: what the model, its optimizer buffers and one sample's step need there
@@ -69,27 +67,6 @@ def own_resident_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def corpus_text_bytes(config, data_path: Optional[str]) -> int:
-    """Bytes of text the peer will read: the run's max_bytes cap, or the size of the source (0 when
-    it is not on this machine, e.g. a hub dataset)."""
-    data = config.data
-    if data_path is None and data.source == "stdlib":
-        path = sysconfig.get_paths()["stdlib"]
-    else:
-        path = data_path or data.path
-    size = _size_on_disk(Path(path).expanduser()) if path else 0
-    return min(size, data.max_bytes) if data.max_bytes else size
-
-
-def _size_on_disk(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    if not path.is_dir():
-        return 0
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names
-               if not name.startswith("."))
-
-
 def activation_bytes(config, batch_size: int) -> int:
     """Bytes of the tensors autograd keeps for the backward pass of one step of `batch_size` samples
     (parameters excluded), from a forward pass of the run's real model on the meta device: shapes
@@ -98,10 +75,11 @@ def activation_bytes(config, batch_size: int) -> int:
     at every position either way."""
     import torch
 
+    from swarmtrain.data import pinned_vocabulary
     from swarmtrain.models import build_model
 
-    with torch.device("meta"):
-        model = build_model(config.model, config.data.seq_len, config.seed)
+    with torch.device("meta"):  # (sized by the tokenizer's vocabulary: the published config carries it)
+        model = build_model(config.model, config.data.seq_len, config.seed, pinned_vocabulary(config.data))
     parameters = {id(parameter.untyped_storage()) for parameter in model.parameters()}
     saved = {}  # storage id -> bytes; views of one storage share it (its Python object is preserved)
 
@@ -120,14 +98,17 @@ def activation_bytes(config, batch_size: int) -> int:
 def estimate_peer_memory(config, device: str, data_path: Optional[str] = None,
                          batch_size: Optional[int] = None) -> MemoryEstimate:
     """The memory a peer of this run needs on this machine (see the module docstring). On a GPU the
-    batch is sized to its memory, so the device figure is for one sample per step."""
+    batch is sized to its memory, so the device figure is for one sample per step. (``data_path``, the
+    peer's --data, does not change it: the data is streamed, its memory bounded whatever its size.)"""
     from swarmtrain.peer.resources import CPU_DEFAULT_BATCH, count_parameters, memory_needed
 
     num_params = count_parameters(config)
     on_device, on_host = memory_needed(num_params, config.optimizer.eight_bit, device)
     batch_size = batch_size or (CPU_DEFAULT_BATCH if device == "cpu" else 1)
     activations = activation_bytes(config, batch_size)
-    corpus = corpus_text_bytes(config, data_path) * CORPUS_BYTES_PER_TEXT_BYTE
+    from swarmtrain.data.stream import loader_memory_bytes
+
+    corpus = loader_memory_bytes(config.data.seq_len, config.data.heldout_blocks)
     runtime = own_resident_bytes() + HELPER_PROCESSES_BYTES
     if device == "cpu":
         return MemoryEstimate(runtime, on_host, activations, corpus, batch_size, num_params)

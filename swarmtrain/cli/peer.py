@@ -60,7 +60,8 @@ def peer_access_from_token(token: str | None, token_file: str | None, identity: 
                    "gradients and averaging stay fp32 either way.")
 @click.option("--data", type=click.Path(exists=True), default=None,
               help="Train on this local data instead of the run's default source: a text file, a directory "
-                   "of text files, or a Hugging Face dataset saved with save_to_disk.")
+                   "of text files, or a Hugging Face dataset saved with save_to_disk (read as a stream, "
+                   "tokenized with the run's tokenizer).")
 @click.option("--identity", type=click.Path(dir_okay=False), default=None,
               help="Private key file for a stable peer ID across restarts (created if missing). "
                    "Default: a new ID each start; with --token, ~/.swarmtrain/peer.id.")

@@ -11,14 +11,17 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.optim.progress_tracker import TrainingProgressSchema
+from hivemind.utils import get_dht_time
 
 from swarmtrain.access.authorizer import coordinator_access
 from swarmtrain.config import RunConfig
+from swarmtrain.data import pin_tokenizer
+from swarmtrain.data.transfer import publish_tokenizer
 from swarmtrain.errors import UserError
 from swarmtrain.monitoring.aggregate import SwarmAggregator
 from swarmtrain.monitoring.metrics import SwarmMetrics, serve_metrics
@@ -53,6 +56,18 @@ def _read_known_peers(path: Path) -> List[str]:
         return []
 
 
+def pin_and_check_tokenizer(config: RunConfig) -> Tuple[RunConfig, object]:
+    """(the config with its tokenizer pinned, the tokenizer): data.tokenizer loaded, checked against
+    data.tokenizer_sha256 if the config already pins one, and against the model (vocab size, positions,
+    a mask token for a masked LM); UserError in one line otherwise."""
+    pinned, tokenizer = pin_tokenizer(config)
+    if config.model is not None and (tokenizer.sha256 is not None or config.model.kind == "auto"):
+        from swarmtrain.models import check_model  # torch and transformers: only for such runs
+
+        check_model(config.model, config.data.seq_len, tokenizer.vocabulary)
+    return pinned, tokenizer
+
+
 def join_command(maddrs: Sequence[str]) -> str:
     return "swarmtrain peer --initial-peers " + " ".join(maddrs)
 
@@ -60,7 +75,8 @@ def join_command(maddrs: Sequence[str]) -> str:
 class Coordinator:
     """The swarm's bootstrap node, publisher of the run config, tracker and (optionally) checkpointer.
 
-    :param config: the run config it publishes
+    :param config: the run config it publishes (with its tokenizer pinned here: data.tokenizer_sha256 and
+      data.vocab_size filled in from the tokenizer file, which it publishes in the DHT beside the config)
     :param identity: its private key file (the same file, the same address after a restart)
     :param host_maddrs: addresses to listen on
     :param announce_maddrs: public addresses to tell peers, when they differ
@@ -80,6 +96,8 @@ class Coordinator:
                  metrics_port: Optional[int] = None, per_peer_metrics: bool = False, checkpoint_dir: Optional[str] = None,
                  checkpoint_every: float = 600.0, keep_checkpoints: int = 3, resume_from: Optional[str] = None,
                  revoked_file: Optional[str] = None):
+        # before anything goes on the network: a tokenizer the model cannot use is refused in one line
+        config, self.tokenizer = pin_and_check_tokenizer(config)
         self.revoked_file = revoked_file
         self.config = config
         self.checkpoint_dir, self.checkpoint_every, self.keep_checkpoints = checkpoint_dir, checkpoint_every, keep_checkpoints
@@ -137,6 +155,12 @@ class Coordinator:
     def publish(self) -> None:
         if not publish_run_config(self.dht, self.config, self.signature_validator, self.initial_epoch):
             logger.warning("could not store the run config in the DHT; will retry")
+            return
+        tokenizer = self.tokenizer
+        if tokenizer.sha256 is not None and not publish_tokenizer(
+                self.dht, self.config.run_id, tokenizer.content, get_dht_time() + RUN_CONFIG_TTL,
+                subkey=self.signature_validator.local_public_key):
+            logger.warning("could not store the run's tokenizer in the DHT; will retry")
             return
         self._published_at = time.monotonic()
 

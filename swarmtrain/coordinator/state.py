@@ -18,6 +18,7 @@ from swarmtrain import __version__
 from swarmtrain.access.guard import with_access_guard
 from swarmtrain.config import RunConfig
 from swarmtrain.errors import UserError
+from swarmtrain.data import pinned_vocabulary
 from swarmtrain.models import build_model
 from swarmtrain.signals import children_ignore_interrupts
 from swarmtrain.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -42,7 +43,8 @@ class StateKeeper:
         if config.model is None:  # a split run: the trunk lives on its hosts, the bottoms with the data owners
             raise UserError("--checkpoint-dir / --resume: a split run (privacy.split) has no coordinator checkpoints; "
                             "start the coordinator without them")
-        self.model = build_model(config.model, config.data.seq_len, config.seed)
+        # (the config is the published one: data.vocab_size is the run's tokenizer's)
+        self.model = build_model(config.model, config.data.seq_len, config.seed, pinned_vocabulary(config.data))
         self.resumed_epoch = 0
         checkpoint = None
         if resume_from is not None:

@@ -43,6 +43,7 @@ class PeerStatus:
     resyncs: Optional[int] = None  # state downloads after drifting apart
     restores: Optional[int] = None  # returns to the last checkpoint (alone, with broken parameters)
     checkpoint: Optional[str] = None  # the checkpoint written at exit
+    data_position_at_start: Optional[dict] = None  # where in the corpus it started (swarmtrain.data: a checkpoint's)
     utilization: Optional[float] = None  # share of the wall time since training began spent computing, 0..1
     overlapped_steps: Optional[int] = None  # local steps computed while a round was in flight (averaging.overlap)
     # trunk hosts (split runs)

@@ -190,10 +190,11 @@ def choose_batch_size(model: torch.nn.Module, loss_of_batch: Callable[[int], tor
 
 def count_parameters(config) -> int:
     """Parameters of the run's model, built on the meta device: no memory, no weight init."""
+    from swarmtrain.data import pinned_vocabulary
     from swarmtrain.models import build_model
 
-    with torch.device("meta"):
-        model = build_model(config.model, config.data.seq_len, config.seed)
+    with torch.device("meta"):  # (the published config carries the tokenizer's vocab size)
+        model = build_model(config.model, config.data.seq_len, config.seed, pinned_vocabulary(config.data))
     return sum(parameter.numel() for parameter in model.parameters())
 
 

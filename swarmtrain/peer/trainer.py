@@ -1,9 +1,13 @@
 """The trainer role: a volunteer's peer that trains the run's model with the swarm.
 
-``Trainer.run`` builds the training (data, model, batch size, optimizer), catches up with the swarm,
+``Trainer.run`` builds the training (tokenizer, model, data, batch size, optimizer), catches up with the swarm,
 then loops: ``step`` (one local step), ``new_epoch`` (after each swarm epoch: re-synchronise if apart,
 measure, checkpoint) and ``publish`` (the progress display, the DHT record, the status file).
 ``Trainer.close`` always runs: it saves what the volunteer must not lose.
+
+The data is a stream (swarmtrain.data): the peer reads its share of the corpus's shards (its share
+among the training peers it sees in the DHT), and its position in the stream goes into each checkpoint,
+so a restarted peer continues where it was instead of reading the same blocks again.
 """
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ import torch
 from swarmtrain import __version__
 from swarmtrain.averaging.factory import make_optimizer
 from swarmtrain.averaging.rounds import NO_OTHER_PEERS
-from swarmtrain.data import load_corpus, peer_batches
+from swarmtrain.data import TrainingData, open_training_data, resolve_tokenizer
+from swarmtrain.data.transfer import fetch_tokenizer
 from swarmtrain.errors import UserError
-from swarmtrain.models import EMBEDDED_INPUT_LAYER, build_model, compute_loss, heldout_loss
+from swarmtrain.models import build_model, compute_loss, embedded_input_layer, heldout_loss, objective_of
 from swarmtrain.monitoring.records import RECORD_TTL, fetch_records
 from swarmtrain.monitoring.reporter import PeerReporter
 from swarmtrain.monitoring.status import PeerStatus
@@ -46,6 +51,7 @@ from swarmtrain.training.checkpoint import (CheckpointError, check_checkpoint_di
 logger = logging.getLogger("swarmtrain.peer")
 FINGERPRINTS_KEPT = 64  # epochs whose parameter fingerprint the status file keeps
 STATUS_WRITE_PERIOD = 0.5  # seconds between status file writes while training
+DATA_PEERS_PERIOD = 30.0  # seconds between updates of the training peers the shards are shared among
 
 
 class Trainer:
@@ -63,7 +69,10 @@ class Trainer:
             check_checkpoint_dir(options.checkpoint_dir)
         self.config = swarm.config
         self.device = machine.device
-        self.corpus = self.heldout = self.model = self.privacy_head = self.optimizer = self.reporter = None
+        self.data: Optional[TrainingData] = None
+        self.heldout = self.model = self.privacy_head = self.optimizer = self.reporter = None
+        self.objective = objective_of(self.config.model)
+        self._data_peers_at = 0.0
         self.batch_size = 0
         self.steps = 0
         self._window_start, self._window_samples = time.perf_counter(), 0
@@ -98,6 +107,15 @@ class Trainer:
 
     def close(self) -> bool:
         """Runs on success, on a stop signal and on errors: the state is what the user must not lose.
+        (``_save_and_leave``; then the data's reader thread stops.)"""
+        try:
+            return self._save_and_leave()
+        finally:
+            if self.data is not None:
+                self.data.close()
+
+    def _save_and_leave(self) -> bool:
+        """What ``close`` does.
 
         The checkpoint comes first, and a repeated stop signal waits for it (systemd gives a stopping
         service little time). The final held-out evaluation runs only at a planned end: on a CPU it
@@ -151,26 +169,31 @@ class Trainer:
     # -------------------------------------------------------------- set-up
     def _build(self) -> None:
         config, options = self.config, self.options
-        with phase("loading the corpus", logger):
-            self.corpus = load_corpus(config.data, options.data)
-        logger.info(f"data: {self.corpus.description}")
-        self.heldout = self.corpus.heldout.to(self.device)
-        self.model = build_model(config.model, config.data.seq_len, config.seed).to(self.device)
+        # order matters: the tokenizer sizes the model, the checkpoint says where the data resumes
+        tokenizer = self._resolve_tokenizer()
+        self.model = build_model(config.model, config.data.seq_len, config.seed, tokenizer.vocabulary).to(self.device)
         try:
             self.privacy_head = attach_privacy_head(self.model, config.privacy,
-                                                    input_layer=EMBEDDED_INPUT_LAYER[config.model.kind])
+                                                    input_layer=embedded_input_layer(self.model, config.model.kind))
         except (AttributeError, KeyError, ValueError) as error:
             raise UserError(f"privacy.cut_layer {config.privacy.cut_layer!r}: {error}") from None
+        resumed = self._checkpoint_to_resume()
+        if resumed is not None:
+            self.model.load_state_dict(resumed.model_state)
+            logger.info(f"resuming from {resumed.path} (epoch {resumed.epoch})")
+        with phase("opening the corpus", logger):
+            self.data = open_training_data(config.data, options.data, self.swarm.dht.peer_id.to_bytes(),
+                                           start_position=resumed.meta.get("data_position") if resumed else None,
+                                           tokenizer=tokenizer)
+        self.status.data_position_at_start = self.data.position()
+        logger.info(f"data: {self.data.description}")
+        self.heldout = self.data.heldout.to(self.device)
         self.batch_size = self._pick_batch_size()
         interrupt_backward_on_stop(self.model)
         self.status.update(batch_size=self.batch_size, precision=self.machine.precision.name)
         if self.machine.precision.name != "fp32":
             logger.info(f"mixed precision: {self.machine.precision.name} autocast (weights, gradients and averaging "
                         "stay fp32)")
-        resumed = self._checkpoint_to_resume()
-        if resumed is not None:
-            self.model.load_state_dict(resumed.model_state)
-            logger.info(f"resuming from {resumed.path} (epoch {resumed.epoch})")
         with children_ignore_interrupts():
             self.optimizer = make_optimizer(config, self.model, self.swarm.dht, batch_size=self.batch_size,
                                             client_mode=self.swarm.client_mode, private_key=self.swarm.private_key,
@@ -186,21 +209,35 @@ class Trainer:
                 # way comes from the swarm with its state below)
                 logger.warning(f"{resumed.path}: {problem}; resuming its weights with a fresh optimizer state")
 
+    def _resolve_tokenizer(self):
+        """The run's tokenizer: this machine's copy (refused in one line if it is not the run's), a
+        cached one, or the one the coordinator publishes in the DHT (swarmtrain.data.transfer)."""
+        dht, run_id = self.swarm.dht, self.config.run_id
+
+        def from_the_swarm(sha256: str) -> bytes:
+            with phase(f"fetching the run's tokenizer (sha256 {sha256[:16]}...) from the swarm", logger):
+                content = fetch_tokenizer(dht, run_id, sha256)
+            logger.info(f"got the run's tokenizer from the swarm ({len(content)} bytes)")
+            return content
+
+        return resolve_tokenizer(self.config.data, fetch=from_the_swarm)
+
     def _pick_batch_size(self) -> int:
-        config, model, corpus = self.config, self.model, self.corpus
+        config, model, data = self.config, self.model, self.data
         probe_generator = torch.Generator().manual_seed(0)
 
         def probe_loss(batch_size: int) -> torch.Tensor:
             with self.machine.precision.autocast():
-                batch = corpus.train[:batch_size].clone().to(self.device)
-                return compute_loss(model, batch, config.model.kind, probe_generator)
+                batch = data.probe_batch(batch_size).to(self.device)  # (not taken from the stream)
+                return compute_loss(model, batch, self.objective, probe_generator, data.vocabulary)
 
         if self.options.batch_size is not None:
             return self.options.batch_size
         with phase("probing memory for --batch-size auto", logger):
             batch_size = pick_batch_size(None, self.options.max_memory, model, probe_loss, self.device,
                                          eight_bit=config.optimizer.eight_bit,
-                                         target_batch_size=min(config.target_batch_size, corpus.train.shape[0]))
+                                         target_batch_size=min(config.target_batch_size,
+                                                               data.estimated_blocks or config.target_batch_size))
         probed = self.options.max_memory is not None or self.device.type == "cuda"
         how = "the largest that fits the memory budget" if probed else "the CPU default; --max-memory sizes it"
         logger.info(f"--batch-size auto: {batch_size} samples per local step ({how})")
@@ -251,7 +288,7 @@ class Trainer:
                                      device=str(self.device), client_mode=self.swarm.client_mode,
                                      metrics_port=self.options.metrics_port)
         self.peer_seed = int.from_bytes(hashlib.sha256(dht.peer_id.to_bytes()).digest()[:8], "little")
-        self.batches = peer_batches(self.corpus, self.config.data.num_shards, self.batch_size, self.peer_seed)
+        self.batches = self.data.batches(self.batch_size)
         self.mask_generator = torch.Generator().manual_seed(self.peer_seed)
         self.display = ProgressDisplay(self.config.target_batch_size, enabled=self.options.show_progress)
         self.status.heldout_loss.append([self.optimizer.local_epoch, self._heldout_loss()])
@@ -294,6 +331,7 @@ class Trainer:
         elif announced:
             logger.info(f"{present} peers here: training")
         self.neighbourhood.refresh_now()  # now that they are all here: know them, not only the initial peers
+        self._share_shards_with_peers()
 
     # -------------------------------------------------------------- the loop
     def step(self) -> bool:
@@ -303,7 +341,7 @@ class Trainer:
         started = time.perf_counter()
         try:
             with self.machine.precision.autocast():
-                loss = compute_loss(self.model, batch, self.config.model.kind, self.mask_generator)
+                loss = compute_loss(self.model, batch, self.objective, self.mask_generator, self.data.vocabulary)
             if not torch.isfinite(loss):
                 # never hand a non-finite gradient to the swarm: skip this batch
                 logger.warning(f"non-finite loss at step {self.steps}; batch skipped")
@@ -318,7 +356,7 @@ class Trainer:
             optimizer.zero_grad()
             self.batch_size = halved_after_out_of_memory(self.batch_size)
             optimizer.batch_size_per_step = self.batch_size
-            self.batches = peer_batches(self.corpus, self.config.data.num_shards, self.batch_size, self.peer_seed)
+            self.batches = self.data.batches(self.batch_size)  # (goes on from the same place in the stream)
             self.status.batch_size = self.batch_size
             return False
         if self.config.optimizer.max_grad_norm:
@@ -372,6 +410,8 @@ class Trainer:
                             peers=progress.num_peers, last_round=last_round,
                             samples_per_second=status.samples_per_second)
         self.neighbourhood.maybe_refresh()
+        if time.monotonic() - self._data_peers_at > DATA_PEERS_PERIOD:
+            self._share_shards_with_peers()
         status.update(utilization=self.utilization.share(), overlapped_steps=optimizer.overlapped_steps)
         self.reporter.maybe_publish(
             step=self.steps, epoch=optimizer.local_epoch, loss=status.loss,
@@ -385,6 +425,13 @@ class Trainer:
         if now - self._last_status_write > STATUS_WRITE_PERIOD:
             status.write(self.options.status_file)
             self._last_status_write = now
+
+    def _share_shards_with_peers(self) -> None:
+        """Read only this peer's share of the shards among the training peers in the DHT now (their
+        progress records): disjoint from theirs; a peer joining takes a little from everyone."""
+        self._data_peers_at = time.monotonic()
+        peers = [record.peer_id for record in progress_records(self.swarm.dht, self.config.run_id, max_age=RECORD_TTL)]
+        self.data.set_peers(peers)
 
     # -------------------------------------------------------------- staying with the swarm
     def _resync_if_apart(self) -> None:
@@ -435,7 +482,7 @@ class Trainer:
     # -------------------------------------------------------------- measurements and state
     def _heldout_loss(self) -> float:
         with phase("evaluating the held-out loss", logger):
-            return heldout_loss(self.model, self.heldout, self.config.model.kind)
+            return heldout_loss(self.model, self.heldout, self.objective, vocabulary=self.data.vocabulary)
 
     def _save(self, settle_timeout: Optional[float] = None) -> Optional[Path]:
         """Save a checkpoint; None (one error line, training goes on) when the disk refuses it -- full, or
@@ -446,7 +493,8 @@ class Trainer:
             with self.optimizer.no_step_running():
                 return save_checkpoint(self.options.checkpoint_dir, self.optimizer.local_epoch,
                                        self.model.state_dict(), self.optimizer.state_dict(),
-                                       meta={"run_id": self.config.run_id, "version": __version__})
+                                       meta={"run_id": self.config.run_id, "version": __version__,
+                                             "data_position": self.data.position()})
         except OSError as error:
             logger.error(f"could not save a checkpoint to {self.options.checkpoint_dir}: "
                          f"{error.strerror or error}; the previous ones are untouched")
