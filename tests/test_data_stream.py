@@ -187,3 +187,18 @@ def test_a_peer_joining_takes_shards_only_from_the_others_not_among_them():
     assert 0.18 < moved.mean() < 0.32  # about a quarter
     shares = [(after == peer).mean() for peer in joined]
     assert min(shares) > 0.2 and max(shares) < 0.3
+
+
+def test_a_shard_the_heldout_used_up_does_not_end_the_pass(tmp_path):
+    """Shards whose only text went to the held-out set are empty for training: opening one must not be taken
+    for the end of the pass (it ended a peer's first pass with 'no training block' when such a shard came
+    first in its order, and skipped the rest of a pass when one came after the open shards ran out)."""
+    for i in range(16):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"{i} " * 400 + "\n")
+    config = DataConfig(source="text", path=str(tmp_path), seq_len=32, heldout_blocks=64, num_shards=16)
+    with open_training_data(config, None, b"alone", max_passes=1) as data:
+        everything = sum(len(batch) for batch in data.batches(1))
+    assert everything > 0
+    for peer in range(24):  # each peer reads the shards in its own order: some start with a used-up one
+        with open_training_data(config, None, f"peer-{peer}".encode(), max_passes=1) as data:
+            assert sum(len(batch) for batch in data.batches(1)) == everything, peer

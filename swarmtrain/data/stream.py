@@ -351,12 +351,15 @@ class _Producer(threading.Thread):
         rng = np.random.default_rng([self.seed, pass_number, int(done.sum())])
         delivered, whole_pass = 0, not position.open and not done.any()
         while not self.stopping.is_set():
+            unit = None
             if len(readers) < OPEN_SHARDS:  # at most one new shard per block handed over: no long stall
                 unit = self._next_unit(pass_number, done, readers)
                 if unit is not None:
                     reader = self._open(unit, self.start_segments.get(unit, 0), 0, pass_number)
                     readers += [reader] if reader else []
                     done[unit] = reader is None
+            if not readers and unit is not None:
+                continue  # that shard had nothing left (the held-out took it): the pass goes on with the next
             if not readers:
                 if whole_pass and delivered == 0:
                     raise UserError(f"{self.source.description}: a whole pass gave no training block of "
