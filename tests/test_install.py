@@ -73,9 +73,10 @@ def _readme_install_line() -> str:
 
 
 def _unit_install_lines() -> list:
-    """The unit's install commands, for a venv of our own instead of /opt/swarmtrain and without sudo."""
+    """The unit's install commands (its indented comment lines; the prose above them names `make dist` too),
+    for a venv of our own instead of /opt/swarmtrain and without sudo."""
     commands = [line.lstrip("#").strip() for line in UNIT.read_text().splitlines()
-                if line.startswith("#") and ("make dist" in line or "/opt/swarmtrain/bin/pip install" in line)]
+                if line.startswith("#   ") and ("make dist" in line or "/opt/swarmtrain/bin/pip install" in line)]
     assert len(commands) == 2, commands
     return commands
 
