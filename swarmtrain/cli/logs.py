@@ -2,6 +2,7 @@
 expected failures (a groupmate leaving mid-round) cut to one line, and no teardown noise at exit."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -37,7 +38,7 @@ def setup_logging(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     _settings["verbose"] = verbose
-    logging.getLogger("asyncio").addFilter(DropHivemindCancelledStepNoise())
+    logging.getLogger("asyncio").addFilter(DropHivemindOrphanedFutureNoise())
     _ignore_orphaned_step_controls()
     for name in HIVEMIND_ROUND_LOGGERS:  # logger objects outlive hivemind's set-up: the filter stays
         logging.getLogger(name).addFilter(OneLineForExpectedRoundFailures())
@@ -61,17 +62,33 @@ def adopt_library_logs(default_level: str = "WARNING") -> None:
     logging.getLogger("hivemind").setLevel(level if isinstance(level, int) else logging.WARNING)
 
 
-class DropHivemindCancelledStepNoise(logging.Filter):
-    """hivemind's averager sets the result of a pre-scheduled round that the optimizer already
-    cancelled (it does so when it finds itself alone); asyncio then logs the InvalidStateError of
-    that orphaned task with a traceback, although nothing went wrong."""
+class DropHivemindOrphanedFutureNoise(logging.Filter):
+    """Two asyncio reports about hivemind's leftovers, where nothing went wrong for the peer:
+
+    - hivemind's averager sets the result of a pre-scheduled round that the optimizer already
+      cancelled (it does so when it finds itself alone); asyncio logs the InvalidStateError of that
+      orphaned task with a traceback: dropped;
+    - a round cut short (timed out, a groupmate gone) stops reading a groupmate's stream while
+      hivemind's prefetching task (``_put_items``) holds that stream's connection error in a future
+      nobody awaits; asyncio reports it with a traceback when the future is collected. The peer has
+      already reported the round's failure in one line: this becomes a debug line (shown with -v)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from swarmtrain.net.dht import raised_in
+
         exc = record.exc_info[1] if record.exc_info else None
         if exc is None and record.args and isinstance(record.args, dict):
             exc = record.args.get("exception")
         message = record.getMessage()
-        return not ("Task exception was never retrieved" in message and "CANCELLED" in repr(exc) + message)
+        if "Task exception was never retrieved" in message and "CANCELLED" in repr(exc) + message:
+            return False
+        if "Future exception was never retrieved" in message \
+                and isinstance(exc, (ConnectionError, asyncio.IncompleteReadError)) and raised_in(exc, "_put_items"):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                f"a groupmate's stream broke after its round ended: {exc!r}", None, None, None)
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
 
 
 class OneLineForExpectedRoundFailures(logging.Filter):
