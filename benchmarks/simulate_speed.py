@@ -2,16 +2,23 @@
 
     python benchmarks/simulate_speed.py                   # ~5-15 min depending on the machine's load
     python benchmarks/simulate_speed.py --epochs 20 --config-mode local
+    python benchmarks/simulate_speed.py --epochs 10 --workers 2
 
 The real swarm is benchmarks/wan.py's loopback runner (a coordinator and 4 `swarmtrain peer` processes
 on 127.0.0.1, the peers starting their first step together) on configs/tiny.yaml for --epochs epochs;
 its rate is every peer's local steps over the wall time from the common start to the last peer's final
 epoch. The simulator then runs the same config, 4 peers, at the batch size the real peers picked, for
-the same number of epochs, in one process with one torch thread; its rate is its local steps over its
-wall time. Reported: both rates and their ratio (the acceptance asks for >= 5x), and the CPU seconds
-each used (the real swarm's: every process it started, from start-up to shutdown; on a machine shared
-with other work the wall-clock rates depend on how much of the CPU each got). JSON:
-benchmarks/results/simulate_speed.json.
+the same number of epochs, with --workers worker processes running the peers' forward and backward
+passes (default: one per peer, as many processes as the real swarm's peers; swarmtrain/simulate/workers.py)
+and one torch thread each; then once more in one process (--workers 1) for reference. A rate is the
+local steps over the wall time of the run (the simulation's set-up -- building the models, forking the
+workers -- excluded, as the real swarm's start-up is). Reported: the rates and their ratios (the
+acceptance asks for >= 5x), and the CPU seconds each used (the real swarm's: every process it started,
+from start-up to shutdown; the simulator's: its process and its workers). On a machine shared with other
+work the wall-clock rates depend on how much of the CPU each got: the kernel shares it per runnable
+process, so a 4-process swarm gets about 4 shares where a 1-process simulator gets one. Two torch
+threads in one process were measured worse than one under load (their OpenMP threads spin-wait:
+137 against 487 steps/min at load 13), hence worker processes. JSON: benchmarks/results/simulate_speed.json.
 """
 from __future__ import annotations
 
@@ -56,7 +63,12 @@ def real_swarm(args, averaging: dict) -> dict:
                 optimizer_steps_per_minute=60.0 * steps / result.wall_seconds if result.wall_seconds else None)
 
 
-def simulated_swarm(args, averaging: dict, batch_size: int) -> dict:
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def simulated_swarm(args, averaging: dict, batch_size: int, workers: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -65,14 +77,14 @@ def simulated_swarm(args, averaging: dict, batch_size: int) -> dict:
 
     config = parse_run_config(wan.run_config_dict(averaging, args.epochs, 0, 1))
     ticks = -(-args.epochs * config.target_batch_size // (args.peers * batch_size))
-    before = resource.getrusage(resource.RUSAGE_SELF)
+    before = _cpu_seconds()
     result = simulate(config, SimulationOptions(peers=args.peers, steps=ticks, batch_size=batch_size,
-                                                eval_every=10**9)).to_dict()
-    after = resource.getrusage(resource.RUSAGE_SELF)
+                                                eval_every=10**9, workers=workers)).to_dict()
     steps = sum(result["steps_per_peer"])
-    return dict(wall_seconds=result["wall_seconds"], steps=steps,
-                cpu_seconds=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), epochs=result["epochs"], batch_size=batch_size,
-                rounds=result["rounds_done"], optimizer_steps_per_minute=result["optimizer_steps_per_minute"])
+    return dict(wall_seconds=result["wall_seconds"], steps=steps, workers=workers,
+                cpu_seconds_with_set_up=_cpu_seconds() - before, epochs=result["epochs"], batch_size=batch_size,
+                rounds=result["rounds_done"], final_heldout_loss=result["final_heldout_loss"],
+                optimizer_steps_per_minute=result["optimizer_steps_per_minute"])
 
 
 def main() -> None:
@@ -82,6 +94,8 @@ def main() -> None:
     parser.add_argument("--config-mode", choices=["sync", "local"], default="sync",
                         help="sync: configs/tiny.yaml as it is; local: constant:4 local updates, fp16")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="the simulator's worker processes (default: --peers, as many as the real swarm's peers)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--output", default=str(HERE / "results" / "simulate_speed.json"))
     args = parser.parse_args()
@@ -91,19 +105,27 @@ def main() -> None:
     real = real_swarm(args, averaging)
     print(f"real swarm: {real}", flush=True)
     batch_size = int(statistics.median(real["batch_sizes"]))
-    simulated = simulated_swarm(args, averaging, batch_size)
+    simulated = simulated_swarm(args, averaging, batch_size, args.workers or args.peers)
     print(f"simulator: {simulated}", flush=True)
-    ratio = (simulated["optimizer_steps_per_minute"] / real["optimizer_steps_per_minute"]
-             if real["optimizer_steps_per_minute"] else None)
+    in_process = simulated_swarm(args, averaging, batch_size, 1)
+    print(f"simulator in one process: {in_process}", flush=True)
+    real_rate = real["optimizer_steps_per_minute"]
+    ratio = simulated["optimizer_steps_per_minute"] / real_rate if real_rate else None
+    ratio_in_process = in_process["optimizer_steps_per_minute"] / real_rate if real_rate else None
     report = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), peers=args.peers, epochs=args.epochs,
                   config=yaml.safe_load(yaml.safe_dump(wan.run_config_dict(averaging, args.epochs, 0, 1))),
                   cpus=os.cpu_count(), load_average_start=started, load_average_end=os.getloadavg(),
                   real_swarm=real, simulator=simulated, steps_per_minute_ratio=ratio,
+                  simulator_in_one_process=in_process, steps_per_minute_ratio_in_one_process=ratio_in_process,
                   finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1))
-    print(f"simulator / real swarm optimizer steps per minute: {ratio:.1f}x")
+    if ratio is None:
+        print("the real swarm took no steps: no ratio")
+    else:
+        print(f"simulator / real swarm optimizer steps per minute: {ratio:.1f}x "
+              f"({ratio_in_process:.1f}x in one process)")
 
 
 if __name__ == "__main__":
