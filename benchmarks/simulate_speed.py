@@ -2,15 +2,16 @@
 
     python benchmarks/simulate_speed.py                   # ~5-15 min depending on the machine's load
     python benchmarks/simulate_speed.py --epochs 20 --config-mode local
-    python benchmarks/simulate_speed.py --epochs 10 --workers 2
+    python benchmarks/simulate_speed.py --epochs 10 --workers 2 --repeats 3
 
 The real swarm is benchmarks/wan.py's loopback runner (a coordinator and 4 `swarmtrain peer` processes
 on 127.0.0.1, the peers starting their first step together) on configs/tiny.yaml for --epochs epochs;
 its rate is every peer's local steps over the wall time from the common start to the last peer's final
 epoch. The simulator then runs the same config, 4 peers, at the batch size the real peers picked, for
 the same number of epochs, with --workers worker processes running the peers' forward and backward
-passes (default: one per peer, as many processes as the real swarm's peers; swarmtrain/simulate/workers.py)
-and one torch thread each; then once more in one process (--workers 1) for reference. A rate is the
+passes (default: one per core, at most one per peer; swarmtrain/simulate/workers.py) and one torch thread
+each; then once more in one process (--workers 1) for reference; --repeats times
+in turn, the ratios' medians reported. A rate is the
 local steps over the wall time of the run (the simulation's set-up -- building the models, forking the
 workers -- excluded, as the real swarm's start-up is). Reported: the rates and their ratios (the
 acceptance asks for >= 5x), and the CPU seconds each used (the real swarm's: every process it started,
@@ -95,38 +96,53 @@ def main() -> None:
                         help="sync: configs/tiny.yaml as it is; local: constant:4 local updates, fp16")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--workers", type=int, default=None,
-                        help="the simulator's worker processes (default: --peers, as many as the real swarm's peers)")
+                        help="the simulator's worker processes (default: one per core, at most --peers)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure this many times (real swarm, simulator, simulator in one process, in turn); "
+                             "the ratios' medians are reported")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--output", default=str(HERE / "results" / "simulate_speed.json"))
     args = parser.parse_args()
     averaging = {} if args.config_mode == "sync" else dict(mode="local", schedule="constant:4", compression="fp16")
     wan.install_signal_handlers()
     started = os.getloadavg()
-    real = real_swarm(args, averaging)
-    print(f"real swarm: {real}", flush=True)
-    batch_size = int(statistics.median(real["batch_sizes"]))
-    simulated = simulated_swarm(args, averaging, batch_size, args.workers or args.peers)
-    print(f"simulator: {simulated}", flush=True)
-    in_process = simulated_swarm(args, averaging, batch_size, 1)
-    print(f"simulator in one process: {in_process}", flush=True)
-    real_rate = real["optimizer_steps_per_minute"]
-    ratio = simulated["optimizer_steps_per_minute"] / real_rate if real_rate else None
-    ratio_in_process = in_process["optimizer_steps_per_minute"] / real_rate if real_rate else None
+    repeats = []
+    for repeat in range(args.repeats):
+        real = real_swarm(args, averaging)
+        print(f"real swarm: {real}", flush=True)
+        batch_size = int(statistics.median(real["batch_sizes"]))
+        simulated = simulated_swarm(args, averaging, batch_size, args.workers or min(os.cpu_count() or 1, args.peers))
+        print(f"simulator: {simulated}", flush=True)
+        in_process = simulated_swarm(args, averaging, batch_size, 1)
+        print(f"simulator in one process: {in_process}", flush=True)
+        real_rate = real["optimizer_steps_per_minute"]
+        repeats.append(dict(real_swarm=real, simulator=simulated, simulator_in_one_process=in_process,
+                            load_average_end=os.getloadavg(),
+                            steps_per_minute_ratio=simulated["optimizer_steps_per_minute"] / real_rate if real_rate else None,
+                            steps_per_minute_ratio_in_one_process=(in_process["optimizer_steps_per_minute"] / real_rate
+                                                                   if real_rate else None)))
+        print(f"repeat {repeat}: simulator / real swarm optimizer steps per minute: "
+              f"{repeats[-1]['steps_per_minute_ratio']}x ({repeats[-1]['steps_per_minute_ratio_in_one_process']}x "
+              f"in one process)", flush=True)
+    ratios = [r["steps_per_minute_ratio"] for r in repeats if r["steps_per_minute_ratio"] is not None]
+    ratios_in_process = [r["steps_per_minute_ratio_in_one_process"] for r in repeats
+                         if r["steps_per_minute_ratio_in_one_process"] is not None]
     report = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), peers=args.peers, epochs=args.epochs,
                   config=yaml.safe_load(yaml.safe_dump(wan.run_config_dict(averaging, args.epochs, 0, 1))),
                   cpus=os.cpu_count(), load_average_start=started, load_average_end=os.getloadavg(),
-                  real_swarm=real, simulator=simulated, steps_per_minute_ratio=ratio,
-                  simulator_in_one_process=in_process, steps_per_minute_ratio_in_one_process=ratio_in_process,
-                  finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+                  median_steps_per_minute_ratio=statistics.median(ratios) if ratios else None,
+                  median_steps_per_minute_ratio_in_one_process=(statistics.median(ratios_in_process)
+                                                                if ratios_in_process else None),
+                  repeats=repeats, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1))
-    if ratio is None:
+    if not ratios:
         print("the real swarm took no steps: no ratio")
     else:
-        print(f"simulator / real swarm optimizer steps per minute: {ratio:.1f}x "
-              f"({ratio_in_process:.1f}x in one process)")
-
+        print(f"simulator / real swarm optimizer steps per minute, median of {len(ratios)}: "
+              f"{report['median_steps_per_minute_ratio']:.1f}x "
+              f"({report['median_steps_per_minute_ratio_in_one_process']:.1f}x in one process)")
 
 if __name__ == "__main__":
     main()

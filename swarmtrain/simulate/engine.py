@@ -170,7 +170,10 @@ class Simulation:
             self._evaluate()
             while self.tick < self.options.steps and self.epoch < (self.options.max_epochs or math.inf):
                 raise_if_stop_requested()
-                self._one_tick()
+                if self.workers is not None and self.shared is not None:
+                    self._sync_epoch_in_workers()
+                else:
+                    self._one_tick()
             if not self.curve or self.curve[-1]["tick"] != self.tick:
                 self._evaluate()
         except KeyboardInterrupt:
@@ -190,12 +193,14 @@ class Simulation:
         return [r for r in self.replicas
                 if options.joins.get(r.index, 0) <= tick < options.leaves.get(r.index, options.steps + 1)]
 
+    def _stepping(self, present: List[Replica], tick: int) -> List[Replica]:
+        speeds = self.options.speeds
+        return [replica for replica in present if speeds is None or _steps_now(speeds[replica.index], tick)]
+
     def _one_tick(self) -> None:
         present = self._present()
         self._admit_joiners(present)
-        speeds = self.options.speeds
-        stepping = [replica for replica in present
-                    if speeds is None or _steps_now(speeds[replica.index], self.tick)]
+        stepping = self._stepping(present, self.tick)
         if self.workers is None:
             for replica in stepping:
                 replica.step(self.epoch, self.shared)
@@ -210,6 +215,35 @@ class Simulation:
         self.tick += 1
         if self.epoch_samples >= self.config.target_batch_size:
             self._end_epoch(present)
+
+    def _sync_epoch_in_workers(self) -> None:
+        """Mode sync with workers: the ticks up to the epoch's end in one go -- the parameters change only
+        there, and which peers step in which tick does not depend on what they compute -- so each worker
+        gets one command per epoch rather than one per tick (on a loaded machine every hand-over waits for
+        the scheduler). The workers sum each peer's gradients in the order _accumulate does."""
+        plan, tick, samples = [], self.tick, self.epoch_samples
+        while tick < self.options.steps and samples < self.config.target_batch_size:
+            self.tick = tick  # _present reads it
+            present = self._present()
+            stepping = self._stepping(present, tick)
+            plan.append((present, stepping))
+            samples += sum(replica.batch_size for replica in stepping)
+            tick += 1
+        self.tick = tick - len(plan)
+        if any(replica.accumulated is not None for _, stepping in plan for replica in stepping):
+            for _ in plan:  # a sum left from an earlier epoch: add to it step by step, as _accumulate does
+                self._one_tick()
+            return
+        losses = self.workers.accumulate([stepping for _, stepping in plan])
+        for replica, replica_losses in losses.items():
+            replica.add_accumulated(replica_losses, self.workers.accumulated(replica))
+        for _, stepping in plan:
+            for replica in stepping:
+                self.epoch_samples += replica.batch_size
+                self.samples += replica.batch_size
+        self.tick = tick
+        if self.epoch_samples >= self.config.target_batch_size:
+            self._end_epoch(plan[-1][0])
 
     def _admit_joiners(self, present: List[Replica]) -> None:
         if self.shared is not None or self.tick == 0:

@@ -161,6 +161,18 @@ class Replica:
         self.accumulated_samples += self.batch_size
         self._count(loss)
 
+    def add_accumulated(self, losses: List[Optional[float]], summed: Optional[List[torch.Tensor]]) -> None:
+        """Mode sync: the steps a worker took for this peer (their losses, None: non-finite) and the sum
+        of their gradients (None: no finite step), into a sum that was empty."""
+        assert self.accumulated is None, "a worker's sum is added to an empty one only"
+        for loss in losses:
+            if loss is not None:
+                self.accumulated_steps += 1
+                self.accumulated_samples += self.batch_size
+                self._count(loss)
+        if summed is not None:
+            self.accumulated = [tensor.clone() for tensor in summed]
+
     def take_accumulated(self) -> Optional[torch.Tensor]:
         """Mode sync, at the round: the mean gradient of this epoch's steps (flat), and a reset."""
         if self.accumulated is None:

@@ -31,8 +31,10 @@ JOIN_TIMEOUT = 10.0  # seconds a worker gets to exit after the last command befo
 
 def _serve(connection, replicas: Sequence[Replica], trainees: Dict[int, Trainee],
            gradients: Dict[int, List[torch.Tensor]]) -> None:
-    """A worker's loop: for each (replica index, batch) of a command, the replica's backward on its
-    trainee, the gradients copied to the replica's shared buffers; the losses go back."""
+    """A worker's loop. A command is a list of (replica index, batches, summing): the replica's backward
+    on each batch, on its trainee; the gradients go to the replica's shared buffers -- the last step's,
+    or with `summing` (mode sync) the sum over the steps, added up as Replica._accumulate does. The
+    losses go back, per command item."""
     torch.set_num_threads(1)  # one core per worker; forked children must not use the parent's thread pool
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the main process's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -41,19 +43,34 @@ def _serve(connection, replicas: Sequence[Replica], trainees: Dict[int, Trainee]
             command = connection.recv()
             if command is None:
                 return
-            losses = []
-            for index, batch in command:
-                trainee = trainees[index]
-                loss = replicas[index].backward(trainee, torch.from_numpy(batch))
-                if loss is not None:
-                    for buffer, param in zip(gradients[index], trainee.parameters):
-                        buffer.copy_(param.grad)
-                for param in trainee.parameters:
-                    param.grad = None
-                losses.append(loss)
-            connection.send(losses)
+            connection.send([_steps(replicas[index], trainees[index], batches, summing, gradients[index])
+                             for index, batches, summing in command])
     except (EOFError, BrokenPipeError):
         return
+
+
+def _steps(replica: Replica, trainee: Trainee, batches: Sequence, summing: bool,
+           buffers: List[torch.Tensor]) -> List[Optional[float]]:
+    losses, total = [], None
+    for batch in batches:
+        loss = replica.backward(trainee, torch.from_numpy(batch))
+        if loss is not None:
+            grads = [param.grad.detach() for param in trainee.parameters]
+            if not summing:
+                for buffer, grad in zip(buffers, grads):
+                    buffer.copy_(grad)
+            elif total is None:
+                total = [grad.clone() for grad in grads]
+            else:
+                for summed, grad in zip(total, grads):
+                    summed.add_(grad)
+        for param in trainee.parameters:
+            param.grad = None
+        losses.append(loss)
+    if total is not None:
+        for buffer, summed in zip(buffers, total):
+            buffer.copy_(summed)
+    return losses
 
 
 class StepWorkers:
@@ -76,6 +93,7 @@ class StepWorkers:
                 param.share_memory_()
         self.gradients = {index: [torch.zeros_like(p).share_memory_() for p in trainee.parameters]
                           for index, trainee in self.trainees.items()}
+        self.summed: Dict[Replica, bool] = {}
         context = multiprocessing.get_context("fork")
         self.connections, self.processes = [], []
         for _ in range(workers):
@@ -91,18 +109,40 @@ class StepWorkers:
         """Each stepping replica's backward on its next batch (drawn here, in order); the losses, in
         order (None: a non-finite loss, no gradient). ``install_gradients`` then hands a replica's
         gradients to its trainee."""
+        losses = self._run({replica: [replica.next_batch()] for replica in stepping}, summing=False)
+        return [losses[replica][0] for replica in stepping]
+
+    def accumulate(self, ticks: Sequence[Sequence[Replica]]) -> Dict[Replica, List[Optional[float]]]:
+        """Mode sync: the replicas stepping in each of `ticks` take their steps, each replica's gradients
+        summed over them (``accumulated``); per replica, the losses of its steps in order."""
+        batches: Dict[Replica, list] = {}
+        for stepping in ticks:
+            for replica in stepping:
+                batches.setdefault(replica, []).append(replica.next_batch())
+        losses = self._run(batches, summing=True)
+        self.summed = {replica: any(loss is not None for loss in replica_losses)
+                       for replica, replica_losses in losses.items()}
+        return losses
+
+    def accumulated(self, replica: Replica) -> Optional[List[torch.Tensor]]:
+        """The sum of the replica's gradients over its steps in the last ``accumulate`` (views of the
+        shared buffers), None if none of them was finite."""
+        return self.gradients[replica.index] if self.summed.get(replica) else None
+
+    def _run(self, batches: Dict[Replica, list], summing: bool) -> Dict[Replica, List[Optional[float]]]:
         commands: List[list] = [[] for _ in self.connections]
-        for replica in stepping:
+        for replica, replica_batches in batches.items():
             # numpy: a tensor sent through a pipe would be moved to a new shared-memory segment every time
-            commands[replica.index % len(self.connections)].append((replica.index, replica.next_batch().numpy()))
+            commands[replica.index % len(self.connections)].append(
+                (replica, [batch.numpy() for batch in replica_batches]))
         busy = [(worker, command) for worker, command in enumerate(commands) if command]
         for worker, command in busy:
-            self.connections[worker].send(command)
-        losses: Dict[int, Optional[float]] = {}
+            self.connections[worker].send([(replica.index, items, summing) for replica, items in command])
+        losses: Dict[Replica, List[Optional[float]]] = {}
         for worker, command in busy:
-            for (index, _), loss in zip(command, self.connections[worker].recv()):
-                losses[index] = loss
-        return [losses[replica.index] for replica in stepping]
+            for (replica, _), replica_losses in zip(command, self.connections[worker].recv()):
+                losses[replica] = replica_losses
+        return losses
 
     def install_gradients(self, replica: Replica) -> None:
         """The replica's gradients from its last backward as its trainee's ``.grad`` (views of the
