@@ -8,9 +8,9 @@ The real swarm is benchmarks/wan.py's loopback runner (a coordinator and 4 `swar
 on 127.0.0.1, the peers starting their first step together) on configs/tiny.yaml for --epochs epochs;
 its rate is every peer's local steps over the wall time from the common start to the last peer's final
 epoch. The simulator then runs the same config, 4 peers, at the batch size the real peers picked, for
-the same number of epochs, with --workers worker processes running the peers' forward and backward
-passes (default: one per core, at most one per peer; swarmtrain/simulate/workers.py) and one torch thread
-each; then once more in one process (--workers 1) for reference; --repeats times
+the same number of epochs, with --workers processes running the peers' forward and backward passes (its
+own and forked ones; default: one per core, at most one per peer; swarmtrain/simulate/workers.py), one
+torch thread each; then once more in one process (--workers 1) for reference; --repeats times
 in turn, the ratios' medians reported. A rate is the
 local steps over the wall time of the run (the simulation's set-up -- building the models, forking the
 workers -- excluded, as the real swarm's start-up is). Reported: the rates and their ratios (the
@@ -96,7 +96,7 @@ def main() -> None:
                         help="sync: configs/tiny.yaml as it is; local: constant:4 local updates, fp16")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--workers", type=int, default=None,
-                        help="the simulator's worker processes (default: one per core, at most --peers)")
+                        help="the simulator's computing processes, its own included (default: one per core, at most --peers)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure this many times (real swarm, simulator, simulator in one process, in turn); "
                              "the ratios' medians are reported")

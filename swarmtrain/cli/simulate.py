@@ -93,8 +93,8 @@ def _summary(results: List[dict]) -> str:
 @click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Measure the held-out loss of the swarm's model about every this many ticks.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes that run the peers' forward and backward passes, one core each (e.g. the machine's "
-                   "cores); 1: all in this process.")
+              help="Processes that run the peers' forward and backward passes, this one included, one core each "
+                   "(e.g. the machine's free cores); 1: all in this process. The results are the same.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write every seed's result (learning curve, rounds, bytes) to this JSON file.")
 def simulate(config_path, peers, steps, max_epochs, seeds, batch_size, speeds, shards, joins, leaves, overrides, eval_every,

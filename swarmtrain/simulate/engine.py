@@ -42,8 +42,9 @@ class SimulationOptions:
       (non-identical data) instead of all of them in its own order
     :param eval_every: evaluate the swarm's model at the first epoch end after every this many ticks
     :param max_epochs: stop when the swarm reaches this epoch (as a peer's --max-epochs), if before `steps`
-    :param workers: processes that run the peers' forward and backward passes, one core each (1: in this
-      process; more: forked workers, see workers.py -- the same floats, faster on a machine with more cores)
+    :param workers: processes that run the peers' forward and backward passes, this one included, one core
+      each (1: all in this process; more: workers - 1 forked, see workers.py -- the same floats, faster when
+      the machine has that many free cores)
     """
 
     peers: int = 4

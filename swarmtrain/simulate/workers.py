@@ -5,11 +5,11 @@ of it is the model's forward and backward (matrix products, tanh, dropout draws)
 overhead. Batching the N replicas into one computation (``torch.func.vmap`` over stacked parameters)
 was measured not faster at one thread and not faster at two (the attention kernel has no batching rule,
 and the batched matrix products cost what the separate ones do), and it changes the float rounding of
-every matrix product. What does speed the simulation up is the machine's other cores, as the real
-swarm's peer processes use them: the replicas are split between worker processes.
+every matrix product. What can speed the simulation up is the machine's other cores, as the real
+swarm's peer processes use them: the replicas are split between this process and forked workers.
 
 What runs where keeps the simulation exact (the same floats as the in-process path, see
-tests/test_simulate.py): a worker only computes a replica's loss, backward and gradient clipping
+tests/test_simulate.py): a forked worker only computes a replica's loss, backward and gradient clipping
 (``Trainee.backward``), on the replica's own model, whose parameters live in shared memory; the main
 process keeps everything else -- data order, optimizer, scheduler, averaging -- and hands each worker
 the batches of its replicas. A replica always goes to the same worker, which holds its dropout
@@ -82,7 +82,9 @@ class StepWorkers:
     :param replicas: the simulation's replicas, all of them (replica i goes to worker i mod workers)
     :param shared: mode sync's trainee, which every replica computes its gradient on (None in mode local,
       where each replica has its own)
-    :param workers: number of worker processes (at least 2; one is the in-process path)
+    :param workers: number of processes computing, this one included (workers - 1 are forked): worker 0
+      is this process, which computes its replicas while the others compute theirs -- one process fewer
+      competing for the cores than an idle coordinator would make
     """
 
     def __init__(self, replicas: Sequence[Replica], shared: Optional[Trainee], workers: int):
@@ -96,7 +98,7 @@ class StepWorkers:
         self.summed: Dict[Replica, bool] = {}
         context = multiprocessing.get_context("fork")
         self.connections, self.processes = [], []
-        for _ in range(workers):
+        for _ in range(1, workers):
             ours, theirs = context.Pipe()
             process = context.Process(target=_serve, args=(theirs, self.replicas, self.trainees, self.gradients),
                                       daemon=True)
@@ -130,17 +132,19 @@ class StepWorkers:
         return self.gradients[replica.index] if self.summed.get(replica) else None
 
     def _run(self, batches: Dict[Replica, list], summing: bool) -> Dict[Replica, List[Optional[float]]]:
-        commands: List[list] = [[] for _ in self.connections]
+        commands: List[list] = [[] for _ in range(len(self.connections) + 1)]
         for replica, replica_batches in batches.items():
             # numpy: a tensor sent through a pipe would be moved to a new shared-memory segment every time
-            commands[replica.index % len(self.connections)].append(
-                (replica, [batch.numpy() for batch in replica_batches]))
-        busy = [(worker, command) for worker, command in enumerate(commands) if command]
+            commands[replica.index % len(commands)].append((replica, [batch.numpy() for batch in replica_batches]))
+        busy = [(worker, command) for worker, command in enumerate(commands) if command and worker > 0]
         for worker, command in busy:
-            self.connections[worker].send([(replica.index, items, summing) for replica, items in command])
+            self.connections[worker - 1].send([(replica.index, items, summing) for replica, items in command])
         losses: Dict[Replica, List[Optional[float]]] = {}
+        for replica, items in commands[0]:  # this process's share, meanwhile
+            losses[replica] = _steps(replica, self.trainees[replica.index], items, summing,
+                                     self.gradients[replica.index])
         for worker, command in busy:
-            for (replica, _), replica_losses in zip(command, self.connections[worker].recv()):
+            for (replica, _), replica_losses in zip(command, self.connections[worker - 1].recv()):
                 losses[replica] = replica_losses
         return losses
 
