@@ -12,8 +12,8 @@ the same number of epochs, with --workers processes running the peers' forward a
 own and forked ones; default: one per core, at most one per peer; swarmtrain/simulate/workers.py), one
 torch thread each; then once more in one process (--workers 1) for reference; --repeats times
 in turn, the ratios' medians reported. A rate is the
-local steps over the wall time of the run (the simulation's set-up -- building the models, forking the
-workers -- excluded, as the real swarm's start-up is). Reported: the rates and their ratios (the
+local steps over the wall time of the run (the simulation's set-up -- building the models -- excluded, as
+the real swarm's start-up is; forking the workers included). Reported: the rates and their ratios (the
 acceptance asks for >= 5x), and the CPU seconds each used (the real swarm's: every process it started,
 from start-up to shutdown; the simulator's: its process and its workers). On a machine shared with other
 work the wall-clock rates depend on how much of the CPU each got: the kernel shares it per runnable
