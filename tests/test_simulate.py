@@ -3,11 +3,13 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from swarmtrain.cli.simulate import apply_overrides
 from swarmtrain.config import load_run_config
 from swarmtrain.data import load_corpus
+from swarmtrain.models import build_model
 from swarmtrain.simulate import Simulation, SimulationOptions
 from tests.support import TINY_CONFIG, assert_one_line_error, run_cli
 
@@ -81,3 +83,38 @@ def test_simulate_command_reports_and_writes_results(tmp_path):
     assert yaml.safe_dump(written["config"]) and [r["seed"] for r in written["results"]] == [0, 1]
     for run in written["results"]:
         assert run["rounds_done"] == 3 and run["bytes_sent_per_peer"] > 0 and len(run["curve"]) >= 2
+
+
+@pytest.mark.parametrize("mode", ["sync", "local"])
+def test_worker_processes_compute_the_same_floats(corpus, mode):
+    """--workers splits the peers' backward passes between forked processes: the same floats as in one
+    process (dropout on: every peer draws from its own generator wherever it runs), through uneven
+    speeds, a join and a leave. One torch thread, as in the workers (torch's kernels at two threads
+    round some sums differently)."""
+    overrides = () if mode == "sync" else ("averaging.mode=local", "averaging.schedule=constant:2",
+                                           "averaging.compression=gaussiank:0.05+2bit")
+    config = _config(*overrides)
+    assert config.model.config.get("resid_pdrop", 0.1) > 0  # GPT-2's default dropout: the draws matter
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = []
+        for workers in (1, 2):
+            options = SimulationOptions(peers=3, steps=8, batch_size=2, speeds=[1.0, 0.5, 1.0], joins={2: 3},
+                                        leaves={1: 6}, eval_every=4, workers=workers)
+            simulation = Simulation(config, options, corpus)
+            result = simulation.run().to_dict()
+            trainees = [simulation.shared] if simulation.shared is not None else \
+                [replica.trainee for replica in simulation.replicas]
+            runs.append((result, [trainee.flat_parameters() for trainee in trainees]))
+    finally:
+        torch.set_num_threads(threads)
+    (in_process, flats), (forked, forked_flats) = runs
+    assert forked["steps_per_peer"] == in_process["steps_per_peer"] == [8, 3, 5]
+    assert [c["train_loss"] for c in forked["curve"]] == [c["train_loss"] for c in in_process["curve"]]
+    assert [c["heldout_loss"] for c in forked["curve"]] == [c["heldout_loss"] for c in in_process["curve"]]
+    assert forked["rounds"] == in_process["rounds"]
+    initial = torch.cat([p.detach().reshape(-1) for p in build_model(config.model, config.data.seq_len, config.seed).parameters()])
+    assert (flats[0] - initial).abs().max() > 1e-3, "the parameters hardly moved: the comparison would prove nothing"
+    for single, split in zip(flats, forked_flats):
+        assert torch.equal(single, split)

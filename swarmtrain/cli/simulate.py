@@ -92,10 +92,13 @@ def _summary(results: List[dict]) -> str:
                    "--set averaging.compression=gaussiank:0.02+2bit; repeatable.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True,
               help="Measure the held-out loss of the swarm's model about every this many ticks.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes that run the peers' forward and backward passes, this one included, one core each "
+                   "(e.g. the machine's free cores); 1: all in this process. The results are the same.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write every seed's result (learning curve, rounds, bytes) to this JSON file.")
 def simulate(config_path, peers, steps, max_epochs, seeds, batch_size, speeds, shards, joins, leaves, overrides, eval_every,
-             output):
+             workers, output):
     """Simulate the swarm of a run config in this process: N peers train the run's model on the run's
     data and average through the swarm's own compression and schedule code, with the network replaced
     by an exact in-memory reduction. Prints the held-out loss reached and the averaging bytes each peer
@@ -115,7 +118,7 @@ def simulate(config_path, peers, steps, max_epochs, seeds, batch_size, speeds, s
     options = [SimulationOptions(peers=peers, steps=steps, batch_size=batch_size, seed=seed, speeds=speed_list,
                                  joins=_parse_plan(joins, "--join"), leaves=_parse_plan(leaves, "--leave"),
                                  disjoint_shards=shards == "disjoint", eval_every=eval_every,
-                                 max_epochs=max_epochs)
+                                 max_epochs=max_epochs, workers=workers)
                for seed in _parse_list(seeds, int, "--seeds", "0,1,2")]
     for option in options:
         option.check()

@@ -8,6 +8,9 @@ For organisers choosing a compression, a density and a period before a run
 (``swarmtrain simulate --config RUN.yaml --peers N``), and for the benchmarks that compare recipes over
 budgets the real swarm cannot run on one machine (benchmarks/simulate*.py).
 
+The peers' forward and backward passes can run in forked worker processes, one core each
+(``SimulationOptions.workers``, ``--workers``; workers.py), with the same floats as in one process.
+
 ``tests/test_simulate_fidelity.py`` checks the claim: a 3-peer simulation and a real 3-peer loopback
 swarm of the same config and data order hold the same parameters after a few rounds.
 """

@@ -24,6 +24,7 @@ from swarmtrain.models import build_model, heldout_loss
 from swarmtrain.signals import raise_if_stop_requested
 from swarmtrain.simulate.replicas import Replica, Trainee
 from swarmtrain.simulate.rounds import LocalAveraging, SyncAveraging
+from swarmtrain.simulate.workers import StepWorkers
 
 
 @dataclass
@@ -41,6 +42,9 @@ class SimulationOptions:
       (non-identical data) instead of all of them in its own order
     :param eval_every: evaluate the swarm's model at the first epoch end after every this many ticks
     :param max_epochs: stop when the swarm reaches this epoch (as a peer's --max-epochs), if before `steps`
+    :param workers: processes that run the peers' forward and backward passes, this one included, one core
+      each (1: all in this process; more: workers - 1 forked, see workers.py -- the same floats, faster when
+      the machine has that many free cores)
     """
 
     peers: int = 4
@@ -53,10 +57,11 @@ class SimulationOptions:
     disjoint_shards: bool = False
     eval_every: int = 100
     max_epochs: Optional[int] = None
+    workers: int = 1
 
     def check(self) -> None:
-        if self.peers < 1 or self.steps < 1 or self.batch_size < 1:
-            raise UserError("--peers, --steps and --batch-size must be at least 1")
+        if self.peers < 1 or self.steps < 1 or self.batch_size < 1 or self.workers < 1:
+            raise UserError("--peers, --steps, --batch-size and --workers must be at least 1")
         if self.speeds is not None and (len(self.speeds) != self.peers or not all(0 < s <= 1 for s in self.speeds)):
             raise UserError(f"--speeds needs one number in (0, 1] per peer ({self.peers}), e.g. 1,1,0.5,0.25")
         for name, plan in (("--join", self.joins), ("--leave", self.leaves)):
@@ -135,7 +140,6 @@ class Simulation:
         self.config, self.options, self.on_progress = config, options, on_progress
         self.corpus = corpus if corpus is not None else load_corpus(config.data)
         model_seed = config.seed + options.seed
-        torch.manual_seed(model_seed + 1)  # dropout draws come from the global generator, as on a peer
         local = config.averaging.mode == "local"
         self.replicas = []
         for index in range(options.peers):
@@ -152,6 +156,7 @@ class Simulation:
         self.epoch = self.epoch_samples = self.samples = self.tick = 0
         self.curve: List[dict] = []
         self._next_eval = 0
+        self.workers: Optional[StepWorkers] = None
         # the order of a round's group: member i reduces span i. hivemind's matchmaking orders groups
         # at random, so which peer reduces which span (and absorbs its rounding) varies; a test
         # replaying a real swarm's rounds sets the order it recorded
@@ -160,15 +165,24 @@ class Simulation:
     # -------------------------------------------------------------- the loop
     def run(self) -> SimulationResult:
         started, stopped = time.perf_counter(), False
+        workers = min(self.options.workers, self.options.peers)
+        self.workers = StepWorkers(self.replicas, self.shared, workers) if workers > 1 else None
         try:
             self._evaluate()
             while self.tick < self.options.steps and self.epoch < (self.options.max_epochs or math.inf):
                 raise_if_stop_requested()
-                self._one_tick()
+                if self.workers is not None and self.shared is not None:
+                    self._sync_epoch_in_workers()
+                else:
+                    self._one_tick()
             if not self.curve or self.curve[-1]["tick"] != self.tick:
                 self._evaluate()
         except KeyboardInterrupt:
             stopped = True  # what ran so far is the result
+        finally:
+            if self.workers is not None:
+                self.workers.close()
+                self.workers = None
         mode = self.config.averaging.mode
         return SimulationResult(self.options.seed, mode, str(self.config.averaging.compression), self.options.peers,
                                 self.tick, self.epoch, self.samples, [r.steps for r in self.replicas], self.curve,
@@ -180,22 +194,57 @@ class Simulation:
         return [r for r in self.replicas
                 if options.joins.get(r.index, 0) <= tick < options.leaves.get(r.index, options.steps + 1)]
 
+    def _stepping(self, present: List[Replica], tick: int) -> List[Replica]:
+        speeds = self.options.speeds
+        return [replica for replica in present if speeds is None or _steps_now(speeds[replica.index], tick)]
+
     def _one_tick(self) -> None:
         present = self._present()
         self._admit_joiners(present)
-        speeds = self.options.speeds
-        for replica in present:
-            if speeds is not None and not _steps_now(speeds[replica.index], self.tick):
-                continue
-            if self.shared is None:
-                replica.local_step(self.epoch)
-            else:
-                replica.accumulate_step(self.shared)
+        stepping = self._stepping(present, self.tick)
+        if self.workers is None:
+            for replica in stepping:
+                replica.step(self.epoch, self.shared)
+        else:
+            for replica, loss in zip(stepping, self.workers.backward(stepping)):
+                if loss is not None:
+                    self.workers.install_gradients(replica)
+                replica.finish_step(loss, self.epoch, self.shared)
+        for replica in stepping:
             self.epoch_samples += replica.batch_size
             self.samples += replica.batch_size
         self.tick += 1
         if self.epoch_samples >= self.config.target_batch_size:
             self._end_epoch(present)
+
+    def _sync_epoch_in_workers(self) -> None:
+        """Mode sync with workers: the ticks up to the epoch's end in one go -- the parameters change only
+        there, and which peers step in which tick does not depend on what they compute -- so each worker
+        gets one command per epoch rather than one per tick (on a loaded machine every hand-over waits for
+        the scheduler). The workers sum each peer's gradients in the order _accumulate does."""
+        plan, tick, samples = [], self.tick, self.epoch_samples
+        while tick < self.options.steps and samples < self.config.target_batch_size:
+            self.tick = tick  # _present reads it
+            present = self._present()
+            stepping = self._stepping(present, tick)
+            plan.append((present, stepping))
+            samples += sum(replica.batch_size for replica in stepping)
+            tick += 1
+        self.tick = tick - len(plan)
+        if any(replica.accumulated is not None for _, stepping in plan for replica in stepping):
+            for _ in plan:  # a sum left from an earlier epoch: add to it step by step, as _accumulate does
+                self._one_tick()
+            return
+        losses = self.workers.accumulate([stepping for _, stepping in plan])
+        for replica, replica_losses in losses.items():
+            replica.add_accumulated(replica_losses, self.workers.accumulated(replica))
+        for _, stepping in plan:
+            for replica in stepping:
+                self.epoch_samples += replica.batch_size
+                self.samples += replica.batch_size
+        self.tick = tick
+        if self.epoch_samples >= self.config.target_batch_size:
+            self._end_epoch(plan[-1][0])
 
     def _admit_joiners(self, present: List[Replica]) -> None:
         if self.shared is not None or self.tick == 0:

@@ -14,13 +14,14 @@ hivemind also runs one optimizer step with zero gradients before building the sc
 (``initialize_optimizer_state_``: with AdamW that step applies weight decay at the base learning rate
 and counts in the step counter); the simulator calls the same function.
 
-The replicas are stepped one after another. Batching them (torch.func.functional_call + vmap over
-stacked parameters) was measured on the tiny config and was not faster on CPU (a step costs ~3 ms
-per sample, compute-bound, whichever way it is batched), so each replica is an ordinary model and its
-numbers are the trainer's exactly.
+Each replica is an ordinary model, so its numbers are the trainer's exactly; the replicas' backward
+passes run one after another in this process, or split between worker processes (workers.py: the
+same floats). Every replica draws its dropout masks from its own generator, as every real peer draws
+from its own process's, so the draws do not depend on which replicas step in a tick or where.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from typing import List, Optional
 
@@ -97,6 +98,8 @@ class Replica:
         self.index, self.batch_size, self.trainee = index, batch_size, trainee
         self.batches = peer_batches(corpus, num_shards, batch_size, data_seed)
         self.mask_generator = torch.Generator().manual_seed(data_seed)
+        # dropout draws come from torch's global generator: each replica swaps its own state in (backward)
+        self.dropout_state = torch.Generator().manual_seed(_dropout_seed(data_seed)).get_state()
         self.steps = 0
         self.samples_since_anchor = 0  # mode local: the weight of its next delta
         self.fresh = False  # mode local: joined (downloaded the state) since the last round
@@ -106,23 +109,46 @@ class Replica:
         self.accumulated_samples = 0
         self.losses: List[float] = []  # training losses since the last report
 
-    def local_step(self, epoch: int) -> None:
-        """A local step in mode local (the trainer's step, then hivemind's optimizer step)."""
-        trainee = self.trainee
-        loss = trainee.backward(next(self.batches), self.mask_generator)
+    def next_batch(self) -> torch.Tensor:
+        return next(self.batches)
+
+    def backward(self, trainee: Trainee, batch: torch.Tensor) -> Optional[float]:
+        """The trainer's step on `trainee` (its own, or mode sync's shared one), with this replica's
+        dropout and masking draws; the gradients are left in the trainee's ``.grad``."""
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.dropout_state)
+        try:
+            return trainee.backward(batch, self.mask_generator)
+        finally:
+            self.dropout_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    def step(self, epoch: int, shared: Optional[Trainee]) -> None:
+        """One local step in this process: the backward, then what the swarm optimizer does with it."""
+        loss = self.backward(shared if shared is not None else self.trainee, self.next_batch())
+        self.finish_step(loss, epoch, shared)
+
+    def finish_step(self, loss: Optional[float], epoch: int, shared: Optional[Trainee]) -> None:
+        """After the backward (`loss` None: non-finite, no gradient): mode local's optimizer step, or mode
+        sync's accumulation into this peer's sum."""
         if loss is None:
             return
+        if shared is None:
+            self._local_step(loss, epoch)
+        else:
+            self._accumulate(loss, shared)
+
+    def _local_step(self, loss: float, epoch: int) -> None:
+        """Mode local: the torch optimizer steps at once, then hivemind brings the scheduler to the epoch."""
+        trainee = self.trainee
         trainee.optimizer.step()
         sync_scheduler(trainee.scheduler, epoch)
         trainee.optimizer.zero_grad()
         self._count(loss)
         self.samples_since_anchor += self.batch_size
 
-    def accumulate_step(self, shared: Trainee) -> None:
-        """A local step in mode sync: the gradient at the swarm's parameters, added to this peer's sum."""
-        loss = shared.backward(next(self.batches), self.mask_generator)
-        if loss is None:
-            return
+    def _accumulate(self, loss: float, shared: Trainee) -> None:
+        """Mode sync: the gradient at the swarm's parameters, added to this peer's sum."""
         with torch.no_grad():
             grads = [param.grad.detach().clone() for param in shared.parameters]
             if self.accumulated is None:
@@ -135,6 +161,18 @@ class Replica:
         self.accumulated_samples += self.batch_size
         self._count(loss)
 
+    def add_accumulated(self, losses: List[Optional[float]], summed: Optional[List[torch.Tensor]]) -> None:
+        """Mode sync: the steps a worker took for this peer (their losses, None: non-finite) and the sum
+        of their gradients (None: no finite step), into a sum that was empty."""
+        assert self.accumulated is None, "a worker's sum is added to an empty one only"
+        for loss in losses:
+            if loss is not None:
+                self.accumulated_steps += 1
+                self.accumulated_samples += self.batch_size
+                self._count(loss)
+        if summed is not None:
+            self.accumulated = [tensor.clone() for tensor in summed]
+
     def take_accumulated(self) -> Optional[torch.Tensor]:
         """Mode sync, at the round: the mean gradient of this epoch's steps (flat), and a reset."""
         if self.accumulated is None:
@@ -146,3 +184,7 @@ class Replica:
     def _count(self, loss: float) -> None:
         self.steps += 1
         self.losses.append(loss)
+
+
+def _dropout_seed(data_seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"dropout-{data_seed}".encode()).digest()[:8], "little")
