@@ -141,6 +141,7 @@ class RoundCheck:
         self.own_ready = (asyncio.Event(), asyncio.Event())
         self.bytes_sent = self.bytes_received = 0
         self.seconds = 0.0
+        self._dense_blocks: Dict[int, object] = {}
 
     # -------------------------------------------------------------- what the round records
     def add_dense_unit(self, unit: UnitKey, start: int, end: int) -> None:
@@ -289,6 +290,7 @@ class RoundCheck:
         reduced, on the support we answered), and our measures of the answers, under the round's z.
         Runs in an executor thread: O(d) work never blocks the averager's event loop."""
         claims, views = {}, {}
+        self._dense_blocks = {}  # blocks of z shared by consecutive dense units (project_range's cache)
         for unit in sorted(set(self.sent) | set(self.received) | set(self.dense_answers) | set(self.reduced)):
             if unit in self.dense_ranges:
                 self._measure_dense(unit, key, claims, views)
@@ -312,7 +314,7 @@ class RoundCheck:
             labels.append(member)
         if not rows:
             return
-        projected, norms = project_range(key, start, end, rows, self.projections)
+        projected, norms = project_range(key, start, end, rows, self.projections, self._dense_blocks)
         projections, norms = projected.tolist(), norms.tolist()  # one row of projections per vector
         measured = {label: (norm, tuple(float32(p) for p in row)) for label, norm, row in zip(labels, norms, projections)}
         count = end - start

@@ -185,11 +185,13 @@ def projection_range(seed: bytes, start: int, end: int, count: int = PROJECTIONS
     return z
 
 
-def project_range(seed: bytes, start: int, end: int, rows: Sequence[torch.Tensor], count: int = PROJECTIONS):
+def project_range(seed: bytes, start: int, end: int, rows: Sequence[torch.Tensor], count: int = PROJECTIONS,
+                  cache: Optional[Dict[int, object]] = None):
     """Each of ``rows`` (vectors on the flat indices [start, end)) projected on the range's z, and its L2
     norm: (len(rows) x count projections, len(rows) norms), float64 sums of the float32 entries. Works a
     block of z at a time, so a 7M-entry unit never holds z or a float64 copy of its rows whole (a member
-    measures every row of a unit against the same block of z, generated once)."""
+    measures every row of a unit against the same block of z, generated once). ``cache``: blocks of z
+    kept between calls of one round (same seed and count), for units that share a block (its last few)."""
     import numpy as np
 
     flat = [row.reshape(-1).float() for row in rows]
@@ -197,7 +199,14 @@ def project_range(seed: bytes, start: int, end: int, rows: Sequence[torch.Tensor
     squares = np.zeros(len(flat), dtype=np.float64)
     block_rows = np.empty((len(flat), DENSE_BLOCK), dtype=np.float64)
     for block, (lo, hi), (first, last) in _range_blocks(start, end):
-        z = _block_directions(seed, block, count)[:, lo:hi]
+        z = None if cache is None else cache.get(block)
+        if z is None:
+            z = _block_directions(seed, block, count)
+            if cache is not None:
+                cache[block] = z
+                while len(cache) > 4:  # units come in order: older blocks are not needed again
+                    cache.pop(next(iter(cache)))
+        z = z[:, lo:hi]
         values = block_rows[:, : last - first]
         for index, row in enumerate(flat):
             values[index] = row[first:last].numpy()

@@ -42,9 +42,10 @@ class ForkedPeers:
         self.processes = []
 
     # -------------------------------------------------------------- inside a peer
-    def start_dht(self, rank: int) -> hivemind.DHT:
-        """A DHT on 127.0.0.1: peer 0 starts the swarm, the others join through it."""
-        options = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=False, start=True)
+    def start_dht(self, rank: int, host: str = "127.0.0.1") -> hivemind.DHT:
+        """A DHT on ``host`` (127.0.0.1; a benchmark's peers in network namespaces: their own address):
+        peer 0 starts the swarm, the others join through it."""
+        options = dict(host_maddrs=[f"/ip4/{host}/tcp/0"], client_mode=False, start=True)
         if rank == 0:
             dht = hivemind.DHT(**options)
             for _ in range(self.num_peers - 1):
