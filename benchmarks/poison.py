@@ -78,6 +78,26 @@ def _enter_namespace(name: str) -> None:
         os.close(descriptor)
 
 
+CHECK_PHASES = ("reveal", "measure", "exchange", "judge")  # crosscheck.RoundCheck.phase_seconds
+
+
+def _share_check_phases(shared) -> None:
+    """After every round check in this process (and the averager it forks next), its phase_seconds go
+    into ``shared`` (a multiprocessing Array of len(CHECK_PHASES) doubles) for the peer to log."""
+    from swarmtrain.compression import crosscheck
+
+    run = crosscheck.RoundCheck.run
+
+    async def run_and_share(self):
+        try:
+            return await run(self)
+        finally:
+            for index, name in enumerate(CHECK_PHASES):
+                shared[index] = self.phase_seconds.get(name, 0.0)
+
+    crosscheck.RoundCheck.run = run_and_share
+
+
 def _peer(peers, rank, spec, schedule, rounds_per_attack, numel, channel, checked, part_bytes=2**19, home=None,
           step_timeout=25.0):
     """One peer of (a) / (b): ``schedule`` lists the attacker's attack per block of rounds ("" = honest).
@@ -86,6 +106,8 @@ def _peer(peers, rank, spec, schedule, rounds_per_attack, numel, channel, checke
     if home is not None:
         _enter_namespace(home[0])
     round_index = mp.Value("i", 0)  # shared with this peer's averager process (forked below)
+    phases = mp.Array("d", len(CHECK_PHASES))
+    _share_check_phases(phases)
 
     def attack():
         return schedule[min(round_index.value // rounds_per_attack, len(schedule) - 1)]
@@ -101,12 +123,13 @@ def _peer(peers, rank, spec, schedule, rounds_per_attack, numel, channel, checke
             spec, dht, prefix="poison", num_peers=peers.num_peers, min_group_size=peers.num_peers, numel=numel,
             ban_list=BanList(ban_seconds=0.0), round_checks=checked, part_size_bytes=part_bytes,
             allreduce_timeout=step_timeout)  # as a run's averaging_timeout: the round's (and its check's) budget
-        peers.barrier.wait(60)
+        peers.barrier.wait(60 + step_timeout)
         generator, log = torch.Generator().manual_seed(11 + rank), []
         for index in range(len(schedule) * rounds_per_attack):
             round_index.value = index
             raw = accumulate_random_gradients(averager, parameters, generator, rank % 2)
             started, error = time.perf_counter(), ""
+            phases[:] = [0.0] * len(CHECK_PHASES)
             try:
                 averager.step(timeout=step_timeout, allow_retries=False)
             except Exception as failure:
@@ -118,8 +141,9 @@ def _peer(peers, rank, spec, schedule, rounds_per_attack, numel, channel, checke
             log.append(dict(raw=raw.numpy(), applied=applied.numpy(), error=error, step_seconds=time.perf_counter() - started,
                             group_size=stats.last_group_size, bytes=stats.last_bytes_sent + stats.last_bytes_received,
                             round_seconds=stats.last_round_seconds, check_bytes=stats.last_check_bytes,
-                            check_seconds=stats.last_check_seconds, ok=not error))
-            peers.barrier.wait(60)  # next round together
+                            check_seconds=stats.last_check_seconds, ok=not error,
+                            check_phases=dict(zip(CHECK_PHASES, phases[:]))))
+            peers.barrier.wait(60 + step_timeout)  # next round together (the slowest may use its whole budget)
         peers.report(rank, dict(peer_id=str(dht.peer_id), rounds=log))
         peers.wait_until_done(30)
     finally:
@@ -203,6 +227,9 @@ def run_cost(spec: str, numel: int, rounds: int, network=None) -> dict:
             check_seconds=statistics.median(max(r["check_seconds"] for r in group) for group in whole),
             step_seconds=statistics.median(max(r["step_seconds"] for r in group) for group in whole),
             round_seconds_all=[max(r["round_seconds"] for r in group) for group in whole],
+            # where the check's time goes: per phase, the slowest peer's, median over the rounds
+            check_phase_seconds={name: statistics.median(max(r["check_phases"][name] for r in group) for group in whole)
+                                 for name in CHECK_PHASES},
         )
     plain, checked = measured["unchecked"], measured["checked"]
     if plain.get("rounds_ok") and checked.get("rounds_ok"):
@@ -337,7 +364,7 @@ def main() -> None:
     result.setdefault("cost", {}), result.setdefault(cost_section, {})
     result["commands"] = commands
     if args.network == "home":
-        from benchmarks.wan import Namespaces, cleanup_stale_namespaces, namespaces_unavailable
+        from benchmarks.wan import Namespaces, cleanup_stale_namespaces, install_signal_handlers, namespaces_unavailable
 
         reason = namespaces_unavailable()
         if reason:
@@ -357,7 +384,11 @@ def main() -> None:
         if args.network == "home":
             cleanup_stale_namespaces()
             network = Namespaces(5, args.rate, args.delay)  # node 0 (wan.py's uncapped server) stays unused
+            install_signal_handlers()  # SIGTERM / SIGHUP: the namespaces are still deleted (finally below)
             network.build()
+            if network.delay_line is not None:
+                # the link emulation must not starve with the (niced) peers on a loaded machine
+                os.setpriority(os.PRIO_PROCESS, network.delay_line.pid, 0)
             result["cost_home_network"] = network.description
         for spec in paths:
             for numel in (sizes[:1] if args.quick else sizes):

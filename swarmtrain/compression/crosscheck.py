@@ -141,6 +141,9 @@ class RoundCheck:
         self.own_ready = (asyncio.Event(), asyncio.Event())
         self.bytes_sent = self.bytes_received = 0
         self.seconds = 0.0
+        # where the check's time went: reveal (phase 1: waiting for every member to hold its answers, and
+        # the exchange), measure (our projections), exchange (phase 2), judge (benchmarks/poison.py reads it)
+        self.phase_seconds: Dict[str, float] = {}
         self._dense_blocks: Dict[int, object] = {}
 
     # -------------------------------------------------------------- what the round records
@@ -192,7 +195,9 @@ class RoundCheck:
         coefficients = {unit_name(unit): {str(member): alpha for member, alpha in (coefs or {}).items()}
                         for unit, (_, _, _, coefs) in self.reduced.items() if coefs}
         first = dict(seed=self.seed, weight=self.weight, reports=reports, coefficients=coefficients)
+        mark = time.perf_counter()
         await self._exchange(0, MSGPackSerializer.dumps(first))
+        mark = self._lap("reveal", mark)
         seeds = self._revealed_seeds()
         if seeds is None:
             verdict = Verdict(unverifiable=["the group's seeds are incomplete or do not match their commitments"])
@@ -200,9 +205,18 @@ class RoundCheck:
             return verdict
         key = round_seed(self.group_id, seeds)
         claims, views = await asyncio.get_event_loop().run_in_executor(None, self._measure_all, key)
+        mark = self._lap("measure", mark)
         second = dict(digest=key[:8], claims=claims, views=views)
         await self._exchange(1, MSGPackSerializer.dumps(second))
-        return self._judge(key)
+        mark = self._lap("exchange", mark)
+        verdict = self._judge(key)
+        self._lap("judge", mark)
+        return verdict
+
+    def _lap(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phase_seconds[name] = now - since
+        return now
 
     def _revealed_seeds(self) -> Optional[List[bytes]]:
         seeds = []
