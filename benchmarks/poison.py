@@ -78,6 +78,10 @@ def _enter_namespace(name: str) -> None:
         os.close(descriptor)
 
 
+# behind home links: the realistic config's (pretrain-albert.yaml: request_timeout 5, matchmaking_time 15,
+# which hivemind.Optimizer makes the next_chunk_timeout); loopback's 3 s chunk timeout cut streams that
+# TCP stalled for a few seconds on a 20 Mbit/s link, failing 7.4M-entry rounds with and without the check
+HOME_TIMEOUTS = dict(request_timeout=5.0, next_chunk_timeout=15.0)
 CHECK_PHASES = ("reveal", "measure", "exchange", "judge")  # crosscheck.RoundCheck.phase_seconds
 
 
@@ -122,7 +126,8 @@ def _peer(peers, rank, spec, schedule, rounds_per_attack, numel, channel, checke
         parameters, averager = make_test_averager(
             spec, dht, prefix="poison", num_peers=peers.num_peers, min_group_size=peers.num_peers, numel=numel,
             ban_list=BanList(ban_seconds=0.0), round_checks=checked, part_size_bytes=part_bytes,
-            allreduce_timeout=step_timeout)  # as a run's averaging_timeout: the round's (and its check's) budget
+            allreduce_timeout=step_timeout,  # as a run's averaging_timeout: the round's (and its check's) budget
+            **({} if home is None else HOME_TIMEOUTS))
         peers.barrier.wait(60 + step_timeout)
         generator, log = torch.Generator().manual_seed(11 + rank), []
         for index in range(len(schedule) * rounds_per_attack):
