@@ -343,7 +343,7 @@ class RoundCheck:
             value_format = self.dense_answers[unit][1]
             bound = 2.0 * FLOAT32_EPS * (sent_norm + delta_norm)
             if value_format != "fp32":
-                bound += quantization_bound(self.dense_answers[unit][0], value_format)
+                bound += quantization_bound(self.dense_answers[unit][0], value_format, norm=delta_norm)
             self.received[unit] = (None, None, bound)
         if parts:
             # a part's norm as the reducer judged it (a zero-weight part, not judged: as measured here)

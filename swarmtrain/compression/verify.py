@@ -323,14 +323,16 @@ def _eight_bit_bound(values: torch.Tensor) -> float:
     return 1.01 * float(errors.reshape(-1)[: values.numel()].norm()) + 1e-30
 
 
-def quantization_bound(values: torch.Tensor, value_format: str) -> float:
+def quantization_bound(values: torch.Tensor, value_format: str, norm: Optional[float] = None) -> float:
     """An upper bound on the L2 norm of the rounding error of ``values`` (decoded, in wire order) as the
-    wire format ``value_format`` rounds them; fp32 rounds nothing."""
-    values = values.reshape(-1).double()
+    wire format ``value_format`` rounds them; fp32 rounds nothing. ``norm``: the values' L2 norm when the
+    caller measured it already (fp16 needs nothing else: no second pass over a 7M-entry answer)."""
     if value_format in ("fp32", "none"):
         return 0.0
     if value_format == "fp16":
-        return FP16_RELATIVE * float(values.norm()) + FP16_SUBNORMAL * math.sqrt(values.numel())
+        norm = float(values.reshape(-1).double().norm()) if norm is None else float(norm)
+        return FP16_RELATIVE * norm + FP16_SUBNORMAL * math.sqrt(values.numel())
+    values = values.reshape(-1).double()
     if value_format == "8bit":
         return _eight_bit_bound(values)
     # a format this check does not know: assume any rounding up to the values themselves
