@@ -191,9 +191,9 @@ def _in_lockstep(rounds, with_liar, retries) -> bool:
     """Every honest round went through with the honest pair, except (with the liar) the first: it held
     all three and failed -- then, with retries (hivemind's default), the step found the pair's group
     without the banned liar; without them (as with averaging.overlap), each peer kept its own gradient.
-    Without retries, a later round the liar's presence made fail counts as its effect (measured: the
-    round of epoch 21 failed in 3 runs of 3), as long as it failed for both honest peers: ``rounds`` is
-    then compared with the other honest peer's by the caller."""
+    Without retries, a later round that failed with the liar around counts as its effect (measured: the
+    round of epoch 20 or 21 failed in every such run whose rounds were printed, 3 of 3), as long as it
+    failed for both honest peers: the caller also compares the two honest peers' rounds."""
     if with_liar and not retries:
         return rounds[0] == (1, False, 0) and all(r in ((e, True, 2), (e, False, 0))
                                                   for e, r in enumerate(rounds[1:], start=2))
