@@ -103,10 +103,12 @@ def _share_check_phases(shared) -> None:
 
 
 def _peer(peers, rank, spec, schedule, rounds_per_attack, numel, channel, checked, part_bytes=2**19, home=None,
-          step_timeout=25.0):
+          step_timeout=25.0, keep_vectors=True):
     """One peer of (a) / (b): ``schedule`` lists the attacker's attack per block of rounds ("" = honest).
     ``part_bytes``: hivemind's dense part size (it hands out whole parts: small ones let every peer reduce).
-    ``home``: (network namespace, its address) to run this peer behind a home link; None: loopback."""
+    ``home``: (network namespace, its address) to run this peer behind a home link; None: loopback.
+    ``keep_vectors``: report each round's raw and applied gradient ((a) compares them; at 7.4M entries
+    they are 60 MB per peer and round, which (b) does not need: its 11-round runs ran the machine out of memory)."""
     if home is not None:
         _enter_namespace(home[0])
     round_index = mp.Value("i", 0)  # shared with this peer's averager process (forked below)
@@ -143,7 +145,8 @@ def _peer(peers, rank, spec, schedule, rounds_per_attack, numel, channel, checke
                 applied = torch.cat([grad.reshape(-1) for grad in grads]).clone()
             averager.reset_accumulated_grads_()
             stats = averager.stats.snapshot()
-            log.append(dict(raw=raw.numpy(), applied=applied.numpy(), error=error, step_seconds=time.perf_counter() - started,
+            vectors = dict(raw=raw.numpy(), applied=applied.numpy()) if keep_vectors else {}
+            log.append(dict(**vectors, error=error, step_seconds=time.perf_counter() - started,
                             group_size=stats.last_group_size, bytes=stats.last_bytes_sent + stats.last_bytes_received,
                             round_seconds=stats.last_round_seconds, check_bytes=stats.last_check_bytes,
                             check_seconds=stats.last_check_seconds, ok=not error,
@@ -251,7 +254,7 @@ def run_cost(spec: str, numel: int, rounds: int, network=None) -> dict:
 def _cost_peer(peers, rank, homes, spec, rounds, numel, checked, part_bytes, budget):
     """An honest peer of (b), behind its home link when ``homes`` (one (namespace, address) per rank)."""
     _peer(peers, rank, spec, [""], rounds, numel, None, checked, part_bytes, None if homes is None else homes[rank],
-          budget)
+          budget, keep_vectors=False)
 
 
 # ------------------------------------------------------------------------------------------------
