@@ -11,7 +11,7 @@ import torch
 from swarmtrain.access.bans import BanList
 from swarmtrain.compression.robust import RobustPolicy, aggregate, plan
 from swarmtrain.compression.verify import (ABSENT, COUNTED, INVALID, SPARSE_PROJECTIONS, Measure, UnitEvidence,
-                                           commitment, judge_unit, measure, projection_range, projection_vectors,
+                                           commitment, judge_unit, measure, project_range, projection_range, projection_vectors,
                                            quantization_bound, round_seed)
 from swarmtrain.compression.wire import decode_sparse, encode_sparse
 
@@ -53,6 +53,12 @@ def test_projection_vectors_depend_on_the_index_only_and_look_standard():
     dense = projection_range(KEY, 0, 150_000, 2)
     assert torch.equal(projection_range(KEY, 65_000, 140_001, 2), dense[:, 65_000:140_001])
     assert abs(float(dense.std()) - 1.0) < 0.01 and float(dense.abs().max()) <= math.sqrt(3) + 1e-12
+    # a dense unit is measured a block of z at a time: the same float64 projections and norms as whole
+    rows = _parts(3, 140_001 - 65_000, seed=4)
+    projections, norms = project_range(KEY, 65_000, 140_001, rows, 2)
+    stacked = torch.stack(rows).double()
+    torch.testing.assert_close(projections, stacked @ dense[:, 65_000:140_001].T, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(norms, stacked.norm(dim=1), rtol=1e-12, atol=0)
 
 
 def test_an_honest_average_passes_and_every_kind_of_lie_is_caught():

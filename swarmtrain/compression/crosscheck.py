@@ -40,12 +40,16 @@ from swarmtrain.access.bans import BanList
 from swarmtrain.compression.robust import RobustPolicy
 from swarmtrain.compression.verify import (ABSENT, COUNTED, FLOAT32_EPS, SPARSE_PROJECTIONS, Measure, UnitEvidence,
                                            UnitKey, Verdict, commitment, float32, judge_unit, measure, new_seed,
-                                           projection_range, projection_vectors, quantization_bound, round_seed)
+                                           project_range, projection_vectors, quantization_bound, round_seed)
 
 logger = get_logger(__name__)
 
 CHECK_PROTOCOL_VERSION = 1  # in the matchmaking prefix
 CHECK_TIMEOUT = 15.0  # seconds a member waits for a phase's messages (a dead member fails the round)
+# ... plus this per entry the member checks: the others measure the same units (O(entries) each) before
+# they can send phase 2. ~30x an idle core's cost (2.2e-7 s per entry for the ~6 vectors of a dense
+# 7.4M-entry unit): a starved member of a big honest round must not fail it for time (a fixed 15 s did)
+MEASURE_SECONDS_PER_ENTRY = 1e-6
 POLL_PERIOD = 0.2  # a client-mode member asks again for messages it gets only through relays
 MAX_MESSAGE_BYTES = 2**22
 
@@ -109,7 +113,8 @@ class RoundCheck:
     :param seed: this member's secret seed
     :param policy: the run's robust policy (every reducer applies the same)
     :param max_weight: the run's clamp of self-reported weights
-    :param timeout: seconds to wait for a phase's messages
+    :param timeout: seconds to wait for a phase's messages (:meth:`run` adds MEASURE_SECONDS_PER_ENTRY per
+      entry it checks)
     """
 
     def __init__(self, *, averager, group_id: bytes, peer_ids: Sequence[PeerID], clients: Sequence[bool],
@@ -136,6 +141,10 @@ class RoundCheck:
         self.own_ready = (asyncio.Event(), asyncio.Event())
         self.bytes_sent = self.bytes_received = 0
         self.seconds = 0.0
+        # where the check's time went: reveal (phase 1: waiting for every member to hold its answers, and
+        # the exchange), measure (our projections), exchange (phase 2), judge (benchmarks/poison.py reads it)
+        self.phase_seconds: Dict[str, float] = {}
+        self._dense_blocks: Dict[int, object] = {}
 
     # -------------------------------------------------------------- what the round records
     def add_dense_unit(self, unit: UnitKey, start: int, end: int) -> None:
@@ -164,8 +173,17 @@ class RoundCheck:
         self.reduced[unit] = (support, parts, statuses, coefficients)
 
     # -------------------------------------------------------------- the phases
+    def checked_entries(self) -> int:
+        """The entries of the units this member checks (dense ranges, sparse answers and reduced supports)."""
+        dense = sum(end - start for start, end in self.dense_ranges.values())
+        sparse = sum(len(values) for unit, (_, values, _) in self.received.items() if unit not in self.dense_ranges)
+        sparse += sum(len(support) for support, *_ in self.reduced.values() if support is not None)
+        return dense + sparse
+
     async def run(self) -> Verdict:
         started = time.perf_counter()
+        # from now on (our phases, and the groupmates' calls we serve) wait in proportion to the round's size
+        self.timeout += MEASURE_SECONDS_PER_ENTRY * self.checked_entries()
         try:
             return await self._run()
         finally:
@@ -177,7 +195,9 @@ class RoundCheck:
         coefficients = {unit_name(unit): {str(member): alpha for member, alpha in (coefs or {}).items()}
                         for unit, (_, _, _, coefs) in self.reduced.items() if coefs}
         first = dict(seed=self.seed, weight=self.weight, reports=reports, coefficients=coefficients)
+        mark = time.perf_counter()
         await self._exchange(0, MSGPackSerializer.dumps(first))
+        mark = self._lap("reveal", mark)
         seeds = self._revealed_seeds()
         if seeds is None:
             verdict = Verdict(unverifiable=["the group's seeds are incomplete or do not match their commitments"])
@@ -185,9 +205,18 @@ class RoundCheck:
             return verdict
         key = round_seed(self.group_id, seeds)
         claims, views = await asyncio.get_event_loop().run_in_executor(None, self._measure_all, key)
+        mark = self._lap("measure", mark)
         second = dict(digest=key[:8], claims=claims, views=views)
         await self._exchange(1, MSGPackSerializer.dumps(second))
-        return self._judge(key)
+        mark = self._lap("exchange", mark)
+        verdict = self._judge(key)
+        self._lap("judge", mark)
+        return verdict
+
+    def _lap(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phase_seconds[name] = now - since
+        return now
 
     def _revealed_seeds(self) -> Optional[List[bytes]]:
         seeds = []
@@ -275,15 +304,17 @@ class RoundCheck:
         reduced, on the support we answered), and our measures of the answers, under the round's z.
         Runs in an executor thread: O(d) work never blocks the averager's event loop."""
         claims, views = {}, {}
+        self._dense_blocks = {}  # blocks of z shared by consecutive dense units (project_range's cache)
         for unit in sorted(set(self.sent) | set(self.received) | set(self.dense_answers) | set(self.reduced)):
             if unit in self.dense_ranges:
                 self._measure_dense(unit, key, claims, views)
             else:
                 self._measure_sparse(unit, key, claims, views)
+        self._dense_blocks = {}  # (the check stays registered a while for slower members: not its z)
         return claims, views
 
     def _measure_dense(self, unit: UnitKey, key: bytes, claims: dict, views: dict) -> None:
-        """A dense unit: every vector on the same range, so one float64 matmul measures them all."""
+        """A dense unit: every vector on the same range, measured against each block of z in one pass."""
         name, (start, end) = unit_name(unit), self.dense_ranges[unit]
         rows, labels = [], []
         if unit in self.sent:
@@ -298,10 +329,8 @@ class RoundCheck:
             labels.append(member)
         if not rows:
             return
-        stacked = torch.stack([row.reshape(-1) for row in rows]).double()
-        z = projection_range(key, start, end, self.projections)
-        projections = (stacked @ z.T).tolist()  # one row of projections per vector
-        norms = torch.linalg.vector_norm(stacked, dim=1).tolist()
+        projected, norms = project_range(key, start, end, rows, self.projections, self._dense_blocks)
+        projections, norms = projected.tolist(), norms.tolist()  # one row of projections per vector
         measured = {label: (norm, tuple(float32(p) for p in row)) for label, norm, row in zip(labels, norms, projections)}
         count = end - start
         if "sent" in measured:
@@ -315,7 +344,7 @@ class RoundCheck:
             value_format = self.dense_answers[unit][1]
             bound = 2.0 * FLOAT32_EPS * (sent_norm + delta_norm)
             if value_format != "fp32":
-                bound += quantization_bound(self.dense_answers[unit][0], value_format)
+                bound += quantization_bound(self.dense_answers[unit][0], value_format, norm=delta_norm)
             self.received[unit] = (None, None, bound)
         if parts:
             # a part's norm as the reducer judged it (a zero-weight part, not judged: as measured here)
@@ -527,7 +556,7 @@ class CheckedAveragerMixin:
             return await super()._aggregate_with_group(stripped, min_vector_size, round_check=check, **kwargs)
         finally:
             self._commit_new_seed(step)  # hivemind may retry the step in another group
-            asyncio.get_event_loop().call_later(2 * self.check_timeout, self._checks.pop, group_info.group_id, None)
+            asyncio.get_event_loop().call_later(2 * check.timeout, self._checks.pop, group_info.group_id, None)
 
     async def rpc_check_round(self, request: averaging_pb2.AveragingData,
                               context: P2PContext) -> averaging_pb2.AveragingData:

@@ -42,9 +42,10 @@ class ForkedPeers:
         self.processes = []
 
     # -------------------------------------------------------------- inside a peer
-    def start_dht(self, rank: int) -> hivemind.DHT:
-        """A DHT on 127.0.0.1: peer 0 starts the swarm, the others join through it."""
-        options = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=False, start=True)
+    def start_dht(self, rank: int, host: str = "127.0.0.1") -> hivemind.DHT:
+        """A DHT on ``host`` (127.0.0.1; a benchmark's peers in network namespaces: their own address):
+        peer 0 starts the swarm, the others join through it."""
+        options = dict(host_maddrs=[f"/ip4/{host}/tcp/0"], client_mode=False, start=True)
         if rank == 0:
             dht = hivemind.DHT(**options)
             for _ in range(self.num_peers - 1):
@@ -102,10 +103,12 @@ def make_test_averager(spec: str, dht, *, prefix: str, num_peers: int, min_group
     (e.g. ``ban_list``, ``round_checks``, ``client_mode``)."""
     parameters = [torch.nn.Parameter(torch.zeros(numel // 3, 3)), torch.nn.Parameter(torch.zeros(numel // 2))]
     client_mode = options.pop("client_mode", False)  # True: an averager nobody can dial (behind NAT)
+    # (a benchmark behind slow links passes longer ones)
+    timeouts = dict(request_timeout=options.pop("request_timeout", 1.0),
+                    next_chunk_timeout=options.pop("next_chunk_timeout", 3.0))
     averager = make_averager_factory(parse_compression_spec(spec), **options)(
-        parameters=parameters, dht=dht, prefix=prefix, min_matchmaking_time=2.0, request_timeout=1.0,
-        target_group_size=num_peers, min_group_size=min_group_size, client_mode=client_mode, next_chunk_timeout=3.0,
-        start=True,
+        parameters=parameters, dht=dht, prefix=prefix, min_matchmaking_time=2.0, target_group_size=num_peers,
+        min_group_size=min_group_size, client_mode=client_mode, start=True, **timeouts,
     )
     return parameters, averager
 
