@@ -55,6 +55,13 @@ def _run_config(tmp_path, model: dict) -> tuple:
 @pytest.mark.parametrize("name", ["llama", "bert"])
 def test_tiny_auto_models_train_through_the_swarm(tmp_path, name):
     path, _ = _run_config(tmp_path, MODELS[name])
+    # These models step ~1000 samples/s: with the tiny config's 192-sample epochs a peer finished five
+    # epochs alone in its first second, before its progress tracker had read the other's first report
+    # (it publishes none before its first sample), and the two never met in a round. Epochs of a few
+    # seconds leave the trackers time to find each other, as on any real run.
+    config = yaml.safe_load(path.read_text())
+    config["target_batch_size"] = 4096
+    path.write_text(yaml.safe_dump(config))
     swarm = LocalSwarm(tmp_path, path)
     try:
         for index in range(2):
