@@ -29,7 +29,7 @@ demo: setup
 	$(BIN)/swarmtrain demo --peers 3
 
 test: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-all: setup-test
 	$(BIN)/python -m pytest -q -m "slow or not slow"
