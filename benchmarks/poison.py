@@ -278,12 +278,8 @@ def run_training(compression: str, attack: str, epochs: int, eval_every: int) ->
         swarm.start_peer(0, *common)
         swarm.start_peer(1, *common)
         if attack:
-            swarm.wait_until(lambda: all(any(r["ok"] and r["group_size"] == 2 for r in swarm.rounds(i)) for i in (0, 1)),
-                             300, "the honest peers' first round together")
             command = lambda *args: [sys.executable, str(REPO / "tests" / "support" / "lying_peer.py"), attack, *args]  # noqa: E731
-            swarm.start_peer(2, "--eval-every", "0", command=command)
-            swarm.wait_until(lambda: swarm.status(2).get("peer_id") is not None, 180, "the liar to join")
-            liar = swarm.status(2)["peer_id"]
+            liar = swarm.start_liar_once_the_pair_met(2, command, pair_timeout=300, join_timeout=180)
         swarm.wait_for_exit([0, 1], timeout=1800)
     finally:
         swarm.close()

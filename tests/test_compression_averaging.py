@@ -8,7 +8,7 @@ import torch
 
 from swarmtrain.compression.sparse_round import SparseAllReduceRound
 from swarmtrain.compression.wire import decode_sparse, encode_sparse
-from tests.support.forked import ForkedPeers, accumulate_random_gradients, make_test_averager
+from tests.support.forked import ForkedPeers, accumulate_random_gradients, make_test_averager, step_and_take_applied
 
 NUMEL = 60_000
 
@@ -34,16 +34,9 @@ def _peer(peers, rank, spec, rounds, corrupt_rank):
         rounds_log = []
         for _ in range(rounds):
             raw = accumulate_random_gradients(averager, parameters, generator, rank)
-            try:
-                # the corrupt peer's step fails and hivemind retries it until the timeout, long after
-                # the honest peers are done: a short one keeps this test short
-                averager.step(timeout=10 if rank == corrupt_rank else 40)
-                ok = True
-            except Exception:
-                ok = False
-            with averager.use_averaged_gradients() as grads:
-                applied = torch.cat([grad.reshape(-1) for grad in grads]).clone()
-            averager.reset_accumulated_grads_()
+            # the corrupt peer's step fails and hivemind retries it until the timeout, long after
+            # the honest peers are done: a short one keeps this test short
+            ok, applied = step_and_take_applied(averager, timeout=10 if rank == corrupt_rank else 40)
             rounds_log.append((raw.numpy(), applied.numpy(), ok))
         peers.report(rank, (rounds_log, averager.residual.numpy().copy(),
                             dataclasses.asdict(averager.stats.snapshot())))

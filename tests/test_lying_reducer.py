@@ -15,7 +15,7 @@ from swarmtrain.demo import free_port
 from tests.support import TINY_CONFIG, lying
 from swarmtrain.compression.factory import make_averager_factory
 from swarmtrain.compression.spec import parse_compression_spec
-from tests.support.forked import ForkedPeers, accumulate_random_gradients, make_test_averager
+from tests.support.forked import ForkedPeers, accumulate_random_gradients, make_test_averager, step_and_take_applied
 from tests.support.swarm import LocalSwarm, max_parameter_difference
 
 NUMEL = 30_000
@@ -43,15 +43,8 @@ def _peer(peers, rank, spec, attack, rounds, outsized_rank, step_timeout, client
                         parameter.grad.mul_(1e6)
                 averager.reset_accumulated_grads_()
                 averager.accumulate_grads_(batch_size=4)
-            try:
-                # a refused peer's step retries until its timeout: keep the liar's short
-                averager.step(timeout=10 if rank == LIAR else step_timeout)
-                ok = True
-            except Exception:
-                ok = False
-            with averager.use_averaged_gradients() as grads:
-                applied = torch.cat([grad.reshape(-1) for grad in grads]).clone()
-            averager.reset_accumulated_grads_()
+            # a refused peer's step retries until its timeout: keep the liar's short
+            ok, applied = step_and_take_applied(averager, timeout=10 if rank == LIAR else step_timeout)
             snapshot = averager.stats.snapshot()
             log.append(dict(raw=raw.numpy(), applied=applied.numpy(), ok=ok, group_size=snapshot.last_group_size))
         snapshot = averager.stats.snapshot()
@@ -260,11 +253,7 @@ def _train(workdir: Path, with_liar: bool, metrics_port: int):
         swarm.start_peer(0, *common)
         swarm.start_peer(1, *common)
         if with_liar:
-            swarm.wait_until(lambda: all(any(r["ok"] and r["group_size"] == 2 for r in swarm.rounds(i)) for i in (0, 1)),
-                             180, "the honest peers' first round together")
-            swarm.start_peer(2, "--eval-every", "0", command=_lying_command)
-            swarm.wait_until(lambda: swarm.status(2).get("peer_id") is not None, 120, "the liar to join")
-            liar = swarm.status(2)["peer_id"]
+            liar = swarm.start_liar_once_the_pair_met(2, _lying_command, pair_timeout=180, join_timeout=120)
             report = f'swarmtrain_averaging_lying_peer_reports{{peer="{liar}"}}'
             swarm.wait_until(lambda: report in _coordinator_view(metrics_port, "/metrics"), 300,
                              "the honest peers to name the liar in /metrics")

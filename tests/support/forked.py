@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import hivemind
 import torch
@@ -122,3 +122,17 @@ def accumulate_random_gradients(averager, parameters, generator, rank) -> torch.
         raw.append(grad.reshape(-1))
     averager.accumulate_grads_(batch_size=4)
     return torch.cat(raw)
+
+
+def step_and_take_applied(averager, timeout: float) -> Tuple[bool, torch.Tensor]:
+    """One averaging round; (whether it succeeded, the flat gradient this peer would apply: the group's
+    average, or its own when the round failed). The accumulators are reset for the next round."""
+    try:
+        averager.step(timeout=timeout)
+        ok = True
+    except Exception:
+        ok = False
+    with averager.use_averaged_gradients() as grads:
+        applied = torch.cat([grad.reshape(-1) for grad in grads]).clone()
+    averager.reset_accumulated_grads_()
+    return ok, applied

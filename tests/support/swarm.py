@@ -28,6 +28,15 @@ class LocalSwarm:
         self.peers[index] = start_peer(self.workdir, index, self.maddr, "--device", "cpu", *extra, **options)
         return self.peers[index]
 
+    def start_liar_once_the_pair_met(self, index: int, command, pair_timeout: float, join_timeout: float) -> str:
+        """Start peer ``index`` with a modified peer program (a lying reducer) once peers 0 and 1 have had
+        a round together, and return its peer ID once it has joined."""
+        self.wait_until(lambda: all(any(r["ok"] and r["group_size"] == 2 for r in self.rounds(i)) for i in (0, 1)),
+                        pair_timeout, "the honest peers' first round together")
+        self.start_peer(index, "--eval-every", "0", command=command)
+        self.wait_until(lambda: self.status(index).get("peer_id") is not None, join_timeout, "the liar to join")
+        return self.status(index)["peer_id"]
+
     def status(self, index: int) -> dict:
         try:
             return json.loads((self.workdir / f"peer-{index}.json").read_text())
