@@ -111,6 +111,9 @@ class SwarmProgressTracker(ProgressTracker):
 
     def __init__(self, *args, start: bool, report_period: float = PROGRESS_REPORT_PERIOD, **kwargs):
         self.votes_own_epoch = False  # set once this peer has stepped (or loaded the state) with the swarm
+        # the newest credible epoch another full peer claims (None: no other peer's record yet): the
+        # newest state a download can get
+        self.newest_other_epoch: Optional[int] = None
         self._known_keys: Dict[bytes, float] = {}  # progress subkeys read before -> when last read
         self._ignored_logged_at = -float("inf")
         super().__init__(*args, start=False, **kwargs)
@@ -161,6 +164,7 @@ class SwarmProgressTracker(ProgressTracker):
         epoch = credible_epoch(self.local_progress.epoch, claims, own_vote=self.votes_own_epoch,
                                known=self._known_keys)
         ignored = [claimed for claimed in claims.values() if claimed > epoch]
+        self.newest_other_epoch = max((claimed for claimed in claims.values() if claimed <= epoch), default=None)
         if ignored and time.monotonic() - self._ignored_logged_at > IGNORED_CLAIM_LOG_PERIOD:
             self._ignored_logged_at = time.monotonic()
             logger.warning(f"ignoring {len(ignored)} progress record(s) claiming epoch {max(ignored)}: the swarm's "

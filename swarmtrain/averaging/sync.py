@@ -233,7 +233,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         deadline = time.monotonic() + max_wait
         own_state = self._snapshot_state()
         with self.tracker.pause_updates():
-            wanted, attempt = self.tracker.global_epoch, 0
+            wanted, attempt = self._epoch_to_download(), 0
             while True:
                 attempt += 1
                 self._download_state_once(**kwargs)
@@ -262,6 +262,14 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._synced_epochs = 0
         self._settled_fingerprint = None  # the one from before the download describes other parameters
         return loaded
+
+    def _epoch_to_download(self) -> int:
+        """The swarm's epoch, but not above what another peer holds. Our own epoch is no vote while we
+        re-synchronise: after a failed round we stepped alone, and that epoch is ours only. Waiting for
+        a donor of it waited for a state nobody held -- two peers whose rounds failed at once each
+        waited out the other's epoch in turn, for minutes (seen in the test suite twice)."""
+        swarm_epoch, others = self.tracker.global_epoch, self.tracker.newest_other_epoch
+        return swarm_epoch if others is None else min(swarm_epoch, others)
 
     def _download_state_once(self, **kwargs) -> None:
         """One download from a random donor of the newest epoch; our epoch is then the state's.
