@@ -53,8 +53,8 @@ def _wait(condition, timeout, what):
 # peer still counted alive 35 s later; peers not one epoch further 5 s after the coordinator stopped, now a
 # wait on the condition). Later the same day, twice in a row: right after the coordinator's restart both
 # remaining peers' round of one epoch failed (one timed out, one found no group), both set out to download
-# the swarm's state, and neither reached the next epoch within 60 s -- a real stall of two peers after a
-# coordinator restart, not yet understood (see issue #16's notes). Run it with -m slow.
+# the swarm's state, and neither reached the next epoch within 60 s: each waited for a donor of the epoch
+# it had stepped to alone, in turn (fixed in SwarmOptimizer._epoch_to_download). 80+ s: run it with -m slow.
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_live_swarm_metrics_restart_and_resume(tmp_path, prometheus):  # noqa: F811
