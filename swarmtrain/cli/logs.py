@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Optional
 
 HIVEMIND_ROUND_LOGGERS = ("hivemind.averaging.averager", "hivemind.optim.optimizer", "hivemind.dht.dht")
 NOISY_LIBRARIES = ("bitsandbytes", "transformers", "urllib3", "filelock", "datasets", "fsspec")
@@ -84,10 +85,7 @@ class DropHivemindOrphanedFutureNoise(logging.Filter):
             return False
         if "Future exception was never retrieved" in message \
                 and isinstance(exc, (ConnectionError, asyncio.IncompleteReadError)) and raised_in(exc, "_put_items"):
-            record.msg, record.args, record.exc_info, record.exc_text = (
-                f"a groupmate's stream broke after its round ended: {exc!r}", None, None, None)
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+            return _as_debug_line(record, f"a groupmate's stream broke after its round ended: {exc!r}")
         return True
 
 
@@ -107,19 +105,24 @@ class OneLineForExpectedRoundFailures(logging.Filter):
         if exc is not None and _request_from_an_exited_process(record, exc):
             # a DHT request sent by a process that exited before the DHT read it (an averager shut
             # down mid-matchmaking): nobody waits for its answer
-            record.msg, record.args, record.exc_info, record.exc_text = (
-                "dropped a DHT request from a process that has already exited", None, None, None)
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+            return _as_debug_line(record, "dropped a DHT request from a process that has already exited")
         message = record.getMessage()
         if (exc is not None and type(exc).__name__ in self.EXPECTED) or message.endswith(", retrying") \
                 or message.startswith(self.REPORTED_BY_THE_PEER):
             # the peer reports the round's outcome itself, in one sentence (its progress line, its
             # epoch log line, its status file): hivemind's own line would say it a second time
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+            return _as_debug_line(record)
         return True
+
+
+def _as_debug_line(record: logging.LogRecord, message: Optional[str] = None) -> bool:
+    """Turn ``record`` into a debug line without its traceback (and with ``message`` instead of its own,
+    if given); whether it is still shown (with -v)."""
+    if message is not None:
+        record.msg, record.args = message, None
+    record.exc_info, record.exc_text = None, None
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 def _request_from_an_exited_process(record: logging.LogRecord, exc: BaseException) -> bool:

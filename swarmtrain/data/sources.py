@@ -312,8 +312,7 @@ def open_source(config, data_path: Optional[str] = None) -> Source:
         else:
             source = TextFiles(_text_files(path, field), f"text from {path}", config)
     if source.num_units == 0 or source.total_bytes == 0:
-        where = "the Python stdlib" if data_path is None and config.source == "stdlib" else \
-            (f"--data {data_path}" if data_path is not None else f"data.path {config.path}")
+        where = "the Python stdlib" if data_path is None and config.source == "stdlib" else f"{field} {path}"
         raise UserError(f"{where}: the corpus is empty (no text in it); point at the files or dataset holding your text")
     return source
 
