@@ -329,7 +329,8 @@ class AveragingConfig(_Section):
     state_averaging_every: int = Field(0, ge=0, le=MAX_EPOCHS)
     # what a reducer does with the parts it receives (swarmtrain/compression/robust.py): non-finite
     # parts are always dropped; a part whose norm exceeds max_norm_ratio x the group's median is
-    # dropped too (0 turns that off); `clip` / `centered_clip` bound any one sender's pull on the
+    # dropped too (0 turns that off; in a group of two, with no median, each member refuses a round whose
+    # other gradient is over max_norm_ratio x its own); `clip` / `centered_clip` bound any one sender's pull on the
     # average, for swarms of strangers (at the price of exact error-feedback conservation)
     aggregation: Literal["mean", "clip", "centered_clip"] = "mean"
     max_norm_ratio: float = Field(10.0, ge=0, le=1e6)

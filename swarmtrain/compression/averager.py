@@ -224,8 +224,7 @@ class RobustTensorPartReducer(TensorPartReducer):
         shape = self.part_shapes[self.current_part_index]
         # a part of the wrong shape is rejected, not broadcast into the accumulator
         parts = [part if part.shape == shape else part.reshape(-1)[:0] for part in parts]
-        judge = senders.index(self.local_sender_index) if self.local_sender_index in senders else None
-        result = aggregate(parts, [self.pending[index][1] for index in senders], self.policy, judge=judge) \
+        result = aggregate(parts, [self.pending[index][1] for index in senders], self.policy) \
             if parts else None
         if self.on_reduced is not None and result is not None:
             self.on_reduced(self.current_part_index, {index: (self.pending[index][0], self.pending[index][2])

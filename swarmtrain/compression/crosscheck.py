@@ -40,7 +40,8 @@ from swarmtrain.access.bans import BanList
 from swarmtrain.compression.robust import RobustPolicy
 from swarmtrain.compression.verify import (ABSENT, COUNTED, FLOAT32_EPS, SPARSE_PROJECTIONS, Measure, UnitEvidence,
                                            UnitKey, Verdict, commitment, float32, judge_unit, measure, new_seed,
-                                           project_range, projection_vectors, quantization_bound, round_seed)
+                                           project_range, projection_vectors, quantization_bound, round_seed,
+                                           small_group_outliers)
 
 logger = get_logger(__name__)
 
@@ -372,7 +373,7 @@ class RoundCheck:
 
     # -------------------------------------------------------------- judging
     def _judge(self, key: bytes) -> Verdict:
-        verdict = Verdict()
+        verdict, evidences = Verdict(), []
         units = set(self.outputs) | set(self.reduced)
         first = {author: self._decode(0, author, None) for author in range(len(self.peer_ids))}
         for reducer, part in sorted(units):
@@ -387,7 +388,10 @@ class RoundCheck:
             except (KeyError, TypeError, ValueError) as error:
                 verdict.liars[reducer] = f"sent a malformed report ({error!r})"
                 continue
+            evidences.append(evidence)
             verdict.merge(judge_unit(evidence, self.me, self.policy, self.max_weight, self.part_valid))
+        for sender, reason in small_group_outliers(evidences, self.me, self.policy).items():
+            verdict.outliers.setdefault(sender, reason)
         # a dispute over a unit we reduced: we know our view is what we received, so the sender lied
         for reducer, sender, reason in list(verdict.disputes):
             if reducer == self.me:

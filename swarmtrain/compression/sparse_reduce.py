@@ -94,14 +94,13 @@ class SpanReduction:
 
 def reduce_span(parts: Mapping[int, Tuple[float, SparsePart]], span_length: int, density: float,
                 value_format: str, policy: RobustPolicy = RobustPolicy(),
-                average_format: Optional[str] = None, judge: Optional[int] = None) -> SpanReduction:
+                average_format: Optional[str] = None) -> SpanReduction:
     """Weighted average over the union of the received supports, re-sparsified, encoded (in
     `average_format`, by default `value_format`).
 
     ``parts`` maps each sender index to (weight, its part of the span). Works on the <= n·k support
     only (never allocates the dense span), so the reducer's cost is O(n·k·log(n·k)) and it stays
-    cheap even when the span is large. ``judge``: the reducer's own sender index, the reference of the
-    outlier rule in groups too small for a median (robust.plan)."""
+    cheap even when the span is large."""
     senders = [index for index, (weight, _) in parts.items() if weight > 0]
     value_format = average_format or value_format  # everything this function encodes is the average
     empty = encode_sparse(torch.zeros(0, dtype=torch.long), torch.zeros(0), span_length, value_format)
@@ -116,8 +115,7 @@ def reduce_span(parts: Mapping[int, Tuple[float, SparsePart]], span_length: int,
         vector = torch.zeros(len(support), dtype=torch.float32)
         vector[torch.searchsorted(support, part.indices)] = part.values
         vectors.append(vector)
-    judge_position = senders.index(judge) if judge in senders else None
-    result = aggregate(vectors, [parts[index][0] for index in senders], policy, judge=judge_position)
+    result = aggregate(vectors, [parts[index][0] for index in senders], policy)
     rejected = {senders[position]: reason for position, reason in result.rejected.items()}
     norms = {senders[position]: norm for position, norm in result.norms.items()}
     coefficients = {senders[position]: alpha for position, alpha in result.coefficients.items()}

@@ -55,16 +55,14 @@ class SpanReducer:
     :param value_format: how values travel (fp16, 8bit, 2bit, fp32; see wire.py)
     :param max_weight: a self-reported weight above this is clamped
     :param policy: checks and aggregation rule (robust.py)
-    :param judge: this reducer's own sender index (the outlier rule's reference in small groups), or None
     :param average_format: how the average travels back (default: value_format)
     """
 
     def __init__(self, span_length: int, num_senders: int, density: float, value_format: str, max_weight: float,
-                 policy: RobustPolicy = RobustPolicy(), judge: Optional[int] = None,
-                 average_format: Optional[str] = None):
+                 policy: RobustPolicy = RobustPolicy(), average_format: Optional[str] = None):
         self.span_length, self.num_senders = span_length, num_senders
         self.density, self.value_format, self.max_weight = density, value_format, max_weight
-        self.policy, self.judge, self.average_format = policy, judge, average_format
+        self.policy, self.average_format = policy, average_format
         self.parts: Dict[int, tuple] = {}  # sender index -> (weight, SparsePart)
         self.weights_received: Dict[int, float] = {}  # sender index -> its self-reported weight, unclamped
         self.banned: Set[int] = set()
@@ -116,7 +114,7 @@ class SpanReducer:
         if not self.result.done() and len(self.parts) + len(self.banned) >= self.num_senders:
             try:
                 reduction = reduce_span(self.parts, self.span_length, self.density, self.value_format, self.policy,
-                                        self.average_format, judge=self.judge)
+                                        self.average_format)
                 self.reduction = reduction
                 self.rejected, self.total_weight = reduction.rejected, reduction.total_weight
                 self.requantization_error = reduction.requantization_error
@@ -167,10 +165,9 @@ class SparseAllReduceRound:
         start, end = self.spans[self.my_index]
         self.reducer = None
         if end > start:
-            own = self.sender_peer_ids.index(self.peer_id) if self.is_sender else None
             self.reducer = SpanReducer(end - start, len(self.sender_peer_ids), density,
                                         averager.value_format, averager.max_sample_weight, averager.robust_policy,
-                                        judge=own, average_format=averager.average_format)
+                                        average_format=averager.average_format)
         self.senders_started: Set[PeerID] = {self.peer_id} if self.is_sender else set()
         # remote senders still waiting for this peer's averaged span; the round stays open until they
         # got it, or a peer that finished first could shut down before its answers left

@@ -30,7 +30,8 @@ for the group, only the party that knows the truth (the misreported sender) name
 A reducer and a sender that collude can agree on a false measure of the sender's part and hide an error
 of the answer in it. They can do no more than one lying sender could: the measure must be plausible
 for the norm they claim (the projections' joint size concentrates around sqrt(m) x the norm, else
-both are named), and the norm must pass the outlier rule like any other.
+both are named), and the norm must pass the outlier rule like any other (in a group too small for
+a median: every member's own comparison of whole gradients, :func:`small_group_outliers`).
 
 The sparse round re-sparsifies the average (top-k, not linear): its unit is a reducer's span and the
 check runs on the kept support K that the reducer broadcast -- senders project their part restricted to
@@ -419,7 +420,7 @@ def judge_unit(evidence: UnitEvidence, me: int, policy: RobustPolicy, max_weight
         return verdict
     norms = {j: evidence.views[j].norm for j in counted if evidence.statuses[j][1] > 0}
     weights = {j: min(evidence.statuses[j][1], max_weight) for j in norms}
-    decided = plan(norms, weights, policy, judge=reducer if reducer in norms else None)
+    decided = plan(norms, weights, policy)
     _check_reports(evidence, me, counted, set(decided.kept), my_part_valid, verdict)
     if not verdict.ok:
         return verdict
@@ -432,7 +433,6 @@ def judge_unit(evidence: UnitEvidence, me: int, policy: RobustPolicy, max_weight
             return verdict
     if evidence.output is not None:
         _check_output(evidence, coefficients, verdict)
-    _check_small_group_outliers(evidence, me, norms, decided.kept, policy, verdict)
     return verdict
 
 
@@ -492,17 +492,33 @@ def _check_output(evidence: UnitEvidence, coefficients: Mapping[int, float], ver
                                            f"(projection off by {deviation:.3g}, rounding allows {TOLERANCE_SIGMAS * bound:.3g})")
 
 
-def _check_small_group_outliers(evidence: UnitEvidence, me: int, norms: Mapping[int, float], kept: Sequence[int],
-                                policy: RobustPolicy, verdict: Verdict) -> None:
-    """In a group too small for the median rule, a member applies the reducer's rule with its *own*
-    part as the reference: it does not apply a result that averages in a part far larger than its own,
-    whoever reduced it (the reducer judged with its own part, which may be the outsized one)."""
-    nonzero = [norm for norm in norms.values() if norm > 0]
-    if evidence.output is None or not policy.max_norm_ratio or len(nonzero) >= policy.min_group_for_outliers:
-        return
-    own = norms.get(me, 0.0)
-    if own <= 0 or evidence.reducer == me:
-        return
-    for sender in kept:
-        if sender != me and norms[sender] > policy.max_norm_ratio * own:
-            verdict.outliers[sender] = f"norm {norms[sender]:.3g} > {policy.max_norm_ratio:g} x our own part"
+def small_group_outliers(evidences: Sequence[UnitEvidence], me: int, policy: RobustPolicy) -> Dict[int, str]:
+    """Where a unit has too few parts for the median rule (a group of two), the member judges the
+    senders itself, over the whole round: sender j is an outlier when its gradient on those units is
+    more than ``max_norm_ratio`` x ours on the same units (both L2 over the units where both parts are
+    non-empty, from the reducers' views, ours from our own measure). The member then does not apply
+    the round, whoever reduced what. Pooled, not per unit: a unit is one parameter tensor, whose honest
+    norms differ between peers by up to ~80x where whole gradients differ by < 3x (robust.py).
+
+    :returns: sender index -> why this member refuses a round that averages its parts in"""
+    if not policy.max_norm_ratio:
+        return {}
+    ours: Dict[int, float] = {}
+    theirs: Dict[int, float] = {}
+    for evidence in evidences:
+        counted = [j for j, (status, weight) in evidence.statuses.items() if status == COUNTED and weight > 0]
+        norms = {j: evidence.views[j].norm for j in counted if j in evidence.views}
+        if me not in norms or len([n for n in norms.values() if n > 0]) >= policy.min_group_for_outliers:
+            continue
+        claim = evidence.claims.get(me)
+        own = claim.norm if claim is not None else norms[me]
+        for sender, norm in norms.items():
+            if sender != me and norm > 0 and own > 0:
+                ours[sender] = ours.get(sender, 0.0) + own * own
+                theirs[sender] = theirs.get(sender, 0.0) + norm * norm
+    outliers = {}
+    for sender, square in theirs.items():
+        norm, own = math.sqrt(square), math.sqrt(ours[sender])
+        if norm > policy.max_norm_ratio * own:
+            outliers[sender] = f"gradient norm {norm:.3g} > {policy.max_norm_ratio:g} x ours ({own:.3g}) on the same units"
+    return outliers

@@ -71,6 +71,10 @@ def _victim(senders, own):
     return others[0] if others else None
 
 
+# the liar's own position among the parts of the aggregate() call that follows (the reducers below set it)
+_OWN_POSITION = [None]
+
+
 def _install_drop() -> None:
     """Average without the first remote sender (by index); say so in one of three ways (see above)."""
     from swarmtrain.compression import averager, sparse_reduce, sparse_round
@@ -84,6 +88,8 @@ def _install_drop() -> None:
             if dropped is not None:
                 part, _, received = self.pending[dropped]
                 self.pending[dropped] = (part, 0.0, 0.0 if kind == "drop-weight" else received)
+        senders = sorted(self.pending)  # the order the reducer hands the parts to aggregate()
+        _OWN_POSITION[0] = senders.index(self.local_sender_index) if self.local_sender_index in senders else None
         return honest_finished(self)
 
     averager.RobustTensorPartReducer.check_current_part_finished = dropping_finished
@@ -93,24 +99,35 @@ def _install_drop() -> None:
         kind, _ = _attack()
         if kind in ("drop-invalid", "drop-weight") and not self.result.done() \
                 and len(self.parts) + len(self.banned) >= self.num_senders:
-            dropped = _victim(sorted(self.parts), self.judge)
+            dropped = _victim(sorted(self.parts), getattr(self, "own_index", None))
             if dropped is not None:
                 self.parts[dropped] = (0.0, self.parts[dropped][1])
                 if kind == "drop-weight":
                     self.weights_received[dropped] = 0.0
+        own = getattr(self, "own_index", None)
+        senders = [index for index, (weight, _) in self.parts.items() if weight > 0]  # as reduce_span orders them
+        _OWN_POSITION[0] = senders.index(own) if own in senders else None
         return honest_maybe_finish(self)
 
     sparse_round.SpanReducer._maybe_finish = dropping_maybe_finish
+    honest_round_init = sparse_round.SparseAllReduceRound.__init__
+
+    def round_init(self, *args, **kwargs):  # the span reducer does not know its own sender index: tell it
+        honest_round_init(self, *args, **kwargs)
+        if self.reducer is not None and self.is_sender:
+            self.reducer.own_index = self.sender_peer_ids.index(self.peer_id)
+
+    sparse_round.SparseAllReduceRound.__init__ = round_init
 
     for module in (averager, sparse_reduce):
         module.aggregate = _hiding(module.aggregate)
 
 
 def _hiding(honest_aggregate):
-    def aggregate(parts, weights, policy, judge=None):
-        result = honest_aggregate(parts, weights, policy, judge=judge)
+    def aggregate(parts, weights, policy):
+        result = honest_aggregate(parts, weights, policy)
         kind, _ = _attack()
-        dropped = _victim(sorted(result.coefficients), judge)
+        dropped = _victim(sorted(result.coefficients), _OWN_POSITION[0])
         if kind == "drop-hidden" and dropped is not None and result.coefficients[dropped] < 1.0:
             # the average of the others, reported as if the dropped part were in it
             kept = {index: alpha for index, alpha in result.coefficients.items() if index != dropped}
@@ -170,8 +187,7 @@ def _install_collusion() -> None:
             if accomplice not in measures:
                 continue
             counted = [m for m, (status, w) in statuses.items() if status == COUNTED and w > 0 and m in measures]
-            decided = plan({m: measures[m].norm for m in counted}, {m: statuses[m][1] for m in counted},
-                           self.policy, judge=unit[0] if unit[0] in counted else None)
+            decided = plan({m: measures[m].norm for m in counted}, {m: statuses[m][1] for m in counted}, self.policy)
             alpha = (decided.coefficients or {}).get(accomplice)
             if not alpha:
                 continue
