@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--compression", default="none")
     parser.add_argument("--beta", type=float, default=1.0, help="feedback_decay for sparse compression")
+    parser.add_argument("--max-period-factor", type=float, default=4.0,
+                        help="adaptive's max_period = this x --period (its min_period is 1)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--output", default=str(RESULTS / "simulate_adaptive.json"))
@@ -50,7 +52,7 @@ def main() -> None:
     schedules = {
         "constant": [f"averaging.schedule=constant:{args.period}"],
         "adaptive": ["averaging.schedule=adaptive", f"averaging.round_budget={budget}", "averaging.min_period=1",
-                     f"averaging.max_period={4 * args.period}"],
+                     f"averaging.max_period={int(args.max_period_factor * args.period)}"],
     }
     jobs = [dict(name=name, overrides=common + overrides,
                  options=dict(peers=args.peers, steps=ticks, batch_size=args.batch_size, seed=seed, speeds=speeds,

@@ -100,7 +100,7 @@ def plot_curves(results: Sequence[dict], path: Path, title: str, names: Optional
     figure, axis = plt.subplots(figsize=(8, 5))
     for index, name in enumerate(names):
         runs = [r for r in results if r["name"] == name]
-        colour = f"C{index}"
+        colour = f"C{index}" if len(names) <= 10 else plt.get_cmap("tab20")(index % 20)  # 10 colours cycle
         for run in runs:
             axis.plot([p["samples"] for p in run["curve"]], [p["heldout_loss"] for p in run["curve"]], color=colour,
                       alpha=0.3, linewidth=0.8)
@@ -122,17 +122,21 @@ def plot_curves(results: Sequence[dict], path: Path, title: str, names: Optional
 
 
 def _mean_curve(runs: Sequence[dict]):
-    """Mean held-out loss at the sample counts every seed measured (the same when the seeds' rounds
-    fall on the same ticks)."""
-    if not runs:
+    """Mean held-out loss over the seeds, each seed's curve interpolated linearly at the sample counts
+    of the seed with the most evaluations, within the range every seed covers (seeds whose evaluations
+    fall on different sample counts -- uneven speeds, adaptive rounds -- share few exact points)."""
+    import numpy as np
+
+    curves = []
+    for run in runs:
+        points = sorted((p["samples"], p["heldout_loss"]) for p in run["curve"]
+                        if p["heldout_loss"] is not None and math.isfinite(p["heldout_loss"]))
+        if points:
+            curves.append(points)
+    if not curves:
         return []
-    common = set(p["samples"] for p in runs[0]["curve"])
-    for run in runs[1:]:
-        common &= set(p["samples"] for p in run["curve"])
-    points = []
-    for samples in sorted(common):
-        values = [next(p["heldout_loss"] for p in run["curve"] if p["samples"] == samples) for run in runs]
-        if all(math.isfinite(v) for v in values):
-            points.append((samples, statistics.mean(values)))
-    return points
+    low, high = max(c[0][0] for c in curves), min(c[-1][0] for c in curves)
+    grid = [x for x, _ in max(curves, key=len) if low <= x <= high]
+    return [(x, statistics.mean(float(np.interp(x, [a for a, _ in c], [b for _, b in c])) for c in curves))
+            for x in grid]
 

@@ -18,6 +18,9 @@ parameters, whose fp16 average is 6.5 MB, 2.6 s at 20 Mbit/s):
     local_constant             mode local, constant:H, fp16
     local_adaptive             mode local, adaptive (round_budget = epochs / H), fp16
     local_adaptive_gaussiank   mode local, adaptive (same budget), gaussiank:RHO
+    local_sparseloco           mode local, constant:H, gaussiank:RHO+2bit, feedback_decay 0.95, outer lr
+                               --sparse-outer-lr (plain outer step, no momentum)
+                               (the simulator's winning recipe, issue #14)
 
 Topology: a bridge namespace; the coordinator (uncapped: a server) and each peer in their own
 namespace on 10.93.0.0/24, each peer's veth shaped in both directions (its upload on its side, its
@@ -235,7 +238,7 @@ def cleanup_stale_namespaces() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def configurations(epochs: int, period: int, density: float) -> Dict[str, dict]:
+def configurations(epochs: int, period: int, density: float, sparse_outer_lr: float = 2.0) -> Dict[str, dict]:
     budget = max(1, epochs // period)
     adaptive = dict(mode="local", schedule="adaptive", round_budget=budget, min_period=1,
                     max_period=max(2 * period, -(-epochs // budget)))
@@ -246,6 +249,10 @@ def configurations(epochs: int, period: int, density: float) -> Dict[str, dict]:
         "local_constant": dict(mode="local", schedule=f"constant:{period}", compression="fp16"),
         "local_adaptive": dict(adaptive, compression="fp16"),
         "local_adaptive_gaussiank": dict(adaptive, compression=f"gaussiank:{density:g}"),
+        # the simulator's winning sparse recipe (benchmarks/simulate_recipes.py, issue #14): SparseLoCo's
+        # decayed error feedback and 2-bit values, a plain outer step of lr 2
+        "local_sparseloco": dict(mode="local", schedule=f"constant:{period}", compression=f"gaussiank:{density:g}+2bit",
+                                 feedback_decay=0.95, outer_lr=sparse_outer_lr),
         # for benchmarks/adaptive.py: the schedules alone, dense float32
         "adaptive_dense": dict(adaptive, compression="none"),
         "constant_dense": dict(mode="local", schedule=f"constant:{period}", compression="none"),
@@ -503,7 +510,7 @@ def install_signal_handlers() -> None:
 def run_suite(args, names: List[str], seeds: List[int], output: Path, log=print) -> dict:
     from swarmtrain.net.identity import load_or_create_identity
 
-    all_configs = configurations(args.epochs, args.period, args.density)
+    all_configs = configurations(args.epochs, args.period, args.density, getattr(args, "sparse_outer_lr", 2.0))
     install_signal_handlers()
     net = make_network(args, args.peers + 1, log)
     workroot = Path(tempfile.mkdtemp(prefix="swarmtrain-wan-", dir=args.workdir))
@@ -569,6 +576,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--period", type=int, default=4, help="H of constant:H; the adaptive budget is epochs / H")
     parser.add_argument("--density", type=float, default=0.05, help="gaussiank density")
+    parser.add_argument("--sparse-outer-lr", type=float, default=2.0, help="local_sparseloco's outer learning rate")
     parser.add_argument("--batch-multiplier", type=int, default=4, help="target_batch_size = 192 x this")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny",
                         help="tiny: tiny.yaml's model; wide: 3.2M parameters (fp16 average 6.5 MB)")
