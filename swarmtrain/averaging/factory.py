@@ -11,7 +11,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarmtrain.access.bans import BanList
 
-from swarmtrain.averaging.local import (ANCHOR_TOLERANCE_LR, ROUND_MATCHMAKING_FACTOR, InStepWeightMixin,
+from swarmtrain.averaging.local import (ANCHOR_TOLERANCE_LR, InStepWeightMixin,
                                         LocalSwarmOptimizer)
 from swarmtrain.averaging.schedule import ControllerSettings
 from swarmtrain.averaging.sync import GroupRegistrationMixin, SwarmOptimizer
@@ -63,7 +63,7 @@ def make_optimizer(config: RunConfig, model: torch.nn.Module, dht: hivemind.DHT,
         tolerance = ANCHOR_TOLERANCE_LR * config.optimizer.lr
         delta_averager_factory = make_averager_factory(
             averaging.compression, density_schedule=density_schedule, access=access, mixin=InStepWeightMixin,
-            anchor_tolerance=tolerance, request_timeout=ROUND_MATCHMAKING_FACTOR * averaging.request_timeout,
+            anchor_tolerance=tolerance, request_timeout=averaging.request_timeout,
             robust_policy=robust_policy, ban_list=ban_list)
         return LocalSwarmOptimizer(
             settings=ControllerSettings.from_config(config), delta_averager_factory=delta_averager_factory,

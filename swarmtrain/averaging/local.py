@@ -64,7 +64,6 @@ from swarmtrain.training.fingerprint import fingerprint, fingerprint_positions
 
 logger = logging.getLogger("swarmtrain.peer")
 ANCHOR_TOLERANCE_LR = 0.5  # averaged models "match" when they agree within this many learning rates
-ROUND_MATCHMAKING_FACTOR = 2.0  # a round's matchmaking window, in units of averaging.matchmaking_time
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,10 +237,12 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         self._failed_out_of_step = False
         self._control_bytes = 0
         super().__init__(use_local_updates=True, average_state_every=10**9, delay_state_averaging=False, **kwargs)
-        # rounds are rare here, and a peer left out of one must download the state: give matchmaking
-        # twice the run's window (it starts that much before the epoch's expected end, so it overlaps
-        # training), so that a peer whose estimate of the epoch's end lags still finds the group
-        self.round_matchmaking_time = ROUND_MATCHMAKING_FACTOR * self.matchmaking_time
+        # the run's matchmaking window, as sync mode uses it (matchmaking starts that much before the
+        # epoch's expected end, so it overlaps training). Twice that window, meant for rare rounds, made
+        # every round of a recipe that averages each epoch wait ~2 s longer on home links: 4.4 s against
+        # 2.2 s per round, 215 s against 136 s for the run, at 1-3 more failed rounds in 40
+        # (benchmarks/wan.py local_sparseloco, issue #14 note)
+        self.round_matchmaking_time = self.matchmaking_time
         parameters = self._optimized_parameters()
         with torch.no_grad():
             # taken after hivemind's optimizer initialisation (a zero-gradient step): the same on every peer
