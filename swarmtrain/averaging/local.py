@@ -237,12 +237,6 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         self._failed_out_of_step = False
         self._control_bytes = 0
         super().__init__(use_local_updates=True, average_state_every=10**9, delay_state_averaging=False, **kwargs)
-        # the run's matchmaking window, as sync mode uses it (matchmaking starts that much before the
-        # epoch's expected end, so it overlaps training). Twice that window, meant for rare rounds, made
-        # every round of a recipe that averages each epoch wait ~2 s longer on home links: 4.4 s against
-        # 2.2 s per round, 215 s against 136 s for the run, at 1-3 more failed rounds in 40
-        # (benchmarks/wan.py local_sparseloco, issue #14 note)
-        self.round_matchmaking_time = self.matchmaking_time
         parameters = self._optimized_parameters()
         with torch.no_grad():
             # taken after hivemind's optimizer initialisation (a zero-gradient step): the same on every peer
@@ -255,7 +249,12 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         self.delta_averager = delta_averager_factory(
             dht=self.dht, prefix=f"{self.run_id}_grad_averager",  # the pseudo-gradient's averager
             parameters=parameters, averaged_grads=averaged_deltas, reuse_grad_buffers=True, warn=False,
-            min_matchmaking_time=self.round_matchmaking_time, allreduce_timeout=self.allreduce_timeout,
+            # rounds use the run's matchmaking window, as sync mode does (matchmaking starts that much
+            # before the epoch's expected end, so it overlaps training). Twice that window, once meant for
+            # rare rounds, made each round of a recipe that averages every epoch ~2 s longer on home links:
+            # 4.4 s against 2.2 s, 215 s against 136 s for the run, at 1-3 more failed rounds in 40
+            # (benchmarks/wan.py local_sparseloco, issue #14 note)
+            min_matchmaking_time=self.matchmaking_time, allreduce_timeout=self.allreduce_timeout,
             shutdown_timeout=self.shutdown_timeout, next_chunk_timeout=self.next_chunk_timeout,
             client_mode=self.client_mode, auxiliary=self.auxiliary, allow_state_sharing=False, start=True,
         )
@@ -384,8 +383,8 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         if self.local_epoch < self.tracker.global_epoch:
             return  # behind the swarm: hivemind downloads the state first
         eta = self.tracker.estimated_next_update_time - get_dht_time()
-        if eta <= self.round_matchmaking_time:
-            start = get_dht_time() + max(eta, self.round_matchmaking_time / 2)
+        if eta <= self.matchmaking_time:
+            start = get_dht_time() + max(eta, self.matchmaking_time / 2)
             try:
                 self._scheduled = self._schedule_round(start, self.local_epoch + 1)
             except Exception as error:
@@ -413,7 +412,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
                 self.rounds.append(LocalRoundRecord(epoch, 0, False, 0.0, NO_OTHER_PEERS,
                                                     next_epoch=self.schedule_state.next_epoch))
                 return None  # still due: we try again at the next epoch
-            control = self._schedule_round(get_dht_time() + self.round_matchmaking_time, epoch)
+            control = self._schedule_round(get_dht_time() + self.matchmaking_time, epoch)
         give_up_at, reason = max(control.scheduled_time, get_dht_time()) + self.averaging_timeout, None
         while control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) and not control.done():
             stale = self.tracker.global_epoch >= epoch and get_dht_time() > control.scheduled_time

@@ -145,7 +145,6 @@ class RoundCheck:
         # where the check's time went: reveal (phase 1: waiting for every member to hold its answers, and
         # the exchange), measure (our projections), exchange (phase 2), judge (benchmarks/poison.py reads it)
         self.phase_seconds: Dict[str, float] = {}
-        self._dense_blocks: Dict[int, object] = {}
 
     # -------------------------------------------------------------- what the round records
     def add_dense_unit(self, unit: UnitKey, start: int, end: int) -> None:
@@ -305,16 +304,15 @@ class RoundCheck:
         reduced, on the support we answered), and our measures of the answers, under the round's z.
         Runs in an executor thread: O(d) work never blocks the averager's event loop."""
         claims, views = {}, {}
-        self._dense_blocks = {}  # blocks of z shared by consecutive dense units (project_range's cache)
+        blocks: Dict[int, object] = {}  # blocks of z shared by consecutive dense units (project_range's cache)
         for unit in sorted(set(self.sent) | set(self.received) | set(self.dense_answers) | set(self.reduced)):
             if unit in self.dense_ranges:
-                self._measure_dense(unit, key, claims, views)
+                self._measure_dense(unit, key, claims, views, blocks)
             else:
                 self._measure_sparse(unit, key, claims, views)
-        self._dense_blocks = {}  # (the check stays registered a while for slower members: not its z)
         return claims, views
 
-    def _measure_dense(self, unit: UnitKey, key: bytes, claims: dict, views: dict) -> None:
+    def _measure_dense(self, unit: UnitKey, key: bytes, claims: dict, views: dict, blocks: dict) -> None:
         """A dense unit: every vector on the same range, measured against each block of z in one pass."""
         name, (start, end) = unit_name(unit), self.dense_ranges[unit]
         rows, labels = [], []
@@ -330,7 +328,7 @@ class RoundCheck:
             labels.append(member)
         if not rows:
             return
-        projected, norms = project_range(key, start, end, rows, self.projections, self._dense_blocks)
+        projected, norms = project_range(key, start, end, rows, self.projections, blocks)
         projections, norms = projected.tolist(), norms.tolist()  # one row of projections per vector
         measured = {label: (norm, tuple(float32(p) for p in row)) for label, norm, row in zip(labels, norms, projections)}
         count = end - start

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -101,6 +101,13 @@ def _median(values: Sequence[float]) -> float:
     return float(torch.tensor(list(values), dtype=torch.float64).median())
 
 
+def median_rule_applies(norms: Iterable[float], policy: "RobustPolicy") -> bool:
+    """Whether the outlier rule can judge these parts by their median: it is on, and enough of them are
+    non-empty (empty parts -- a sparse sender that selected nothing in this span -- say nothing about
+    scale). Otherwise the members judge on whole gradients (verify.small_group_outliers)."""
+    return bool(policy.max_norm_ratio) and sum(norm > 0 for norm in norms) >= policy.min_group_for_outliers
+
+
 def plan(norms: Mapping[int, float], weights: Mapping[int, float], policy: "RobustPolicy") -> Plan:
     """The outlier rules and the coefficients of mean / clip, on scalars.
 
@@ -111,10 +118,8 @@ def plan(norms: Mapping[int, float], weights: Mapping[int, float], policy: "Robu
     """
     rejected: Dict[int, str] = {}
     norms = {index: float(norm) for index, norm in norms.items()}
-    # empty parts (a sparse sender that selected nothing in this span) say nothing about scale
-    nonzero = [norm for norm in norms.values() if norm > 0]
-    if policy.max_norm_ratio and len(nonzero) >= policy.min_group_for_outliers:
-        bound = policy.max_norm_ratio * _median(nonzero)
+    if median_rule_applies(norms.values(), policy):
+        bound = policy.max_norm_ratio * _median([norm for norm in norms.values() if norm > 0])
         for index, norm in list(norms.items()):
             if norm > bound:
                 rejected[index] = f"norm {norm:.3g} > {policy.max_norm_ratio:g} x the group's median"

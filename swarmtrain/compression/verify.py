@@ -56,7 +56,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from swarmtrain.compression.robust import RobustPolicy, plan
+from swarmtrain.compression.robust import RobustPolicy, median_rule_applies, plan
 
 PROJECTIONS = 8  # at most, random directions per unit: a liar escapes all m of them with probability ~ p^m
 # A lying reducer alone is caught by one or two directions when the wire rounds little (fp32, fp16); an
@@ -418,7 +418,7 @@ def judge_unit(evidence: UnitEvidence, me: int, policy: RobustPolicy, max_weight
     if missing:
         verdict.liars[reducer] = f"counted sender(s) {missing} but published no measure of their parts"
         return verdict
-    norms = {j: evidence.views[j].norm for j in counted if evidence.statuses[j][1] > 0}
+    norms = _judged_norms(evidence)
     weights = {j: min(evidence.statuses[j][1], max_weight) for j in norms}
     decided = plan(norms, weights, policy)
     _check_reports(evidence, me, counted, set(decided.kept), my_part_valid, verdict)
@@ -492,6 +492,13 @@ def _check_output(evidence: UnitEvidence, coefficients: Mapping[int, float], ver
                                            f"(projection off by {deviation:.3g}, rounding allows {TOLERANCE_SIGMAS * bound:.3g})")
 
 
+def _judged_norms(evidence: UnitEvidence) -> Dict[int, float]:
+    """sender -> its part's norm as the reducer reports it, for the parts the reducer counted with a
+    positive weight (those the outlier rules judge)."""
+    return {j: evidence.views[j].norm for j, (status, weight) in sorted(evidence.statuses.items())
+            if status == COUNTED and weight > 0 and j in evidence.views}
+
+
 def small_group_outliers(evidences: Sequence[UnitEvidence], me: int, policy: RobustPolicy) -> Dict[int, str]:
     """Where a unit has too few parts for the median rule (a group of two), the member judges the
     senders itself, over the whole round: sender j is an outlier when its gradient on those units is
@@ -506,9 +513,8 @@ def small_group_outliers(evidences: Sequence[UnitEvidence], me: int, policy: Rob
     ours: Dict[int, float] = {}
     theirs: Dict[int, float] = {}
     for evidence in evidences:
-        counted = [j for j, (status, weight) in evidence.statuses.items() if status == COUNTED and weight > 0]
-        norms = {j: evidence.views[j].norm for j in counted if j in evidence.views}
-        if me not in norms or len([n for n in norms.values() if n > 0]) >= policy.min_group_for_outliers:
+        norms = _judged_norms(evidence)
+        if me not in norms or median_rule_applies(norms.values(), policy):
             continue
         claim = evidence.claims.get(me)
         own = claim.norm if claim is not None else norms[me]
