@@ -21,7 +21,8 @@ from swarmtrain.compression.spec import CompressionSpec, parse_compression_spec
 from swarmtrain.errors import UserError
 from swarmtrain.privacy.config import PrivacyConfig
 
-SCHEDULE_FORMS = "constant:H (an integer H >= 1, the period in epochs, e.g. constant:8) or adaptive"
+SCHEDULE_FORMS = ("steps:H (average about every H local steps of each peer, re-measured as peers join, e.g. "
+                  "steps:5), constant:H (every H epochs, e.g. constant:8) or adaptive")
 DEFAULT_PERIODS_PER_BUDGET = 8  # averaging.round_budget defaults to optimizer.total_epochs // this
 _LOCAL_ONLY = ("outer_lr", "outer_momentum", "feedback_decay", "round_budget", "min_period", "max_period")
 _ADAPTIVE_ONLY = ("round_budget", "min_period", "max_period")
@@ -47,26 +48,27 @@ MODEL_HEADS = {"gpt2": ("n_embd", "n_head"), "albert": ("hidden_size", "num_atte
 
 @dataclass(frozen=True)
 class Schedule:
-    """When `averaging.mode: local` averages: every `period` epochs (constant) or adaptively."""
+    """When `averaging.mode: local` averages: every `period` local steps (steps), every `period` epochs
+    (constant) or adaptively."""
 
-    kind: str  # "constant" or "adaptive"
-    period: Optional[int] = None  # constant only
+    kind: str  # "steps", "constant" or "adaptive"
+    period: Optional[int] = None  # steps and constant only
 
     def __str__(self) -> str:
-        return f"constant:{self.period}" if self.kind == "constant" else self.kind
+        return self.kind if self.kind == "adaptive" else f"{self.kind}:{self.period}"
 
 
 def parse_schedule(text) -> Schedule:
-    """`constant:H` or `adaptive`; ValueError naming the accepted forms otherwise."""
+    """`steps:H`, `constant:H` or `adaptive`; ValueError naming the accepted forms otherwise."""
     if isinstance(text, Schedule):
         return text
     if isinstance(text, str):
         value = text.strip().lower()
         if value == "adaptive":
             return Schedule("adaptive")
-        match = re.fullmatch(r"constant:\s*(\d+)", value)
-        if match and int(match.group(1)) >= 1:
-            return Schedule("constant", int(match.group(1)))
+        match = re.fullmatch(r"(constant|steps):\s*(\d+)", value)
+        if match and 1 <= int(match.group(2)) <= MAX_EPOCHS:
+            return Schedule(match.group(1), int(match.group(2)))
     raise ValueError(f"averaging.schedule must be {SCHEDULE_FORMS}; got {text!r}")
 
 
@@ -343,8 +345,9 @@ class AveragingConfig(_Section):
     # every round (SparseLoCo's β: the decayed residual takes the place of the outer momentum; 1: plain
     # error feedback). SparseLoCo pairs it with outer_momentum 0
     feedback_decay: float = Field(1.0, gt=0, le=1)
-    # schedule: adaptive only (swarmtrain/peer/schedule.py): averaging rounds planned over
-    # optimizer.total_epochs (default total_epochs // 8), and the bounds of the period, in epochs
+    # schedule: adaptive only (swarmtrain/averaging/schedule.py): averaging rounds planned over
+    # optimizer.total_epochs (default total_epochs // 8), and the bounds of the period, in epochs;
+    # max_period also bounds steps:H (a swarm grown large still averages at least every max_period epochs)
     round_budget: Optional[int] = Field(None, ge=1, le=MAX_EPOCHS)
     min_period: int = Field(1, ge=1, le=MAX_EPOCHS)
     max_period: int = Field(32, ge=1, le=MAX_EPOCHS)
@@ -374,7 +377,7 @@ class AveragingConfig(_Section):
             raise ValueError(f"averaging.schedule is required with mode: local; use {SCHEDULE_FORMS}")
         if self.schedule.kind != "adaptive":
             for name in _ADAPTIVE_ONLY:
-                if name in explicitly_set:
+                if name in explicitly_set and not (name == "max_period" and self.schedule.kind == "steps"):
                     raise ValueError(f"averaging.{name} applies to schedule: adaptive only; remove it or set "
                                      f"schedule: adaptive")
         if self.min_period > self.max_period:

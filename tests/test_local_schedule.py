@@ -20,9 +20,9 @@ def _settings(schedule="adaptive", total=48, budget=12, **kwargs):
 
 
 def _record(state: ControllerState, sketch=(0.0,) * SKETCH_SIZE, anchor=(0.0,) * FINGERPRINT_SIZE, weight=1.0,
-            peers_seen=2, round_epoch=None) -> MemberRecord:
+            peers_seen=2, round_epoch=None, local_steps=0) -> MemberRecord:
     return MemberRecord(state.next_epoch if round_epoch is None else round_epoch, state.anchor_epoch,
-                        state.rounds_done, state.fit, tuple(anchor), tuple(sketch), weight, peers_seen)
+                        state.rounds_done, state.fit, tuple(anchor), tuple(sketch), weight, peers_seen, local_steps)
 
 
 def _simulate(settings, divergence_rate=lambda epoch: 1.0, seed=0, power=2.0):
@@ -43,16 +43,53 @@ def _simulate(settings, divergence_rate=lambda epoch: 1.0, seed=0, power=2.0):
 
 
 @pytest.mark.parametrize("text, expected", [("adaptive", ("adaptive", None)), ("constant:8", ("constant", 8)),
-                                            (" Constant:1 ", ("constant", 1))])
+                                            (" Constant:1 ", ("constant", 1)), ("steps:25", ("steps", 25))])
 def test_schedule_forms(text, expected):
     schedule = parse_schedule(text)
     assert (schedule.kind, schedule.period) == expected
 
 
-@pytest.mark.parametrize("text", ["constant", "constant:0", "constant:-2", "constant:2.5", "every:4", "", None])
+@pytest.mark.parametrize("text", ["constant", "constant:0", "constant:-2", "constant:2.5", "every:4", "steps", "steps:0",
+                                  "", None])
 def test_bad_schedules_name_the_accepted_forms(text):
-    with pytest.raises(ValueError, match=r"averaging.schedule must be constant:H .* or adaptive"):
+    with pytest.raises(ValueError, match=r"averaging.schedule must be steps:H .*constant:H .* or adaptive"):
         parse_schedule(text)
+
+
+def test_steps_schedule_measures_the_local_steps_an_epoch_holds():
+    """steps:H: the first round comes at the next epoch (it measures); then the period in epochs is H over
+    the median member's local steps per epoch -- longer as the swarm grows and each peer's share of an
+    epoch shrinks, never below 1 nor above max_period."""
+    settings = _settings("steps:10", total=1000, max_period=32)
+    assert first_round_epoch(settings, 0) == 1 and first_round_epoch(settings, 17) == 18
+    state = ControllerState(1, 0, 0)
+
+    def next_period(steps_per_member, epochs=1, state=state):
+        round_epoch = state.anchor_epoch + epochs
+        members = [_record(state, round_epoch=round_epoch, local_steps=s) for s in steps_per_member]
+        decision = decide_after_round(settings, members[0], members, group_size=len(members))
+        assert decision.state.next_epoch == round_epoch + decision.period and decision.state.anchor_epoch == round_epoch
+        return decision.period
+
+    assert next_period([5, 5]) == 2  # 5 local steps per epoch: 10 steps are 2 epochs
+    assert next_period([10, 10, 10]) == 1
+    assert next_period([40, 40]) == 1  # several epochs' worth per epoch: still every epoch
+    assert next_period([2, 2, 2, 2]) == 5  # more peers share an epoch: fewer steps each, a longer period
+    assert next_period([4, 4], epochs=4) == 10  # 1 step per epoch over the last 4 epochs
+    assert next_period([1, 2, 100]) == 5  # the median member's rate: one fast peer does not set it
+    assert next_period([0, 3, 3]) == 3  # a member tagging along (no steps) is not counted
+    assert next_period([1, 1], epochs=50) == 32  # bounded by max_period
+    assert next_period([0, 0], epochs=3) == 3  # nothing measured: the last period stands
+
+
+def test_member_record_carries_its_local_steps_on_the_wire():
+    state = ControllerState(4, 2, 1)
+    record = _record(state, local_steps=37)
+    assert MemberRecord.from_wire(record.to_wire()).local_steps == 37
+    wire = record.to_wire()
+    for bad in (-1, 2.5, True, "3"):
+        assert MemberRecord.from_wire(wire[:-1] + [bad]) is None
+    assert MemberRecord.from_wire(wire[:-1]) is None  # the previous version's record (no steps) is ignored
 
 
 def test_lr_shape_is_hivemind_s_scheduler():

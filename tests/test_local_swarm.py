@@ -97,9 +97,9 @@ def test_one_averaged_model_after_every_round_and_a_joiner_starts_from_it(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compression", ["none", "gaussiank:0.05"])
-def test_three_peers_hold_the_same_model_after_every_full_round(tmp_path, cleanup, compression):
-    swarm = _local_swarm(tmp_path, schedule="constant:2", compression=compression)
+@pytest.mark.parametrize("compression, schedule", [("none", "steps:40"), ("gaussiank:0.05", "constant:2")])
+def test_three_peers_hold_the_same_model_after_every_full_round(tmp_path, cleanup, compression, schedule):
+    swarm = _local_swarm(tmp_path, schedule=schedule, compression=compression)
     cleanup(swarm)
     epochs = 16
     for index in range(3):
@@ -109,10 +109,27 @@ def test_three_peers_hold_the_same_model_after_every_full_round(tmp_path, cleanu
     full = _check_members_agree(swarm, [0, 1, 2], dense=compression == "none")
     print(compression, "full rounds", full)
     assert len(full) >= 3, _rounds_by_index(swarm, [0, 1, 2])
+    heldout = swarm.status(0)["heldout_loss"]
+    assert heldout[-1][1] < heldout[0][1] - 0.3
+    if schedule.startswith("steps:"):  # its last round need not fall on the last epoch
+        _check_periods_from_local_steps(swarm, [0, 1, 2], int(schedule.partition(":")[2]))
+        return
     # the peers whose last round (at the last epoch) succeeded end with the same parameters
     finished = [i for i in range(3) if swarm.rounds(i)[-1]["ok"] and swarm.rounds(i)[-1]["epoch"] == epochs]
     assert len(finished) >= 2, [swarm.rounds(i)[-1] for i in range(3)]
     states = [swarm.final_parameters(i) for i in finished]
     assert max_parameter_difference(states) <= (1e-6 if compression == "none" else 0.0)
-    heldout = swarm.status(0)["heldout_loss"]
-    assert heldout[-1][1] < heldout[0][1] - 0.3
+
+
+def _check_periods_from_local_steps(swarm, peers, steps: int) -> None:
+    """steps:H on real peers: every successful round's period is H over the local steps per epoch the
+    group measured from its members' own step counts (swarmtrain/averaging/schedule.py)."""
+    checked = 0
+    for index in peers:
+        for record in swarm.rounds(index):
+            match = re.fullmatch(rf"steps:{steps} at ([0-9.]+) local steps per epoch", record["note"])
+            if record["ok"] and record["in_step"] and match:
+                rate = float(match.group(1))
+                assert rate > 0 and record["period"] == max(1, min(32, round(steps / rate))), record
+                checked += 1
+    assert checked >= 3, [swarm.rounds(i) for i in peers]

@@ -49,6 +49,24 @@ def test_heterogeneous_peers_joining_and_leaving(corpus):
     assert result["curve"][-1]["heldout_loss"] < result["curve"][0]["heldout_loss"]
 
 
+def test_steps_schedule_keeps_the_local_steps_between_rounds_as_the_swarm_grows(corpus):
+    """steps:4 with an epoch of 6 samples: 2 peers of batch 1 take 3 steps an epoch each, so rounds come
+    every 1 epoch (4/3 rounds to 1); once 6 peers share the epoch (1 step each) every 4 epochs. The first
+    round is at epoch 1, where the rate is first measured."""
+    config = _config("averaging.mode=local", "averaging.schedule=steps:4", "averaging.compression=none")
+    joins = {peer: 9 for peer in range(2, 6)}
+    options = SimulationOptions(peers=6, steps=40, batch_size=1, joins=joins, eval_every=40)
+    result = Simulation(config, options, corpus).run().to_dict()
+    rounds = result["rounds"]
+    assert rounds[0]["epoch"] == 1
+    two = [entry for entry in rounds if len(entry["members"]) == 2]
+    six = [entry for entry in rounds if len(entry["members"]) == 6]
+    assert len(two) >= 3 and all(entry["period"] == 1 for entry in two[1:])
+    assert len(six) >= 3 and all(entry["period"] == 4 for entry in six[1:])  # the first measured a mixed period
+    epochs = [entry["epoch"] for entry in six[1:]]
+    assert all(b - a == 4 for a, b in zip(epochs, epochs[1:]))
+
+
 def test_dense_bytes_are_hivemind_codec_sizes(corpus):
     config = _config("averaging.compression=fp16")
     simulation = Simulation(config, SimulationOptions(peers=4, steps=3, batch_size=2, eval_every=10), corpus)

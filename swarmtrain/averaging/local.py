@@ -232,7 +232,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         self.feedback_decay = float(feedback_decay)
         self.anchor_tolerance = float(anchor_tolerance)
         self._scheduled: Optional[StepControl] = None
-        self._samples_since_anchor = 0
+        self._samples_since_anchor = self._steps_since_anchor = 0
         self._fresh = False  # state just downloaded: tag along in the next round (weight 0, zero delta)
         self._failed_out_of_step = False
         self._control_bytes = 0
@@ -268,6 +268,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     def step(self, closure=None, batch_size: Optional[int] = None, grad_scaler=None):
         if not self.auxiliary:
             self._samples_since_anchor += batch_size if batch_size is not None else (self.batch_size_per_step or 0)
+            self._steps_since_anchor += 1
             self._maybe_preschedule_round()
         return super().step(closure=closure, batch_size=batch_size, grad_scaler=grad_scaler)
 
@@ -312,7 +313,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             if state is None:  # a donor without local-mode state (the coordinator resuming a run)
                 state = ControllerState(first_round_epoch(self.settings, self.local_epoch), 0, self.local_epoch)
             self._set_schedule_state(state)
-            self._samples_since_anchor = 0
+            self._samples_since_anchor = self._steps_since_anchor = 0
             residual = getattr(self.delta_averager, "residual", None)
             if residual is not None:
                 residual.zero_()  # our unsent delta referred to the model we just replaced
@@ -343,7 +344,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
                 anchor.copy_(param.detach().to("cpu", torch.float32))
             for buffer in self.momentum or ():
                 buffer.zero_()
-        self._samples_since_anchor = 0
+        self._samples_since_anchor = self._steps_since_anchor = 0
         residual = getattr(self.delta_averager, "residual", None)
         if residual is not None:
             residual.zero_()
@@ -361,7 +362,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     def _member_record(self, round_epoch: int) -> MemberRecord:
         return member_record(round_epoch, self.schedule_state, self.anchor, self._optimized_parameters(),
                              self._positions, 0.0 if self._fresh else float(self._samples_since_anchor),
-                             int(self.tracker.global_progress.num_peers))
+                             int(self.tracker.global_progress.num_peers), 0 if self._fresh else self._steps_since_anchor)
 
     def _schedule_round(self, scheduled_time: float, round_epoch: int) -> StepControl:
         gather = self._member_record(round_epoch).to_wire()
@@ -493,7 +494,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
                 self.diverged = True
             for param, anchor in zip(parameters, self.anchor):
                 param.copy_(anchor.to(param.device, param.dtype))
-        self._samples_since_anchor = 0
+        self._samples_since_anchor = self._steps_since_anchor = 0
         self._fresh = self._failed_out_of_step = False
         self._set_schedule_state(decision.state)
         self._synced_epochs += 1
@@ -517,7 +518,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
 
 
 def member_record(round_epoch: int, state: ControllerState, anchor: List[torch.Tensor], parameters,
-                  positions, weight: float, peers_seen: int) -> MemberRecord:
+                  positions, weight: float, peers_seen: int, local_steps: int = 0) -> MemberRecord:
     """What a member gathers in the round at `round_epoch` (the simulator of the swarm builds it here too):
     its schedule state, its averaged model's fingerprint, the sketch of its delta since that model."""
     with torch.no_grad():
@@ -526,7 +527,7 @@ def member_record(round_epoch: int, state: ControllerState, anchor: List[torch.T
     return MemberRecord(
         round_epoch=round_epoch, anchor_epoch=state.anchor_epoch, rounds_done=state.rounds_done, fit=state.fit,
         anchor_fingerprint=tuple(fingerprint(anchor, positions)), sketch=tuple(count_sketch(delta).tolist()),
-        weight=weight, peers_seen=peers_seen,
+        weight=weight, peers_seen=peers_seen, local_steps=local_steps,
     )
 
 

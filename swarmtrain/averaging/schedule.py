@@ -54,7 +54,7 @@ from swarmtrain.config import Schedule
 from swarmtrain.training.fingerprint import fingerprints_match
 from swarmtrain.training.optimizers import lr_multiplier
 
-RECORD_TAG = "lsgd2"  # the first field of a gathered record; another version is ignored
+RECORD_TAG = "lsgd3"  # the first field of a gathered record; another version is ignored
 SKETCH_SIZE = 128
 SKETCH_SEED = 20240611
 SKETCH_CHUNK = 1 << 20
@@ -97,6 +97,7 @@ class MemberRecord:
     sketch: Tuple[float, ...]  # count-sketch of its delta since that model (fp16 on the wire)
     weight: float  # samples it trained on since that model
     peers_seen: int  # peers its progress tracker sees (a group smaller than this is partial)
+    local_steps: int = 0  # optimizer steps it took since that model (0 for a member tagging along)
 
     def to_wire(self) -> list:
         sketch = torch.tensor(self.sketch, dtype=torch.float64)
@@ -105,18 +106,19 @@ class MemberRecord:
         return [RECORD_TAG, int(self.round_epoch), int(self.anchor_epoch), int(self.rounds_done),
                 struct.pack("<5d", *self.fit),
                 struct.pack(f"<{len(self.anchor_fingerprint)}f", *self.anchor_fingerprint),
-                scaled.to(torch.float16).numpy().tobytes(), scale, float(self.weight), int(self.peers_seen)]
+                scaled.to(torch.float16).numpy().tobytes(), scale, float(self.weight), int(self.peers_seen),
+                int(self.local_steps)]
 
     @classmethod
     def from_wire(cls, data) -> Optional["MemberRecord"]:
         """None for anything that is not a well-formed record of this version (never raises)."""
         try:
-            if not isinstance(data, (list, tuple)) or len(data) != 10 or data[0] != RECORD_TAG:
+            if not isinstance(data, (list, tuple)) or len(data) != 11 or data[0] != RECORD_TAG:
                 return None
             _, round_epoch, anchor_epoch, rounds_done, fit_bytes, fingerprint_bytes, sketch_bytes, scale, \
-                weight, peers_seen = data
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (round_epoch, anchor_epoch,
-                                                                                rounds_done, peers_seen)):
+                weight, peers_seen, local_steps = data
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                       for x in (round_epoch, anchor_epoch, rounds_done, peers_seen, local_steps)):
                 return None
             if not isinstance(fit_bytes, bytes) or len(fit_bytes) != 40:
                 return None
@@ -135,7 +137,7 @@ class MemberRecord:
             if not (all(map(math.isfinite, fingerprint_values)) and bool(torch.isfinite(sketch).all())):
                 return None
             return cls(round_epoch, anchor_epoch, rounds_done, fit, tuple(fingerprint_values),
-                       tuple(sketch.tolist()), weight, peers_seen)
+                       tuple(sketch.tolist()), weight, peers_seen, local_steps)
         except Exception:
             return None
 
@@ -243,6 +245,9 @@ def first_round_epoch(settings: ControllerSettings, start_epoch: int = 0) -> int
     if settings.schedule.kind == "constant":
         period = settings.schedule.period
         return (start_epoch // period + 1) * period
+    if settings.schedule.kind == "steps":
+        # the first round measures how many local steps an epoch holds for this swarm
+        return start_epoch + 1
     # adaptive: where an even spread of the budget would put it (earlier, the swarm is still finding
     # itself: groups are partial and rounds fail, wasting budget), after epochs that moved the
     # parameters at all
@@ -285,6 +290,11 @@ def decide_after_round(settings: ControllerSettings, reference: MemberRecord, me
         next_epoch = (epoch // period + 1) * period
         state = ControllerState(next_epoch, rounds_done, epoch, reference.fit)
         return RoundDecision(state, next_epoch - epoch, None, relative, "constant")
+    if settings.schedule.kind == "steps":
+        period, reason = period_for_local_steps(settings.schedule.period, epoch - reference.anchor_epoch, members,
+                                                settings.max_period)
+        state = ControllerState(epoch + period, rounds_done, epoch, reference.fit)
+        return RoundDecision(state, period, None, relative, reason)
 
     fit, kappa, correction = reference.fit, None, 1.0
     periods = epoch - reference.anchor_epoch
@@ -304,6 +314,25 @@ def decide_after_round(settings: ControllerSettings, reference: MemberRecord, me
         reason += f" (group of {group_size} < {peers_seen} peers seen)"
     state = ControllerState(epoch + period, rounds_done, epoch, fit)
     return RoundDecision(state, period, kappa, relative, reason, correction, slope)
+
+
+def period_for_local_steps(steps: int, epochs: int, members: Sequence[MemberRecord],
+                           max_period: int) -> Tuple[int, str]:
+    """Epochs until the next round so that a typical member takes about `steps` local steps (``steps:H``).
+
+    An epoch is a fixed number of samples for the whole swarm, so the local steps it holds for each peer
+    fall as peers join (and differ with each peer's speed): H local steps between rounds -- what the
+    recipe's measurements are in -- is H / (steps per epoch) epochs, re-measured at every round. The
+    rate is the median member's over the epochs since the group's last averaged model (members in step
+    share it), so one very fast or very slow peer does not set it; every member computes it from the
+    same gathered records. Kept within [1, max_period]; the last period stands when nothing was measured."""
+    rates = sorted(record.local_steps / epochs for record in members if record.local_steps > 0) if epochs > 0 else []
+    if not rates:
+        return max(1, min(epochs, max_period)), f"steps:{steps}, no steps measured: period kept"
+    middle = len(rates) // 2
+    rate = rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
+    period = max(1, min(max_period, int(round(steps / rate))))
+    return period, f"steps:{steps} at {rate:.2f} local steps per epoch"
 
 
 def fitted_divergence(fit: Sequence[float]) -> Tuple[float, Optional[float]]:

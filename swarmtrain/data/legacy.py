@@ -12,6 +12,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from swarmtrain.data.tokenizer import BYTE_VOCABULARY, Vocabulary
+
 DEFAULT_HELDOUT_BLOCKS = 64
 
 
@@ -20,18 +22,12 @@ class Corpus:
     train: torch.Tensor  # [num_blocks, seq_len] int64 token ids
     heldout: torch.Tensor
     description: str
+    vocabulary: Vocabulary = BYTE_VOCABULARY  # the tokenizer's: models are built for it, masking uses it
 
 
 def load_corpus(config, data_path: Optional[str] = None) -> Corpus:
     """One pass of the configured source (or a peer's own --data path) as blocks in memory."""
     from swarmtrain.data.stream import open_training_data
-    from swarmtrain.errors import UserError
-
-    if config.tokenizer != "bytes":
-        # the trainer builds its model for the byte vocabulary until it reads data through
-        # open_training_data (issue #15, phase 2); a tokenizer file would index past its embeddings
-        raise UserError(f"data.tokenizer {config.tokenizer}: this version's peers train with the byte tokenizer "
-                        f"only; set data.tokenizer: bytes")
 
     # benchmarks/wan.py sets swarmtrain.data.HELDOUT_BLOCKS for a larger evaluation set
     package_value = getattr(sys.modules.get("swarmtrain.data"), "HELDOUT_BLOCKS", DEFAULT_HELDOUT_BLOCKS)
@@ -40,7 +36,8 @@ def load_corpus(config, data_path: Optional[str] = None) -> Corpus:
     with open_training_data(config, data_path, peer_id=b"load_corpus", max_passes=1) as data:
         blocks = list(data.batches(1))
         train = torch.cat(blocks) if blocks else torch.zeros((0, config.seq_len), dtype=torch.int64)
-        return Corpus(train, data.heldout, f"{data.description}: {train.shape[0]} train blocks in memory")
+        return Corpus(train, data.heldout, f"{data.description}: {train.shape[0]} train blocks in memory",
+                      data.vocabulary)
 
 
 def peer_batches(corpus: Corpus, num_shards: int, batch_size: int, peer_seed: int) -> Iterator[torch.Tensor]:

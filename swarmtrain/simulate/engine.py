@@ -116,7 +116,7 @@ def data_seed(seed: int, peer: int) -> int:
 def _shard(corpus: Corpus, peer: int, peers: int) -> Corpus:
     blocks = corpus.train.shape[0]
     part = corpus.train[peer * blocks // peers : (peer + 1) * blocks // peers]
-    return Corpus(part, corpus.heldout, f"{corpus.description} (shard {peer + 1}/{peers})")
+    return Corpus(part, corpus.heldout, f"{corpus.description} (shard {peer + 1}/{peers})", corpus.vocabulary)
 
 
 def _steps_now(speed: float, tick: int) -> bool:
@@ -145,14 +145,15 @@ class Simulation:
         for index in range(options.peers):
             data = _shard(self.corpus, index, options.peers) if options.disjoint_shards else self.corpus
             self.replicas.append(Replica(index, data, options.batch_size, data_seed(options.seed, index),
-                                         config.data.num_shards, Trainee(config, model_seed) if local else None))
+                                         config.data.num_shards,
+                                         Trainee(config, model_seed, self.corpus.vocabulary) if local else None))
         if local:
             self.averaging = LocalAveraging(config, self.replicas[0].trainee)
             self.shared = None
         else:
-            self.shared = Trainee(config, model_seed)
+            self.shared = Trainee(config, model_seed, self.corpus.vocabulary)
             self.averaging = SyncAveraging(config, self.shared)
-        self.evaluator = build_model(config.model, config.data.seq_len, model_seed)
+        self.evaluator = build_model(config.model, config.data.seq_len, model_seed, self.corpus.vocabulary)
         self.epoch = self.epoch_samples = self.samples = self.tick = 0
         self.curve: List[dict] = []
         self._next_eval = 0
@@ -280,7 +281,7 @@ class Simulation:
             model = self.evaluator
         else:
             model = self.shared.model
-        loss = heldout_loss(model, self.corpus.heldout, self.config.model.kind)
+        loss = heldout_loss(model, self.corpus.heldout, self.config.model.kind, vocabulary=self.corpus.vocabulary)
         recent = [loss for r in self.replicas for loss in r.losses]
         for replica in self.replicas:
             replica.losses.clear()

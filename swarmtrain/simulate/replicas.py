@@ -29,7 +29,7 @@ import torch
 from hivemind.optim.state_averager import initialize_optimizer_state_
 
 from swarmtrain.config import RunConfig
-from swarmtrain.data import Corpus, peer_batches
+from swarmtrain.data import BYTE_VOCABULARY, Corpus, Vocabulary, peer_batches
 from swarmtrain.models import build_model, compute_loss
 from swarmtrain.training.optimizers import make_scheduler_factory, make_torch_optimizer_factory
 
@@ -48,11 +48,12 @@ class Trainee:
 
     :param config: the run config
     :param model_seed: seed of the model's initial weights (the same for every peer of a run)
+    :param vocabulary: the run's tokenizer's (sizes the model; masked models mask with it)
     """
 
-    def __init__(self, config: RunConfig, model_seed: int):
-        self.config = config
-        self.model = build_model(config.model, config.data.seq_len, model_seed)
+    def __init__(self, config: RunConfig, model_seed: int, vocabulary: Vocabulary = BYTE_VOCABULARY):
+        self.config, self.vocabulary = config, vocabulary
+        self.model = build_model(config.model, config.data.seq_len, model_seed, vocabulary)
         self.model.train()
         self.parameters = list(self.model.parameters())
         self.optimizer = make_torch_optimizer_factory(config.optimizer)(self.parameters)
@@ -62,7 +63,7 @@ class Trainee:
     def backward(self, batch: torch.Tensor, mask_generator: torch.Generator) -> Optional[float]:
         """The trainer's step up to the swarm optimizer: loss, backward, clipping. None: a non-finite loss
         (the trainer skips the batch)."""
-        loss = compute_loss(self.model, batch, self.config.model.kind, mask_generator)
+        loss = compute_loss(self.model, batch, self.config.model.kind, mask_generator, self.vocabulary)
         if not torch.isfinite(loss):
             self.optimizer.zero_grad()
             return None
@@ -102,6 +103,7 @@ class Replica:
         self.dropout_state = torch.Generator().manual_seed(_dropout_seed(data_seed)).get_state()
         self.steps = 0
         self.samples_since_anchor = 0  # mode local: the weight of its next delta
+        self.steps_since_anchor = 0  # mode local: the local steps it reports (schedule steps:H)
         self.fresh = False  # mode local: joined (downloaded the state) since the last round
         self.residual: Optional[torch.Tensor] = None  # sparse compression: its error-feedback residual
         self.accumulated: Optional[List[torch.Tensor]] = None  # mode sync: gradients summed this epoch
@@ -146,6 +148,7 @@ class Replica:
         trainee.optimizer.zero_grad()
         self._count(loss)
         self.samples_since_anchor += self.batch_size
+        self.steps_since_anchor += 1
 
     def _accumulate(self, loss: float, shared: Trainee) -> None:
         """Mode sync: the gradient at the swarm's parameters, added to this peer's sum."""

@@ -121,13 +121,14 @@ class LocalAveraging(Averaging):
         if donor is not None:
             joiner.trainee.optimizer.load_state_dict(copy.deepcopy(donor.trainee.optimizer.state_dict()))
         sync_scheduler(joiner.trainee.scheduler, epoch)
-        joiner.residual, joiner.samples_since_anchor, joiner.fresh = None, 0, True
+        joiner.residual, joiner.samples_since_anchor, joiner.steps_since_anchor, joiner.fresh = None, 0, 0, True
 
     def run_round(self, members: Sequence[Replica], epoch: int, tick: int, peers_seen: int) -> SimulatedRound:
         """The round at `epoch` among `members` (every present peer: the simulator's groups never fail)."""
         weights = [0.0 if m.fresh else float(m.samples_since_anchor) for m in members]
         gathered = {m.index: member_record(epoch, self.state, self.anchor, m.trainee.parameters, self.positions,
-                                           weight, peers_seen).to_wire() for m, weight in zip(members, weights)}
+                                           weight, peers_seen, 0 if m.fresh else m.steps_since_anchor).to_wire()
+                    for m, weight in zip(members, weights)}
         records = parse_records(gathered)  # through the wire form, as the members read each other's
         reference = reference_member(records, self.tolerance)
         in_step = in_step_with(records, reference, self.tolerance)
@@ -147,7 +148,7 @@ class LocalAveraging(Averaging):
             if member.residual is not None and self.config.averaging.feedback_decay != 1.0:
                 member.residual.mul_(self.config.averaging.feedback_decay)
             member.trainee.load_flat(anchor)
-            member.samples_since_anchor, member.fresh = 0, False
+            member.samples_since_anchor, member.steps_since_anchor, member.fresh = 0, 0, False
         self.state = decision.state
         control = sum(len(self.serializer.dumps(record)) for record in gathered.values()) * (len(members) - 1)
         return self.record(epoch, tick, members, weights, result, control_bytes=control,
