@@ -43,7 +43,7 @@ from tests.support import TINY_CONFIG, lying  # noqa: E402
 from tests.support.forked import ForkedPeers, accumulate_random_gradients, make_test_averager  # noqa: E402
 
 HONEST, ATTACKER, ACCOMPLICE = (0, 1), 2, 3
-PATHS = ("none", "fp16", "gaussiank:0.01", "gaussiank:0.01+8bit")
+PATHS = ("none", "fp16", "gaussiank:0.01", "gaussiank:0.01+8bit", "gaussiank:0.03+2bit")  # the last: the realistic configs'
 ATTACKS = ("scale:10", "scale:-1", "drop-hidden", "drop-weight", "drop-invalid", "collude:10", "scale:1.1",
            "scale:1.01", "scale:1.001")
 OUTCOMES = (  # what an honest member's failed round says, in order of precedence

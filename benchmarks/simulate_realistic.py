@@ -87,11 +87,16 @@ def build_tokenizer(workdir: Path, corpus: Path, kind: str, vocab_size: int) -> 
 
 
 def configurations(period: int, sparse_outer_lr: float, lr: float) -> dict:
+    """Each one's whole averaging section: whatever the config file sets that it does not use is removed
+    (an empty --set value restores the default)."""
     local = ["averaging.mode=local", f"averaging.schedule=steps:{period}"]
+    sync = ["averaging.mode=sync", "averaging.compression=fp16"] + [
+        f"averaging.{name}=" for name in ("schedule", "outer_lr", "outer_momentum", "feedback_decay", "max_period")]
     return {
-        "sync_fp16": ["averaging.mode=sync", "averaging.compression=fp16"],
-        "sync_fp16_lr2": ["averaging.mode=sync", "averaging.compression=fp16", f"optimizer.lr={2 * lr:g}"],
-        "diloco": local + ["averaging.compression=none", "averaging.outer_lr=0.7", "averaging.outer_momentum=0.9"],
+        "sync_fp16": sync,
+        "sync_fp16_lr2": sync + [f"optimizer.lr={2 * lr:g}"],
+        "diloco": local + ["averaging.compression=none", "averaging.feedback_decay=", "averaging.outer_lr=0.7",
+                           "averaging.outer_momentum=0.9"],
         "sparseloco": local + ["averaging.compression=gaussiank:0.03+2bit", "averaging.feedback_decay=0.95",
                                f"averaging.outer_lr={sparse_outer_lr:g}", "averaging.outer_momentum=0"],
     }
