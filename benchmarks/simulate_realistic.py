@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
-from simulate_common import RESULTS, plot_curves, run_jobs, write
+from simulate_common import RESULTS, plot_curves, run_jobs, summarise, write
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_PACKAGES = ("asyncio", "email", "concurrent", "importlib", "multiprocessing", "xml", "http", "logging", "json",
@@ -47,10 +46,10 @@ FAMILIES = {
     "llama": dict(config=ROOT / "configs" / "pretrain-llama.yaml", tokenizer="bpe", overrides=[
         "model.config.hidden_size=128", "model.config.intermediate_size=352", "model.config.num_hidden_layers=4",
         "model.config.num_attention_heads=4", "model.config.num_key_value_heads=4",
-        "model.config.max_position_embeddings=128", "optimizer.lr=0.002"]),
+        "model.config.max_position_embeddings=128"], lr=0.002),
     "albert": dict(config=ROOT / "configs" / "pretrain-albert.yaml", tokenizer="unigram", overrides=[
         "model.config.embedding_size=64", "model.config.hidden_size=128", "model.config.num_hidden_layers=4",
-        "model.config.num_attention_heads=4", "model.config.intermediate_size=512", "optimizer.lr=0.002"]),
+        "model.config.num_attention_heads=4", "model.config.intermediate_size=512"], lr=0.002),
 }
 
 
@@ -103,16 +102,15 @@ def configurations(period: int, sparse_outer_lr: float, lr: float) -> dict:
 
 
 def report(results, families, names) -> dict:
+    """Per family and configuration: simulate_common.summarise's loss and bytes, with the ratios to the
+    sync fp16 and DiLoCo anchors."""
+    by_name = summarise(results)
     summary = {}
     for family in families:
-        entries = {}
-        for name in names:
-            runs = [r for r in results if r["family"] == family and r["configuration"] == name]
-            if not runs:
-                continue
-            losses = [r["final_heldout_loss"] for r in runs]
-            entries[name] = dict(mean=statistics.mean(losses), stdev=statistics.stdev(losses) if len(losses) > 1 else 0.0,
-                                 seeds=len(runs), bytes_sent_per_peer=statistics.mean(r["bytes_sent_per_peer"] for r in runs))
+        entries = {name: dict(mean=by_name[f"{family}/{name}"]["mean"], stdev=by_name[f"{family}/{name}"]["stdev"],
+                              seeds=len(by_name[f"{family}/{name}"]["seeds"]),
+                              bytes_sent_per_peer=by_name[f"{family}/{name}"]["bytes_sent_per_peer"])
+                   for name in names if f"{family}/{name}" in by_name}
         for name, entry in entries.items():
             for anchor in ("sync_fp16", "diloco"):
                 if anchor in entries:
@@ -156,8 +154,8 @@ def main() -> None:
     for family in families:
         spec = FAMILIES[family]
         tokenizer = build_tokenizer(workdir, corpus, spec["tokenizer"], args.vocab_size)
-        lr = float(next(o for o in spec["overrides"] if o.startswith("optimizer.lr=")).partition("=")[2])
-        common = spec["overrides"] + [
+        lr = spec["lr"]
+        common = spec["overrides"] + [f"optimizer.lr={lr:g}",
             f"data.path={corpus}", f"data.tokenizer={tokenizer}", f"data.seq_len={args.seq_len}", "data.heldout_blocks=64",
             "data.shard_bytes=262144", f"target_batch_size={args.peers * args.batch_size * args.period}",
             f"optimizer.total_epochs={epochs}", f"optimizer.warmup_epochs={args.warmup}"]

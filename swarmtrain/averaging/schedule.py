@@ -44,6 +44,7 @@ fixed number of rounds over the remaining epochs gives H(t) ∝ 1/sqrt(v(t)).
 from __future__ import annotations
 
 import math
+import statistics
 import struct
 from dataclasses import dataclass, replace
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
@@ -326,11 +327,10 @@ def period_for_local_steps(steps: int, epochs: int, members: Sequence[MemberReco
     rate is the median member's over the epochs since the group's last averaged model (members in step
     share it), so one very fast or very slow peer does not set it; every member computes it from the
     same gathered records. Kept within [1, max_period]; the last period stands when nothing was measured."""
-    rates = sorted(record.local_steps / epochs for record in members if record.local_steps > 0) if epochs > 0 else []
+    rates = [record.local_steps / epochs for record in members if record.local_steps > 0] if epochs > 0 else []
     if not rates:
         return max(1, min(epochs, max_period)), f"steps:{steps}, no steps measured: period kept"
-    middle = len(rates) // 2
-    rate = rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
+    rate = statistics.median(rates)
     period = max(1, min(max_period, int(round(steps / rate))))
     return period, f"steps:{steps} at {rate:.2f} local steps per epoch"
 
