@@ -6,6 +6,7 @@ import urllib.request
 import pytest
 import yaml
 
+from swarmtrain.averaging.rounds import NO_OTHER_PEERS, RoundRecord, reason_to_resync
 from swarmtrain.monitoring.aggregate import SwarmAggregator
 from swarmtrain.monitoring.records import PeerRecord
 from swarmtrain.peer.utilization import UtilizationMeter
@@ -77,8 +78,10 @@ def test_delayed_updates_land_once_and_peers_end_identical(overlap_swarm):
         # a step applied twice or dropped shows in Adam's step counter
         steps = {float(entry["step"]) for key, entry in state.items() if isinstance(entry, dict)}
         assert steps == {EPOCHS + 1.0}, (index, steps)
-    # the last update in flight reached every model before it was saved
-    assert max_parameter_difference([swarm.final_parameters(i) for i in range(3)]) <= 1e-6
+    # the last update in flight reached every model before it was saved, and a peer whose late round
+    # failed (its fingerprints would show it only two rounds on) took the swarm's state before it left
+    difference = max_parameter_difference([swarm.final_parameters(i) for i in range(3)])
+    assert difference <= 1e-6, (difference, [(s["rounds"][-3:], s.get("resyncs")) for s in statuses])
 
 
 def test_utilization_is_a_share_of_wall_time():
@@ -108,3 +111,17 @@ def test_utilization_is_published_bounded_and_aggregated():
     status = SwarmAggregator("run").update(records, now=1000.0)
     assert status.mean_utilization == pytest.approx(0.7)
     assert sorted(row.utilization for row in status.peers if row.utilization is not None) == [0.5, 0.9]
+
+
+def test_a_failed_round_followed_by_a_good_one_still_sends_the_peer_for_the_swarms_state():
+    """With overlap the last two rounds of a run land after the peer's last look: the failed one must not
+    hide behind the good one (its fingerprints would show the gap two rounds later, never at the end)."""
+    failed, good = RoundRecord(10, 0, False, 3.0, note="TimeoutError"), RoundRecord(11, 3, True, 1.0)
+    assert reason_to_resync([failed, good], diverged=False) == "its averaging round of epoch 10 failed (TimeoutError)"
+    assert reason_to_resync([good], diverged=False) is None
+    assert reason_to_resync([good], diverged=True) == "its parameters differ from the rest of its group"
+    # stepping alone is no failure; mode local may judge a failed round harmless
+    alone = RoundRecord(12, 0, False, 0.0, note=NO_OTHER_PEERS)
+    assert reason_to_resync([alone, good], diverged=False) is None
+    assert reason_to_resync([failed, good], diverged=False, failed_rounds_count=False) is None
+    assert reason_to_resync([], diverged=True) is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 NO_OTHER_PEERS = "no other peers"  # a RoundRecord's note when the peer stepped alone: no round was attempted
 
@@ -65,3 +65,22 @@ def describe_round_failure(error: BaseException) -> str:
             return sentence
     first_line = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
     return f"unexpected error ({name}{': ' + first_line if first_line else ''})"
+
+
+def reason_to_resync(unseen: List[RoundRecord], diverged: bool, failed_rounds_count: bool = True) -> Optional[str]:
+    """Why a peer must take the swarm's state after the rounds recorded since it last looked; None: it need not.
+
+    Every unseen round counts, not only the newest: with overlapping rounds two can land between looks
+    (at a planned end, the last two), and a failed one followed by a good one still left the peer apart
+    -- the parameter fingerprints show that only two rounds later, which a run that is ending never holds.
+
+    :param unseen: the round records since the last look, oldest first
+    :param diverged: the newest round's fingerprint check found our parameters apart from the group's
+    :param failed_rounds_count: a failed round leaves the peer apart (mode local decides this per round)
+    """
+    failed = [record for record in unseen if not record.ok and record.note != NO_OTHER_PEERS]
+    if failed and failed_rounds_count:
+        return f"its averaging round of epoch {failed[-1].epoch} failed ({failed[-1].note})"
+    if unseen and unseen[-1].ok and diverged:
+        return "its parameters differ from the rest of its group"
+    return None

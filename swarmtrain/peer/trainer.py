@@ -24,7 +24,7 @@ import torch
 
 from swarmtrain import __version__
 from swarmtrain.averaging.factory import make_optimizer
-from swarmtrain.averaging.rounds import NO_OTHER_PEERS
+from swarmtrain.averaging.rounds import reason_to_resync
 from swarmtrain.data import TrainingData, open_training_data, resolve_tokenizer
 from swarmtrain.data.transfer import fetch_tokenizer
 from swarmtrain.errors import UserError
@@ -77,6 +77,7 @@ class Trainer:
         self.steps = 0
         self._window_start, self._window_samples = time.perf_counter(), 0
         self._last_epoch = 0
+        self._rounds_seen = 0  # optimizer.rounds already judged by _resync_if_apart
         self._last_status_write = 0.0
         self.utilization = UtilizationMeter()
 
@@ -440,17 +441,16 @@ class Trainer:
         bring either back. Download the swarm's state instead. A peer whose parameters went
         non-finite does the same (or, alone, goes back to its last checkpoint)."""
         optimizer, status = self.optimizer, self.status
-        last = optimizer.rounds[-1] if optimizer.rounds else None
+        unseen, self._rounds_seen = optimizer.rounds[self._rounds_seen:], len(optimizer.rounds)
         if not optimizer.state_is_finite():
             reason = "its parameters or optimizer statistics are not finite"
-        elif last is None or status.resynced_after == len(optimizer.rounds):
+        elif status.resynced_after == len(optimizer.rounds):
             return
-        elif last.ok and optimizer.diverged:
-            reason = "its parameters differ from the rest of its group"
-        elif not last.ok and last.note != NO_OTHER_PEERS and getattr(optimizer, "resync_after_failed_round", True):
-            reason = f"its averaging round failed ({last.note})"
         else:
-            return
+            reason = reason_to_resync(unseen, optimizer.diverged,
+                                      failed_rounds_count=getattr(optimizer, "resync_after_failed_round", True))
+            if reason is None:
+                return
         status.resynced_after = len(optimizer.rounds)
         if optimizer.tracker.global_progress.num_peers <= 1:
             checkpoint_dir = self.options.checkpoint_dir
@@ -461,7 +461,7 @@ class Trainer:
                 optimizer.restore_checkpoint(self.model, restored.model_state, restored.optimizer_state)
                 status.restores = (status.restores or 0) + 1
             return
-        logger.warning(f"epoch {last.epoch if last else optimizer.local_epoch}: {reason}; downloading the swarm's state")
+        logger.warning(f"epoch {optimizer.local_epoch}: {reason}; downloading the swarm's state")
         optimizer.load_state_from_peers()
         optimizer.resynchronised()
         status.resyncs = (status.resyncs or 0) + 1
