@@ -7,6 +7,8 @@ tiny config at an equal sample budget.
     python benchmarks/wan.py --configs sync_fp16,local_adaptive_gaussiank --epochs 20
     sudo python benchmarks/wan.py --configs sync_fp16,sync_fp16_overlap --model wide --batch-multiplier 1
                                                          # overlap: a model whose fp16 average takes 2.6 s to send
+    sudo python benchmarks/wan.py --configs local_sparseloco,local_sparseloco_overlap --baseline local_sparseloco \
+        --model wide --period 1 --epochs 12 --output benchmarks/results/wan_local_overlap.json
 
 Configurations (all: swarmtrain/configs/tiny.yaml with target_batch_size x4, total_epochs = --epochs,
 so the learning rate decays to 0 at the end of every run; --model wide: 4 layers of width 256, 3.2M
@@ -21,6 +23,7 @@ parameters, whose fp16 average is 6.5 MB, 2.6 s at 20 Mbit/s):
     local_sparseloco           mode local, constant:H, gaussiank:RHO+2bit, feedback_decay 0.95, outer lr
                                --sparse-outer-lr (plain outer step, no momentum)
                                (the simulator's winning recipe, issue #14)
+    local_sparseloco_overlap   the same with averaging.overlap (rounds in the background, delayed outer step)
 
 Topology: a bridge namespace; the coordinator (uncapped: a server) and each peer in their own
 namespace on 10.93.0.0/24, each peer's veth shaped in both directions (its upload on its side, its
@@ -253,6 +256,10 @@ def configurations(epochs: int, period: int, density: float, sparse_outer_lr: fl
         # decayed error feedback and 2-bit values, a plain outer step of lr 2
         "local_sparseloco": dict(mode="local", schedule=f"constant:{period}", compression=f"gaussiank:{density:g}+2bit",
                                  feedback_decay=0.95, outer_lr=sparse_outer_lr),
+        # the same with each round in the background (averaging.overlap: the delayed outer step, issue #19)
+        "local_sparseloco_overlap": dict(mode="local", schedule=f"constant:{period}",
+                                         compression=f"gaussiank:{density:g}+2bit", feedback_decay=0.95,
+                                         outer_lr=sparse_outer_lr, overlap=True),
         # for benchmarks/adaptive.py: the schedules alone, dense float32
         "adaptive_dense": dict(adaptive, compression="none"),
         "constant_dense": dict(mode="local", schedule=f"constant:{period}", compression="none"),
@@ -551,6 +558,8 @@ def run_suite(args, names: List[str], seeds: List[int], output: Path, log=print)
 
 
 def compare_to_baseline(report: dict, baseline: str = "sync_fp16") -> None:
+    """Each run's time to the baseline run's final held-out loss (same seed), and its wall time and bytes as
+    ratios to the baseline's."""
     for seed, runs in report["runs"].items():
         base = runs.get(baseline)
         if not base or base.get("final_heldout_loss") is None:
@@ -572,6 +581,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="sync_fp16,sync_gaussiank,local_constant,local_adaptive,local_adaptive_gaussiank")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--baseline", default="sync_fp16", help="the configuration the others are compared to")
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--period", type=int, default=4, help="H of constant:H; the adaptive budget is epochs / H")
@@ -594,9 +604,11 @@ def main() -> None:
     unknown = set(names) - set(configurations(args.epochs, args.period, args.density))
     if unknown:
         parser.error(f"unknown configurations {sorted(unknown)}")
+    if args.baseline not in names:
+        parser.error(f"--baseline {args.baseline} is not among --configs")
     output = Path(args.output)
     report = run_suite(args, names, [int(s) for s in args.seeds.split(",")], output)
-    compare_to_baseline(report)
+    compare_to_baseline(report, args.baseline)
     output.write_text(json.dumps(report, indent=1))
     print(json.dumps({seed: {name: {k: v for k, v in s.items() if k not in ("heldout_curve_peer0", "averaging")}
                              for name, s in runs.items()} for seed, runs in report["runs"].items()}, indent=1))

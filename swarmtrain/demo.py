@@ -19,7 +19,7 @@ from rich.table import Table
 
 from swarmtrain.errors import UserError
 
-TINY_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"  # the tiny model, local mode, rounds overlapped
 
 
 def free_port() -> int:
@@ -149,7 +149,7 @@ def run_demo(num_peers: int, config_path: Optional[str], epochs: int, batch_size
     from swarmtrain.config import load_run_config
 
     console = Console()
-    config_path = Path(config_path) if config_path else TINY_CONFIG
+    config_path = Path(config_path) if config_path else DEMO_CONFIG
     config = load_run_config(config_path)  # fail here, in one line, rather than in N processes
     workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="swarmtrain-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)

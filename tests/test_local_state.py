@@ -7,7 +7,7 @@ import pytest
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from swarmtrain.averaging.local import LocalStateAverager
+from swarmtrain.averaging.local import LocalStateAverager, land_delayed_outer_step, outer_step
 
 PREFIX = "localstate_state_averager"
 
@@ -71,6 +71,32 @@ def test_the_averaged_model_is_served_and_loaded(two_dhts):
         averagers.append(plain)
         _load(plain)
         assert all(bool((p == 7.0).all()) for p in plain_model.parameters())
+
+        # overlap: while a background round is about to replace the anchor, the state is labelled one
+        # epoch back, so a peer that wants the swarm's epoch asks again after the round landed
+        donor.local_round_in_flight = True
+        assert donor.get_current_state()[0]["epoch"] == 4
+        donor.local_round_in_flight = False
+        assert donor.get_current_state()[0]["epoch"] == 5
     finally:
         for averager in averagers:
             averager.shutdown()
+
+
+def test_a_background_round_lands_on_the_new_anchor_with_the_steps_taken_meanwhile():
+    """Mode local with overlap: the averaged delta moves the anchor, and the peer keeps the local steps it
+    took while the round ran: θ = new anchor + (θ − θ at the hand-over). Without steps meanwhile that is
+    the plain round's θ = new anchor."""
+    anchor = [torch.tensor([1.0, 2.0]), torch.tensor([[0.5]])]
+    launched = [torch.tensor([1.2, 1.4]), torch.tensor([[0.75]])]  # θ when the round began
+    meanwhile = [torch.tensor([0.1, -0.2]), torch.tensor([[0.05]])]  # local steps while it ran
+    parameters = [(start + step).requires_grad_() for start, step in zip(launched, meanwhile)]
+    averaged = [torch.tensor([0.25, -0.5]), torch.tensor([[-0.125]])]  # the group's mean delta
+    outer_step(anchor, None, averaged, outer_lr=2.0, outer_momentum=0.0)
+    land_delayed_outer_step(parameters, launched, anchor)
+    expected = [torch.tensor([1.5 + 0.1, 1.0 - 0.2]), torch.tensor([[0.25 + 0.05]])]  # anchor 1.5, 1.0 / 0.25
+    for param, want in zip(parameters, expected):
+        assert torch.allclose(param.detach(), want)
+    still = [anchor_tensor.clone() for anchor_tensor in anchor]
+    land_delayed_outer_step(still, still, anchor)  # no steps meanwhile: exactly the anchor
+    assert all(torch.equal(a, b) for a, b in zip(still, anchor))

@@ -133,3 +133,28 @@ def _check_periods_from_local_steps(swarm, peers, steps: int) -> None:
                 assert rate > 0 and record["period"] == max(1, min(32, round(steps / rate))), record
                 checked += 1
     assert checked >= 3, [swarm.rounds(i) for i in peers]
+
+
+def test_background_rounds_land_once_each_and_members_keep_one_anchor(tmp_path, cleanup):
+    """averaging.overlap in mode local: each round runs while the peers take the next period's local
+    steps, and lands with the delayed outer step. Every member of every round holds the same averaged
+    model afterwards (bit-identical: sparse), so none applied a round twice or skipped one; the swarm's
+    round count goes up by one per round on every peer; the peers did compute while rounds ran."""
+    swarm = _local_swarm(tmp_path, schedule="constant:1", compression="gaussiank:0.05", overlap=True)
+    cleanup(swarm)
+    epochs = 10
+    for index in range(3):
+        swarm.start_peer(index, "--max-epochs", str(epochs), "--eval-every", "0", "--checkpoint-every", "0",
+                         "--wait-for-peers", "3")
+    swarm.wait_for_exit([0, 1, 2], timeout=600)
+    assert_no_tracebacks(swarm, [0, 1, 2])
+
+    full = _check_members_agree(swarm, [0, 1, 2], dense=False)
+    assert len(full) >= epochs // 2, _rounds_by_index(swarm, [0, 1, 2])
+    for index in range(3):
+        status = swarm.status(index)
+        assert status["overlapped_steps"] > 0, status
+        counts = [r["round_index"] for r in swarm.rounds(index) if r["ok"] and r["in_step"]]
+        assert counts == sorted(set(counts)), counts  # one landing per round, in order
+        heldout = status["heldout_loss"]
+        assert heldout[-1][1] < heldout[0][1] - 0.3, heldout

@@ -69,6 +69,7 @@ def make_optimizer(config: RunConfig, model: torch.nn.Module, dht: hivemind.DHT,
             settings=ControllerSettings.from_config(config), delta_averager_factory=delta_averager_factory,
             outer_lr=averaging.outer_lr, outer_momentum=averaging.outer_momentum,
             feedback_decay=averaging.feedback_decay, anchor_tolerance=tolerance,
+            background_rounds=averaging.overlap,
             averager_opts=dict(request_timeout=averaging.request_timeout), fingerprint_tolerance=tolerance, **common)
     # hivemind's load balancing gives each peer a span of the reduction in proportion to this; every
     # peer reports one (a peer reporting none counts as its group's average), so the default is a

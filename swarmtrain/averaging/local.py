@@ -37,6 +37,14 @@ another origin -- and re-synchronises by downloading the state (the trainer does
 ``optimizer.diverged``). Nothing waits forever: a pre-scheduled round whose group has not formed
 shortly after its scheduled time is cancelled and the peer trains on, retrying at the next epoch;
 the all-reduce itself is bounded by ``averaging_timeout``.
+
+With ``averaging.overlap`` a round runs in the background, its matchmaking included: the peer hands its
+delta to the averager and goes on with the next period's local steps; when the round lands (checked at every step, waited for at
+the next round point, before a checkpoint or an evaluation, and at the end) the outer step moves the
+anchor as above and the peer keeps what it learned meanwhile, θ_i = anchor + (θ_i − θ_i at the hand-over)
+-- streaming DiLoCo's delayed outer step. One round is in flight at a time; the next round's record
+(anchor fingerprint, schedule) is built only after the last one landed, so every member still gathers
+the same anchor. The local steps taken meanwhile count towards the next round's delta and weight.
 """
 from __future__ import annotations
 
@@ -44,7 +52,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -118,6 +126,10 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
     local_momentum: Optional[List[torch.Tensor]] = None
     local_schedule: Optional[dict] = None
     local_state_loaded: Optional[dict] = None  # set by a successful download: {"schedule": dict or None}
+    # a background round (averaging.overlap) is about to replace the anchor: the state served meanwhile
+    # is labelled one epoch back, so a downloader wanting the swarm's epoch asks again once it landed
+    # (a peer re-synchronising from the old anchor would be out of step at its next round, again)
+    local_round_in_flight: bool = False
 
     def get_current_state(self):
         if self.local_anchor is None:
@@ -128,7 +140,7 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
             optimizer_tensors = [tensor.clone() for tensor in optimizer_tensors]
             momentum = tuple(tensor.detach().clone() for tensor in self.local_momentum or ())
             schedule = dict(self.local_schedule or {})
-            epoch = self.local_epoch
+            epoch = self.local_epoch - 1 if self.local_round_in_flight else self.local_epoch
         infos = [CompressionInfo.from_tensor(tensor, key=key, role=TensorRole.PARAMETER)
                  for tensor, key in zip(parameters, self.parameter_names)]
         infos += [CompressionInfo.from_tensor(tensor, key=i, role=TensorRole.OPTIMIZER)
@@ -201,6 +213,18 @@ LocalStateAverager.__name__ = LocalStateAverager.__qualname__ = "TrainingStateAv
 # ------------------------------------------------------------------------------------------------
 
 
+class _RoundInFlight(NamedTuple):
+    """A round handed to the averager in the background (``averaging.overlap``)."""
+
+    control: StepControl
+    epoch: int
+    started: float
+    weight: float
+    launched: List[torch.Tensor]  # our parameters at the hand-over (the delta was taken from them)
+    samples: int  # samples and steps in that delta: ours again if the round fails
+    steps: int
+
+
 class LocalSwarmOptimizer(SwarmOptimizer):
     """hivemind.Optimizer with local updates (every step is a local optimizer step; epochs are still
     counted swarm-wide, and the learning rate follows them), plus averaging rounds of the model delta
@@ -214,6 +238,8 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     :param feedback_decay: β, the factor a sparse averager's error-feedback residual is multiplied by
       after each successful round (1: plain error feedback)
     :param anchor_tolerance: averaged models whose fingerprints agree within this are the same model
+    :param background_rounds: rounds run while the next local steps do (``averaging.overlap``; see the
+      module docstring)
     :param kwargs: SwarmOptimizer's and hivemind.Optimizer's
     """
 
@@ -226,8 +252,11 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         return self._failed_out_of_step
 
     def __init__(self, *, settings: ControllerSettings, delta_averager_factory, outer_lr: float = 1.0,
-                 outer_momentum: float = 0.0, feedback_decay: float = 1.0, anchor_tolerance: float, **kwargs):
+                 outer_momentum: float = 0.0, feedback_decay: float = 1.0, anchor_tolerance: float,
+                 background_rounds: bool = False, **kwargs):
         self.settings = settings
+        self.background_rounds = bool(background_rounds)
+        self._in_flight: Optional[_RoundInFlight] = None
         self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
         self.feedback_decay = float(feedback_decay)
         self.anchor_tolerance = float(anchor_tolerance)
@@ -266,6 +295,13 @@ class LocalSwarmOptimizer(SwarmOptimizer):
 
     # -------------------------------------------------------------- hivemind seams
     def step(self, closure=None, batch_size: Optional[int] = None, grad_scaler=None):
+        if self._in_flight is not None:
+            self.overlapped_steps += 1
+            if self._in_flight.control.done():
+                self._land_round()
+            elif self._left_behind(self._in_flight):
+                self._in_flight.control.cancel()
+                self._land_round(stale=True)
         if not self.auxiliary:
             self._samples_since_anchor += batch_size if batch_size is not None else (self.batch_size_per_step or 0)
             self._steps_since_anchor += 1
@@ -273,12 +309,17 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         return super().step(closure=closure, batch_size=batch_size, grad_scaler=grad_scaler)
 
     def _update_global_epoch(self, grad_scaler) -> None:
-        if not self.auxiliary and self.local_epoch + 1 >= self.schedule_state.next_epoch:
+        if self._in_flight is not None and self.local_epoch + 1 >= self.schedule_state.next_epoch:
+            self.settle()  # one round in flight: the next one's record needs the anchor it produces
+        if not self.auxiliary and self._in_flight is None and self.local_epoch + 1 >= self.schedule_state.next_epoch:
             # the round comes before the transition, as a gradient round does in sync mode: while it
             # runs this peer still reports the old epoch, so nobody counts its idle time as samples
             # of the new one (hivemind extrapolates each peer's samples/s since its last report)
             epoch, started = self.local_epoch + 1, time.perf_counter()
-            control = self._group_for_round(epoch, started)  # the tracker runs: we see who moved on
+            if self.background_rounds:  # the group forms while we compute (see _land_round)
+                control = self._scheduled_or_new_round(epoch, started)
+            else:
+                control = self._group_for_round(epoch, started)  # the tracker runs: we see who moved on
             if control is not None:
                 with self.tracker.pause_updates():
                     self._average_in_group(control, epoch, started)
@@ -304,6 +345,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
 
     def load_state_from_peers(self, **kwargs):
         self._abandon_scheduled_round()
+        self._drop_round_in_flight()
         self.state_averager.local_state_loaded = None
         loaded = super().load_state_from_peers(**kwargs)
         got = self.state_averager.local_state_loaded
@@ -349,8 +391,22 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         if residual is not None:
             residual.zero_()
 
+    def settle(self, timeout: Optional[float] = None) -> None:
+        """Land the round in flight (``averaging.overlap``): wait up to `timeout` seconds (None: the
+        averaging timeout) and apply its outer step. Before a checkpoint, an evaluation, the next round."""
+        if self._in_flight is None:
+            return
+        timeout = self.averaging_timeout if timeout is None else timeout
+        try:
+            self._in_flight.control.result(timeout=timeout)
+        except BaseException:  # (an exception of the round itself: _land_round records it)
+            if not self._in_flight.control.done():
+                return  # still under way: it lands later
+        self._land_round()
+
     def shutdown(self):
         self._abandon_scheduled_round()
+        self._drop_round_in_flight()
         super().shutdown()
         self.delta_averager.shutdown()
 
@@ -379,6 +435,8 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             if self._scheduled.done():  # its matchmaking gave up in the background
                 self._scheduled = None
             return
+        if self._in_flight is not None:
+            return  # the record would hold the anchor from before the round in flight
         if self.local_epoch + 1 < self.schedule_state.next_epoch or self.tracker.global_progress.num_peers <= 1:
             return
         if self.local_epoch < self.tracker.global_epoch:
@@ -400,11 +458,8 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         else:
             self._tag_along_with_zero_weight(control)  # the group formed: do not leave it waiting
 
-    def _group_for_round(self, epoch: int, started: float) -> Optional[StepControl]:
-        """The group for the round leading into `epoch` (pre-scheduled, or looked for now), or None
-        (recorded as a failed round). Nothing waits for ever: we stop looking as soon as another
-        peer is past this averaging point (its round is over, or it had none), or after
-        averaging_timeout."""
+    def _scheduled_or_new_round(self, epoch: int, started: float) -> Optional[StepControl]:
+        """The pre-scheduled round, or one scheduled now; None when no other peer is there (recorded)."""
         control, self._scheduled = self._scheduled, None
         if control is not None and control.done():
             control = None  # its matchmaking failed in the background
@@ -414,6 +469,16 @@ class LocalSwarmOptimizer(SwarmOptimizer):
                                                     next_epoch=self.schedule_state.next_epoch))
                 return None  # still due: we try again at the next epoch
             control = self._schedule_round(get_dht_time() + self.matchmaking_time, epoch)
+        return control
+
+    def _group_for_round(self, epoch: int, started: float) -> Optional[StepControl]:
+        """The group for the round leading into `epoch` (pre-scheduled, or looked for now), or None
+        (recorded as a failed round). Nothing waits for ever: we stop looking as soon as another
+        peer is past this averaging point (its round is over, or it had none), or after
+        averaging_timeout."""
+        control = self._scheduled_or_new_round(epoch, started)
+        if control is None:
+            return None
         give_up_at, reason = max(control.scheduled_time, get_dht_time()) + self.averaging_timeout, None
         while control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) and not control.done():
             stale = self.tracker.global_epoch >= epoch and get_dht_time() > control.scheduled_time
@@ -449,6 +514,13 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             self.delta_averager.set_schedule_epoch(epoch)  # a density warm-up counts epochs, not rounds
         control.weight = weight
         control.allow_allreduce()
+        if self.background_rounds:
+            launched = [param.detach().clone() for param in parameters]
+            self._in_flight = _RoundInFlight(control, epoch, started, weight, launched,
+                                             self._samples_since_anchor, self._steps_since_anchor)
+            self._mark_round_in_flight(True)
+            self._samples_since_anchor = self._steps_since_anchor = 0  # from here on: the next round's delta
+            return
         try:
             gathered = control.result(timeout=self.averaging_timeout)
         except BaseException as error:
@@ -458,6 +530,57 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         with torch.no_grad(), self.delta_averager.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
         self._apply_round(epoch, started, gathered, averaged, weight)
+
+    def _left_behind(self, flight: _RoundInFlight) -> bool:
+        """A background round still looking for its group while the swarm is an epoch further, well after
+        the group should have formed: the others averaged without us (or had no round here)."""
+        control = flight.control
+        return (control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)
+                and self.tracker.global_epoch > flight.epoch
+                and get_dht_time() > control.scheduled_time + self.matchmaking_time)
+
+    def _mark_round_in_flight(self, in_flight: bool) -> None:
+        with self.state_averager.lock_averaged_tensors:
+            self.state_averager.local_round_in_flight = in_flight
+
+    def _land_round(self, stale: bool = False) -> None:
+        """The round in flight has finished: apply it (or record its failure; `stale`: we gave it up,
+        the others went past this averaging point without us)."""
+        flight, self._in_flight = self._in_flight, None
+        try:
+            self._apply_landed_round(flight, stale)
+        finally:
+            self._mark_round_in_flight(False)
+
+    def _apply_landed_round(self, flight: _RoundInFlight, stale: bool) -> None:
+        try:
+            if stale:
+                raise RuntimeError("the others went past this averaging point without us")
+            gathered = flight.control.result(timeout=0)
+        except BaseException as error:
+            # the anchor stays: our delta from it still holds the steps the round would have averaged
+            self._samples_since_anchor += flight.samples
+            self._steps_since_anchor += flight.steps
+            note = str(error) if stale else describe_round_failure(error)
+            return self._round_failed(flight.epoch, flight.started, note, stale=stale)
+        with torch.no_grad(), self.delta_averager.get_tensors() as buffers:
+            averaged = [buffer.clone() for buffer in buffers]
+        self._apply_round(flight.epoch, flight.started, gathered, averaged, flight.weight, launched=flight.launched)
+
+    def _drop_round_in_flight(self) -> None:
+        """Before our state is replaced or we leave: the round's group still needs our parts, so it runs
+        out (up to the averaging timeout) but its result is not applied."""
+        flight, self._in_flight = self._in_flight, None
+        self._mark_round_in_flight(False)
+        if flight is None or flight.control.done():
+            return
+        if flight.control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+            flight.control.cancel()  # no group yet: nobody waits for our parts
+            return
+        try:
+            flight.control.result(timeout=self.averaging_timeout)
+        except BaseException as error:
+            logger.debug(f"a round in flight while our state was replaced: {error!r}")
 
     def _round_failed(self, epoch: int, started: float, note: str, stale: bool = False) -> None:
         self._set_schedule_state(state_after_failure(self.settings, self.schedule_state, epoch))
@@ -471,7 +594,10 @@ class LocalSwarmOptimizer(SwarmOptimizer):
                     f"{self.next_averaging_epoch}")
 
     def _apply_round(self, epoch: int, started: float, gathered: Dict, averaged: List[torch.Tensor],
-                     weight: float) -> None:
+                     weight: float, launched: Optional[List[torch.Tensor]] = None) -> None:
+        """Apply a finished round: the outer step, then our parameters become the new anchor (with
+        `launched`, the parameters at a background round's hand-over: the new anchor plus the local
+        steps taken since)."""
         records = parse_records(gathered)
         reference = reference_member(records, self.anchor_tolerance)
         mine = self.dht.peer_id
@@ -492,9 +618,13 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             else:
                 # our averaged model was not the group's: the trainer downloads the state (diverged)
                 self.diverged = True
-            for param, anchor in zip(parameters, self.anchor):
-                param.copy_(anchor.to(param.device, param.dtype))
-        self._samples_since_anchor = self._steps_since_anchor = 0
+            if launched is None:
+                for param, anchor in zip(parameters, self.anchor):
+                    param.copy_(anchor.to(param.device, param.dtype))
+            else:
+                land_delayed_outer_step(parameters, launched, self.anchor)
+        if launched is None:
+            self._samples_since_anchor = self._steps_since_anchor = 0
         self._fresh = self._failed_out_of_step = False
         self._set_schedule_state(decision.state)
         self._synced_epochs += 1
@@ -541,6 +671,14 @@ def outer_step(anchor: List[torch.Tensor], momentum: Optional[List[torch.Tensor]
             momentum[index].mul_(outer_momentum).add_(update)
             update = update.add(momentum[index], alpha=outer_momentum)
         base.add_(update, alpha=outer_lr)
+
+
+@torch.no_grad()
+def land_delayed_outer_step(parameters, launched: List[torch.Tensor], anchor: List[torch.Tensor]) -> None:
+    """θ = anchor + (θ − θ at the hand-over), in place: a background round's new averaged model, plus
+    the local steps taken while the round ran."""
+    for param, before, base in zip(parameters, launched, anchor):
+        param.add_(base.to(param.device, param.dtype) - before)
 
 
 def _describe_model(tensors: List[torch.Tensor]) -> tuple:

@@ -10,9 +10,11 @@ import click
 @click.option("--peers", type=click.IntRange(min=1, max=8), default=3, show_default=True,
               help="Number of peer processes to start beside the coordinator.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Run config (default: the embedded tiny config, a small code LM on the Python stdlib).")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
-              help="Swarm epochs (optimizer steps) to train.")
+              help="Run config (default: the embedded demo config, a small code LM on the Python stdlib, "
+                   "trained in local mode with sparse rounds that overlap the computation).")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Swarm epochs to train (an epoch: the config's target_batch_size samples over the swarm; "
+                   "the demo config averages once an epoch).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Samples per local step on each peer.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,

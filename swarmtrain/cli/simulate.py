@@ -122,6 +122,9 @@ def simulate(config_path, peers, steps, max_epochs, seeds, batch_size, speeds, s
                for seed in _parse_list(seeds, int, "--seeds", "0,1,2")]
     for option in options:
         option.check()
+    if config.averaging.overlap:
+        click.echo("note: averaging.overlap is not simulated; every round lands at once, as with overlap off",
+                   err=True)
     results = []
     for option in options:
         click.echo(f"seed {option.seed}: {peers} peers, {steps} steps, {config.averaging.mode} mode, "

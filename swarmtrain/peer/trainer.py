@@ -199,7 +199,7 @@ class Trainer:
             self.optimizer = make_optimizer(config, self.model, self.swarm.dht, batch_size=self.batch_size,
                                             client_mode=self.swarm.client_mode, private_key=self.swarm.private_key,
                                             access=self.swarm.access, upload_mbps=options.upload_mbps)
-        if config.averaging.overlap and config.averaging.mode == "sync":
+        if config.averaging.overlap:
             yield_to_communication()  # rounds run while we compute: they must not wait for a core
         if resumed is not None and resumed.optimizer_state is not None:
             problem = optimizer_state_mismatch(self.optimizer.state_dict(), resumed.optimizer_state)
