@@ -67,6 +67,32 @@ def test_steps_schedule_keeps_the_local_steps_between_rounds_as_the_swarm_grows(
     assert all(b - a == 4 for a, b in zip(epochs, epochs[1:]))
 
 
+def test_overlap_delay_lands_rounds_later_on_the_peers_own_steps(corpus):
+    """--overlap-delay: a round's members step on from their own parameters and take the new anchor plus
+    those steps when it lands. The first round (nothing in flight before it) averages the same deltas as
+    without the delay; later ones start from other parameters."""
+    config = _config("averaging.mode=local", "averaging.schedule=constant:3", "averaging.compression=none")
+
+    def run(delay):  # (the held-out loss of the anchor is measured after every round)
+        simulation = Simulation(config, SimulationOptions(peers=3, steps=10, batch_size=2, eval_every=1,
+                                                          overlap_delay=delay), corpus)
+        result = simulation.run().to_dict()
+        return simulation, result, [(entry["tick"], entry["heldout_loss"]) for entry in result["curve"]]
+
+    at_once, at_once_result, at_once_curve = run(0)
+    delayed, delayed_result, delayed_curve = run(1)
+    assert len(at_once_result["rounds"]) == len(delayed_result["rounds"]) >= 3
+    first_round = at_once_result["rounds"][0]["tick"]
+    assert [loss for tick, loss in delayed_curve if tick <= first_round] == \
+        [loss for tick, loss in at_once_curve if tick <= first_round]
+    assert delayed_curve[-1][1] != at_once_curve[-1][1]
+    # the last round (tick 9) landed at the run's last tick, on top of the step each peer took meanwhile:
+    # not the bare anchor a round without delay leaves
+    assert delayed.averaging.in_flight is None
+    anchor = delayed.averaging.flat_anchor()
+    assert all((r.trainee.flat_parameters() - anchor).abs().max() > 0 for r in delayed.replicas)
+
+
 def test_dense_bytes_are_hivemind_codec_sizes(corpus):
     config = _config("averaging.compression=fp16")
     simulation = Simulation(config, SimulationOptions(peers=4, steps=3, batch_size=2, eval_every=10), corpus)

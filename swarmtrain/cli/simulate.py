@@ -95,10 +95,13 @@ def _summary(results: List[dict]) -> str:
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes that run the peers' forward and backward passes, this one included, one core each "
                    "(e.g. the machine's free cores); 1: all in this process. The results are the same.")
+@click.option("--overlap-delay", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Mode local with averaging.overlap: ticks a round takes to land while the peers step on (a real "
+                   "round's seconds over a local step's); 0: every round lands at once.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
               help="Write every seed's result (learning curve, rounds, bytes) to this JSON file.")
 def simulate(config_path, peers, steps, max_epochs, seeds, batch_size, speeds, shards, joins, leaves, overrides, eval_every,
-             workers, output):
+             workers, overlap_delay, output):
     """Simulate the swarm of a run config in this process: N peers train the run's model on the run's
     data and average through the swarm's own compression and schedule code, with the network replaced
     by an exact in-memory reduction. Prints the held-out loss reached and the averaging bytes each peer
@@ -118,12 +121,14 @@ def simulate(config_path, peers, steps, max_epochs, seeds, batch_size, speeds, s
     options = [SimulationOptions(peers=peers, steps=steps, batch_size=batch_size, seed=seed, speeds=speed_list,
                                  joins=_parse_plan(joins, "--join"), leaves=_parse_plan(leaves, "--leave"),
                                  disjoint_shards=shards == "disjoint", eval_every=eval_every,
-                                 max_epochs=max_epochs, workers=workers)
+                                 max_epochs=max_epochs, workers=workers, overlap_delay=overlap_delay)
                for seed in _parse_list(seeds, int, "--seeds", "0,1,2")]
     for option in options:
         option.check()
-    if config.averaging.overlap:
-        click.echo("note: averaging.overlap is not simulated; every round lands at once, as with overlap off",
+    if overlap_delay and config.averaging.mode != "local":
+        raise click.UsageError("--overlap-delay models mode local's background rounds; this config is mode sync")
+    if config.averaging.overlap and not overlap_delay:
+        click.echo("note: averaging.overlap is simulated only with --overlap-delay TICKS; every round lands at once",
                    err=True)
     results = []
     for option in options:

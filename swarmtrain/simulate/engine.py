@@ -45,6 +45,8 @@ class SimulationOptions:
     :param workers: processes that run the peers' forward and backward passes, this one included, one core
       each (1: all in this process; more: workers - 1 forked, see workers.py -- the same floats, faster when
       the machine has that many free cores)
+    :param overlap_delay: mode local, averaging.overlap: ticks a round takes to land, the peers stepping on
+      meanwhile (a real round's seconds over a local step's); 0: rounds land at once
     """
 
     peers: int = 4
@@ -58,10 +60,13 @@ class SimulationOptions:
     eval_every: int = 100
     max_epochs: Optional[int] = None
     workers: int = 1
+    overlap_delay: int = 0
 
     def check(self) -> None:
         if self.peers < 1 or self.steps < 1 or self.batch_size < 1 or self.workers < 1:
             raise UserError("--peers, --steps, --batch-size and --workers must be at least 1")
+        if self.overlap_delay < 0:
+            raise UserError("--overlap-delay is a number of ticks, 0 or more")
         if self.speeds is not None and (len(self.speeds) != self.peers or not all(0 < s <= 1 for s in self.speeds)):
             raise UserError(f"--speeds needs one number in (0, 1] per peer ({self.peers}), e.g. 1,1,0.5,0.25")
         for name, plan in (("--join", self.joins), ("--leave", self.leaves)):
@@ -148,7 +153,7 @@ class Simulation:
                                          config.data.num_shards,
                                          Trainee(config, model_seed, self.corpus.vocabulary) if local else None))
         if local:
-            self.averaging = LocalAveraging(config, self.replicas[0].trainee)
+            self.averaging = LocalAveraging(config, self.replicas[0].trainee, overlap_delay=options.overlap_delay)
             self.shared = None
         else:
             self.shared = Trainee(config, model_seed, self.corpus.vocabulary)
@@ -176,6 +181,8 @@ class Simulation:
                     self._sync_epoch_in_workers()
                 else:
                     self._one_tick()
+            if self.shared is None:
+                self.averaging.land(self.tick, now=True)  # as a peer at a planned end settles its last round
             if not self.curve or self.curve[-1]["tick"] != self.tick:
                 self._evaluate()
         except KeyboardInterrupt:
@@ -215,6 +222,8 @@ class Simulation:
             self.epoch_samples += replica.batch_size
             self.samples += replica.batch_size
         self.tick += 1
+        if self.shared is None:
+            self.averaging.land(self.tick)
         if self.epoch_samples >= self.config.target_batch_size:
             self._end_epoch(present)
 

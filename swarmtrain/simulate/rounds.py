@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 from hivemind.utils import MSGPackSerializer
 
-from swarmtrain.averaging.local import ANCHOR_TOLERANCE_LR, member_record, outer_step
+from swarmtrain.averaging.local import ANCHOR_TOLERANCE_LR, land_delayed_outer_step, member_record, outer_step
 from swarmtrain.averaging.schedule import (FINGERPRINT_SEED, FINGERPRINT_SIZE, ControllerSettings, ControllerState,
                                            decide_after_round, first_round_epoch, in_step_with, parse_records,
                                            reference_member)
@@ -94,10 +94,14 @@ class LocalAveraging(Averaging):
 
     :param config: the run config
     :param first: any replica's trainee after initialisation (the anchor is its parameters)
+    :param overlap_delay: ticks a round takes to land (averaging.overlap): its members step on from their
+      own parameters meanwhile, then take the new anchor plus the steps taken since the hand-over; 0: at once
     """
 
-    def __init__(self, config: RunConfig, first: Trainee):
+    def __init__(self, config: RunConfig, first: Trainee, overlap_delay: int = 0):
         super().__init__(config)
+        self.overlap_delay = int(overlap_delay)
+        self.in_flight: Optional[tuple] = None  # (landing tick, [(member, its flat parameters at the hand-over)])
         averaging = config.averaging
         self.settings = ControllerSettings.from_config(config)
         self.state = ControllerState(first_round_epoch(self.settings, 0), 0, 0)
@@ -123,8 +127,22 @@ class LocalAveraging(Averaging):
         sync_scheduler(joiner.trainee.scheduler, epoch)
         joiner.residual, joiner.samples_since_anchor, joiner.steps_since_anchor, joiner.fresh = None, 0, 0, True
 
+    def land(self, tick: int, now: bool = False) -> None:
+        """Apply the round in flight once its landing tick came (`now`: at once -- the next round is due, and
+        a real peer waits for the one in flight), with the swarm's own arithmetic (land_delayed_outer_step)."""
+        if self.in_flight is None or (tick < self.in_flight[0] and not now):
+            return
+        _, launched = self.in_flight
+        self.in_flight = None
+        anchor = self.flat_anchor()
+        for member, before in launched:
+            flat = member.trainee.flat_parameters()
+            land_delayed_outer_step([flat], [before], [anchor])
+            member.trainee.load_flat(flat)
+
     def run_round(self, members: Sequence[Replica], epoch: int, tick: int, peers_seen: int) -> SimulatedRound:
         """The round at `epoch` among `members` (every present peer: the simulator's groups never fail)."""
+        self.land(tick, now=True)
         weights = [0.0 if m.fresh else float(m.samples_since_anchor) for m in members]
         gathered = {m.index: member_record(epoch, self.state, self.anchor, m.trainee.parameters, self.positions,
                                            weight, peers_seen, 0 if m.fresh else m.steps_since_anchor).to_wire()
@@ -144,11 +162,17 @@ class LocalAveraging(Averaging):
         outer_step(self.anchor, self.momentum, averaged, self.config.averaging.outer_lr,
                    self.config.averaging.outer_momentum)
         anchor = self.flat_anchor()
+        launched = []
         for member in members:
             if member.residual is not None and self.config.averaging.feedback_decay != 1.0:
                 member.residual.mul_(self.config.averaging.feedback_decay)
-            member.trainee.load_flat(anchor)
+            if self.overlap_delay > 0:
+                launched.append((member, member.trainee.flat_parameters()))
+            else:
+                member.trainee.load_flat(anchor)
             member.samples_since_anchor, member.steps_since_anchor, member.fresh = 0, 0, False
+        if launched:
+            self.in_flight = (tick + self.overlap_delay, launched)
         self.state = decision.state
         control = sum(len(self.serializer.dumps(record)) for record in gathered.values()) * (len(members) - 1)
         return self.record(epoch, tick, members, weights, result, control_bytes=control,
