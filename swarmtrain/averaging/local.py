@@ -317,7 +317,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             # of the new one (hivemind extrapolates each peer's samples/s since its last report)
             epoch, started = self.local_epoch + 1, time.perf_counter()
             if self.background_rounds:  # the group forms while we compute (see _land_round)
-                control = self._scheduled_or_new_round(epoch, started)
+                control = self._scheduled_or_new_round(epoch)
             else:
                 control = self._group_for_round(epoch, started)  # the tracker runs: we see who moved on
             if control is not None:
@@ -458,7 +458,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         else:
             self._tag_along_with_zero_weight(control)  # the group formed: do not leave it waiting
 
-    def _scheduled_or_new_round(self, epoch: int, started: float) -> Optional[StepControl]:
+    def _scheduled_or_new_round(self, epoch: int) -> Optional[StepControl]:
         """The pre-scheduled round, or one scheduled now; None when no other peer is there (recorded)."""
         control, self._scheduled = self._scheduled, None
         if control is not None and control.done():
@@ -476,7 +476,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         (recorded as a failed round). Nothing waits for ever: we stop looking as soon as another
         peer is past this averaging point (its round is over, or it had none), or after
         averaging_timeout."""
-        control = self._scheduled_or_new_round(epoch, started)
+        control = self._scheduled_or_new_round(epoch)
         if control is None:
             return None
         give_up_at, reason = max(control.scheduled_time, get_dht_time()) + self.averaging_timeout, None
@@ -553,15 +553,16 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             self._mark_round_in_flight(False)
 
     def _apply_landed_round(self, flight: _RoundInFlight, stale: bool) -> None:
-        try:
-            if stale:
-                raise RuntimeError("the others went past this averaging point without us")
-            gathered = flight.control.result(timeout=0)
-        except BaseException as error:
+        note = "the others went past this averaging point without us" if stale else None
+        if note is None:
+            try:
+                gathered = flight.control.result(timeout=0)
+            except BaseException as error:
+                note = describe_round_failure(error)
+        if note is not None:
             # the anchor stays: our delta from it still holds the steps the round would have averaged
             self._samples_since_anchor += flight.samples
             self._steps_since_anchor += flight.steps
-            note = str(error) if stale else describe_round_failure(error)
             return self._round_failed(flight.epoch, flight.started, note, stale=stale)
         with torch.no_grad(), self.delta_averager.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]

@@ -444,9 +444,7 @@ class Trainer:
         unseen, self._rounds_seen = optimizer.rounds[self._rounds_seen:], len(optimizer.rounds)
         if not optimizer.state_is_finite():
             reason = "its parameters or optimizer statistics are not finite"
-        elif status.resynced_after == len(optimizer.rounds):
-            return
-        else:
+        else:  # (rounds seen before a resync are not judged again: it set _rounds_seen)
             reason = reason_to_resync(unseen, optimizer.diverged,
                                       failed_rounds_count=getattr(optimizer, "resync_after_failed_round", True))
             if reason is None:
