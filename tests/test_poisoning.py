@@ -60,7 +60,7 @@ def test_poisoned_gradients_are_dropped_and_the_poisoner_is_reported(tmp_path, c
 
     states = [swarm.final_parameters(i) for i in (0, 1)]
     assert all(torch.isfinite(tensor).all() for state in states for tensor in state.values())
-    assert max_parameter_difference(states) <= 1e-6
+    assert max_parameter_difference(states) <= 1e-6, swarm.why_apart((0, 1))
     for index in (0, 1):
         heldout = swarm.status(index)["heldout_loss"]
         losses = [loss for _, loss in heldout]

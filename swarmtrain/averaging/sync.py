@@ -236,7 +236,8 @@ class SwarmOptimizer(hivemind.Optimizer):
             wanted, attempt = self._epoch_to_download(), 0
             while True:
                 attempt += 1
-                self._download_state_once(**kwargs)
+                wanted = self._servable_epoch(wanted)
+                self._download_state_once(own_state, **kwargs)
                 finite = self.state_is_finite()
                 if not finite:
                     logger.warning("a peer served a state with non-finite values; asking another")
@@ -271,16 +272,32 @@ class SwarmOptimizer(hivemind.Optimizer):
         swarm_epoch, others = self.tracker.global_epoch, self.tracker.newest_other_epoch
         return swarm_epoch if others is None else min(swarm_epoch, others)
 
-    def _download_state_once(self, **kwargs) -> None:
+    def _servable_epoch(self, wanted: int) -> int:
+        """`wanted`, but not above the newest epoch a donor now declares (other than us).
+
+        The epoch wanted comes from progress records, which lag: a peer that stepped to epoch E+1 and
+        then found itself apart downloads epoch E from us and declares E again, while its record still
+        says E+1 until it next reports. Waiting for E+1 then waited out the whole state wait for a
+        state nobody held, while that peer's rounds timed out without us (72 s, seen on loopback)."""
+        if not self.use_gradient_averaging:
+            return wanted  # mode local judges its downloads itself
+        declared = self.dht.get(f"{self.state_averager.prefix}.all_averagers", latest=True)
+        me = self.dht.peer_id.to_bytes()
+        epochs = [entry.value for subkey, entry in (declared.value if declared else {}).items()
+                  if subkey != me and isinstance(getattr(entry, "value", None), (int, float))]
+        return min(wanted, int(max(epochs))) if epochs else wanted
+
+    def _download_state_once(self, own_state: dict, **kwargs) -> None:
         """One download from a random donor of the newest epoch; our epoch is then the state's.
 
         hivemind refuses a state whose epoch is below ours. In mode sync a peer re-synchronising
         already counts the swarm's epoch while its parameters are wrong, and a donor with a step in
         flight serves the epoch before (SettledStateMixin): refused, the download left us as we were
         while it looked like success. Here any donor's state is taken (the caller judges its epoch
-        and asks again); when none answered, our own epoch stays."""
+        and asks again); when none answered, our own epoch stays. A donor that is itself downloading
+        serves whatever its tensors hold at that moment, labelled -1 (this very trick): that state is
+        nobody's, so we go back to `own_state`, the one we held before the download began."""
         accept_any = self.use_gradient_averaging  # mode local judges its downloads itself
-        current = self.local_epoch
         if accept_any:
             self.state_averager.local_epoch = -1
         try:
@@ -288,8 +305,9 @@ class SwarmOptimizer(hivemind.Optimizer):
         except Exception as error:  # a donor vanished mid-download: ask another
             logger.warning(f"state download failed ({error!r}); trying another peer")
         finally:
-            if accept_any and self.state_averager.local_epoch < 0:  # nothing loaded
-                self.state_averager.local_epoch = current
+            if accept_any and self.state_averager.local_epoch < 0:  # nothing loaded, or a state mid-download
+                self._restore_state(own_state)
+                self.state_averager.local_epoch = own_state["epoch"]
 
     def state_is_finite(self) -> bool:
         """Parameters and optimizer statistics all finite (a NaN step or a bad download breaks this)."""

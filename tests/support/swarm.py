@@ -70,6 +70,16 @@ class LocalSwarm:
     def rounds(self, index: int) -> List[dict]:
         return self.status(index).get("rounds", [])
 
+    def why_apart(self, indices) -> str:
+        """What a failure message needs when peers end apart: each one's rounds, resyncs and warnings."""
+        lines = []
+        for index in indices:
+            status = self.status(index)
+            lines.append(f"peer-{index}: resyncs {status.get('resyncs')}, rounds "
+                         f"{[(r['epoch'], r['group_size'], r['note'] or 'ok') for r in status.get('rounds', [])]}")
+            lines += [f"  {line[:200]}" for line in self.log(index).splitlines() if " WARNING " in line]
+        return "\n".join(lines)
+
     def close(self) -> None:
         for process in self.peers.values():
             stop_process(process)
