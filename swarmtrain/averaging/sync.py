@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import math
 import time
 import weakref
 from concurrent.futures import InvalidStateError
@@ -282,9 +283,11 @@ class SwarmOptimizer(hivemind.Optimizer):
         if not self.use_gradient_averaging:
             return wanted  # mode local judges its downloads itself
         declared = self.dht.get(f"{self.state_averager.prefix}.all_averagers", latest=True)
+        entries = declared.value if declared is not None and isinstance(declared.value, dict) else {}
         me = self.dht.peer_id.to_bytes()
-        epochs = [entry.value for subkey, entry in (declared.value if declared else {}).items()
-                  if subkey != me and isinstance(getattr(entry, "value", None), (int, float))]
+        epochs = [entry.value for subkey, entry in entries.items()  # (anyone may write here: check what's read)
+                  if subkey != me and isinstance(getattr(entry, "value", None), (int, float))
+                  and math.isfinite(entry.value)]
         return min(wanted, int(max(epochs))) if epochs else wanted
 
     def _download_state_once(self, own_state: dict, **kwargs) -> None:
