@@ -18,6 +18,7 @@ parameters, whose fp16 average is 6.5 MB, 2.6 s at 20 Mbit/s):
     sync_fp16_overlap          the same with averaging.overlap (delayed parameter updates)
     sync_gaussiank             mode sync, gaussiank:RHO, no overlap
     local_constant             mode local, constant:H, fp16
+    local_constant_overlap     the same with averaging.overlap (rounds in the background, delayed outer step)
     local_adaptive             mode local, adaptive (round_budget = epochs / H), fp16
     local_adaptive_gaussiank   mode local, adaptive (same budget), gaussiank:RHO
     local_sparseloco           mode local, constant:H, gaussiank:RHO+2bit, feedback_decay 0.95, outer lr
@@ -250,6 +251,9 @@ def configurations(epochs: int, period: int, density: float, sparse_outer_lr: fl
         "sync_fp16_overlap": dict(mode="sync", compression="fp16", overlap=True),
         "sync_gaussiank": dict(mode="sync", compression=f"gaussiank:{density:g}", overlap=False),
         "local_constant": dict(mode="local", schedule=f"constant:{period}", compression="fp16"),
+        # dense DiLoCo with each round in the background: the case where rounds cost seconds
+        "local_constant_overlap": dict(mode="local", schedule=f"constant:{period}", compression="fp16",
+                                       overlap=True),
         "local_adaptive": dict(adaptive, compression="fp16"),
         "local_adaptive_gaussiank": dict(adaptive, compression=f"gaussiank:{density:g}"),
         # the simulator's winning sparse recipe (benchmarks/simulate_recipes.py, issue #14): SparseLoCo's
@@ -264,6 +268,17 @@ def configurations(epochs: int, period: int, density: float, sparse_outer_lr: fl
         "adaptive_dense": dict(adaptive, compression="none"),
         "constant_dense": dict(mode="local", schedule=f"constant:{period}", compression="none"),
     }
+
+
+def parse_averaging_overrides(overrides: List[str]) -> dict:
+    """["request_timeout=2", ...] -> {"request_timeout": 2, ...} (values read as YAML)."""
+    parsed = {}
+    for override in overrides:
+        key, sign, value = override.partition("=")
+        if not sign or not key:
+            raise SystemExit(f"--averaging {override!r}: expected KEY=VALUE, e.g. request_timeout=2")
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
 
 
 MODELS = {"tiny": None, "wide": {"n_layer": 4, "n_embd": 256, "n_head": 4}}  # None: tiny.yaml's own
@@ -518,6 +533,8 @@ def run_suite(args, names: List[str], seeds: List[int], output: Path, log=print)
     from swarmtrain.net.identity import load_or_create_identity
 
     all_configs = configurations(args.epochs, args.period, args.density, getattr(args, "sparse_outer_lr", 2.0))
+    for averaging in all_configs.values():  # --averaging KEY=VALUE: the same change in every configuration
+        averaging.update(parse_averaging_overrides(getattr(args, "averaging", [])))
     install_signal_handlers()
     net = make_network(args, args.peers + 1, log)
     workroot = Path(tempfile.mkdtemp(prefix="swarmtrain-wan-", dir=args.workdir))
@@ -590,6 +607,8 @@ def main() -> None:
     parser.add_argument("--batch-multiplier", type=int, default=4, help="target_batch_size = 192 x this")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny",
                         help="tiny: tiny.yaml's model; wide: 3.2M parameters (fp16 average 6.5 MB)")
+    parser.add_argument("--averaging", action="append", default=[], metavar="KEY=VALUE",
+                        help="set an averaging field in every configuration (e.g. request_timeout=2); repeatable")
     parser.add_argument("--rate", default="20mbit")
     parser.add_argument("--delay", default="30ms")
     parser.add_argument("--loopback", action="store_true", help="no namespaces, no caps")
