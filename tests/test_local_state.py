@@ -2,8 +2,6 @@
 real hivemind state averagers in one process: the last averaged model, not the half-trained one."""
 import time
 
-import hivemind
-import pytest
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
@@ -15,15 +13,6 @@ PREFIX = "localstate_state_averager"
 def _averager(cls, dht, model, **kwargs):
     return cls(dht=dht, prefix=PREFIX, optimizer=lambda params: torch.optim.AdamW(params, lr=0.1),
                params=model.parameters(), min_matchmaking_time=1.0, request_timeout=0.5, start=True, **kwargs)
-
-
-@pytest.fixture
-def two_dhts():
-    first = hivemind.DHT(start=True)
-    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), start=True)
-    yield first, second
-    second.shutdown()
-    first.shutdown()
 
 
 def _load(averager, timeout=30.0):

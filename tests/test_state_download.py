@@ -2,22 +2,11 @@
 read from what donors declare in a real hivemind DHT (two nodes in this process)."""
 from types import SimpleNamespace
 
-import hivemind
-import pytest
 from hivemind.utils import get_dht_time
 
 from swarmtrain.averaging.sync import SwarmOptimizer
 
 PREFIX = "download_state_averager"
-
-
-@pytest.fixture
-def two_dhts():
-    first = hivemind.DHT(start=True)
-    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), start=True)
-    yield first, second
-    second.shutdown()
-    first.shutdown()
 
 
 def _declare(dht, value, subkey=None) -> None:
