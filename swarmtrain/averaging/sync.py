@@ -51,6 +51,7 @@ FINGERPRINT_SIZE = 64  # parameter values gathered from every member in each rou
 FINGERPRINT_SEED = 0
 
 
+UNANSWERED_DOWNLOADS_BEFORE_GIVING_UP = 3  # attempts in a row in which no donor served a state
 GROUP_REGISTRATION_WAIT = 30.0  # seconds a part may wait for its group to start here (senders time out sooner)
 
 
@@ -234,16 +235,20 @@ class SwarmOptimizer(hivemind.Optimizer):
         deadline = time.monotonic() + max_wait
         own_state = self._snapshot_state()
         with self.tracker.pause_updates():
-            wanted, attempt = self._epoch_to_download(), 0
+            wanted, attempt, unanswered = self._epoch_to_download(), 0, 0
             while True:
                 attempt += 1
                 wanted = self._servable_epoch(wanted)
-                self._download_state_once(own_state, **kwargs)
+                # (a donor's declaration outlives it by up to hivemind's declare period: the peers of
+                # a swarm that just stopped kept a lone peer asking them for the whole state wait)
+                unanswered = 0 if self._download_state_once(own_state, **kwargs) else unanswered + 1
                 finite = self.state_is_finite()
                 if not finite:
                     logger.warning("a peer served a state with non-finite values; asking another")
                     self._restore_state(own_state)
                 if finite and self.local_epoch >= wanted or time.monotonic() > deadline:
+                    break
+                if unanswered >= UNANSWERED_DOWNLOADS_BEFORE_GIVING_UP:
                     break
                 raise_if_stop_requested()
                 time.sleep(min(1.0 + 0.5 * attempt, 5.0))  # the donors are applying epoch `wanted` right now
@@ -290,7 +295,7 @@ class SwarmOptimizer(hivemind.Optimizer):
                   and math.isfinite(entry.value)]
         return min(wanted, int(max(epochs))) if epochs else wanted
 
-    def _download_state_once(self, own_state: dict, **kwargs) -> None:
+    def _download_state_once(self, own_state: dict, **kwargs) -> bool:
         """One download from a random donor of the newest epoch; our epoch is then the state's.
 
         hivemind refuses a state whose epoch is below ours. In mode sync a peer re-synchronising
@@ -299,18 +304,24 @@ class SwarmOptimizer(hivemind.Optimizer):
         while it looked like success. Here any donor's state is taken (the caller judges its epoch
         and asks again); when none answered, our own epoch stays. A donor that is itself downloading
         serves whatever its tensors hold at that moment, labelled -1 (this very trick): that state is
-        nobody's, so we go back to `own_state`, the one we held before the download began."""
+        nobody's, so we go back to `own_state`, the one we held before the download began.
+
+        :returns: whether a donor's state was loaded (mode local: whether the download raised nothing)"""
         accept_any = self.use_gradient_averaging  # mode local judges its downloads itself
         if accept_any:
             self.state_averager.local_epoch = -1
+        answered = False
         try:
             self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+            answered = True
         except Exception as error:  # a donor vanished mid-download: ask another
             logger.warning(f"state download failed ({error!r}); trying another peer")
         finally:
             if accept_any and self.state_averager.local_epoch < 0:  # nothing loaded, or a state mid-download
                 self._restore_state(own_state)
                 self.state_averager.local_epoch = own_state["epoch"]
+                answered = False
+        return answered
 
     def state_is_finite(self) -> bool:
         """Parameters and optimizer statistics all finite (a NaN step or a bad download breaks this)."""
