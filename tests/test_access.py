@@ -327,7 +327,10 @@ def token_swarm(tmp_path_factory):
         (workdir / "bob.token").write_text(bob.to_text())
 
         ports = [free_port(), free_port()]
-        common = ("--eval-every", "0", "--checkpoint-every", "0", "--device", "cpu")
+        # --wait-for-peers: two peers that each step alone first cancel hivemind's pre-scheduled
+        # matchmaking, which twice left one's matchmaking broken for good (every later round "no group
+        # formed", both peers stuck for minutes; a hivemind race noted in the session notes, not fixed)
+        common = ("--eval-every", "0", "--checkpoint-every", "0", "--device", "cpu", "--wait-for-peers", "2")
         swarm.start_peer(0, "--identity", str(identities[0]), "--token", token,
                          "--host-maddrs", f"/ip4/127.0.0.1/tcp/{ports[0]}", *common)
         swarm.start_peer(1, "--identity", str(identities[1]), "--token-file", str(workdir / "bob.token"),
