@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import traffic_meter  # noqa: E402
 from wan import (PORT, PYTHON, TINY, _read_json, _start, _stop, cleanup_stale_namespaces,  # noqa: E402
-                 install_signal_handlers, make_network)
+                 install_signal_handlers, make_network, parse_override)
 
 METRICS_PORT = 9400
 # the swarm's steady running costs; "state" (downloads after a resync or by a joiner) comes in events
@@ -130,9 +130,9 @@ def run_config(args, run_id: str) -> dict:
     if args.access == "token":
         config["access"] = {"mode": "token"}
     for override in args.set:
-        section, _, rest = override.partition(".")
-        key, _, value = rest.partition("=")
-        config.setdefault(section, {})[key] = yaml.safe_load(value)
+        dotted, value = parse_override(override, "--set", "averaging.overlap=false")
+        section, _, key = dotted.partition(".")
+        config.setdefault(section, {})[key] = value
     return config
 
 

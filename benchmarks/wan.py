@@ -270,15 +270,17 @@ def configurations(epochs: int, period: int, density: float, sparse_outer_lr: fl
     }
 
 
+def parse_override(text: str, flag: str, example: str) -> tuple:
+    """"KEY=VALUE" -> (KEY, VALUE read as YAML); a one-line exit naming `flag` otherwise."""
+    key, sign, value = text.partition("=")
+    if not sign or not key.strip():
+        raise SystemExit(f"{flag} {text!r}: expected KEY=VALUE, e.g. {example}")
+    return key.strip(), yaml.safe_load(value)
+
+
 def parse_averaging_overrides(overrides: List[str]) -> dict:
-    """["request_timeout=2", ...] -> {"request_timeout": 2, ...} (values read as YAML)."""
-    parsed = {}
-    for override in overrides:
-        key, sign, value = override.partition("=")
-        if not sign or not key:
-            raise SystemExit(f"--averaging {override!r}: expected KEY=VALUE, e.g. request_timeout=2")
-        parsed[key.strip()] = yaml.safe_load(value)
-    return parsed
+    """["request_timeout=2", ...] -> {"request_timeout": 2, ...}"""
+    return dict(parse_override(text, "--averaging", "request_timeout=2") for text in overrides)
 
 
 MODELS = {"tiny": None, "wide": {"n_layer": 4, "n_embd": 256, "n_head": 4}}  # None: tiny.yaml's own
@@ -534,7 +536,7 @@ def run_suite(args, names: List[str], seeds: List[int], output: Path, log=print)
 
     all_configs = configurations(args.epochs, args.period, args.density, getattr(args, "sparse_outer_lr", 2.0))
     for averaging in all_configs.values():  # --averaging KEY=VALUE: the same change in every configuration
-        averaging.update(parse_averaging_overrides(getattr(args, "averaging", [])))
+        averaging.update(parse_averaging_overrides(getattr(args, "averaging", [])))  # (checked in main)
     install_signal_handlers()
     net = make_network(args, args.peers + 1, log)
     workroot = Path(tempfile.mkdtemp(prefix="swarmtrain-wan-", dir=args.workdir))
@@ -625,6 +627,16 @@ def main() -> None:
         parser.error(f"unknown configurations {sorted(unknown)}")
     if args.baseline not in names:
         parser.error(f"--baseline {args.baseline} is not among --configs")
+    from swarmtrain.config import parse_run_config
+    from swarmtrain.errors import UserError
+
+    overrides = parse_averaging_overrides(args.averaging)
+    for name in names:  # a bad --averaging value: one line now, not a config error in every peer's log
+        averaging = dict(configurations(args.epochs, args.period, args.density)[name], **overrides)
+        try:
+            parse_run_config(run_config_dict(averaging, args.epochs, 0, args.batch_multiplier, args.model))
+        except UserError as error:
+            parser.error(f"--averaging: {error}")
     output = Path(args.output)
     report = run_suite(args, names, [int(s) for s in args.seeds.split(",")], output)
     compare_to_baseline(report, args.baseline)
