@@ -72,6 +72,9 @@ from swarmtrain.training.fingerprint import fingerprint, fingerprint_positions
 
 logger = logging.getLogger("swarmtrain.peer")
 ANCHOR_TOLERANCE_LR = 0.5  # averaged models "match" when they agree within this many learning rates
+# a round's matchmaking key carries its epoch modulo 2**ROUND_KEY_BITS (see schedule_round); the traffic
+# meter of the benchmarks (benchmarks/traffic_meter.py) recognises keys of up to 5 group bits
+ROUND_KEY_BITS = 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,14 +397,19 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     def settle(self, timeout: Optional[float] = None) -> None:
         """Land the round in flight (``averaging.overlap``): wait up to `timeout` seconds (None: the
         averaging timeout) and apply its outer step. Before a checkpoint, an evaluation, the next round."""
-        if self._in_flight is None:
+        flight = self._in_flight
+        if flight is None:
             return
-        timeout = self.averaging_timeout if timeout is None else timeout
-        try:
-            self._in_flight.control.result(timeout=timeout)
-        except BaseException:  # (an exception of the round itself: _land_round records it)
-            if not self._in_flight.control.done():
+        deadline = time.monotonic() + (self.averaging_timeout if timeout is None else timeout)
+        while not flight.control.done():
+            if self._left_behind(flight):
+                # the others averaged this round without us (a peer whose epoch counter lagged at the
+                # start handed it over after they had): waiting on would hold it the whole timeout
+                flight.control.cancel()
+                return self._land_round(stale=True)
+            if time.monotonic() >= deadline:
                 return  # still under way: it lands later
+            time.sleep(0.02)
         self._land_round()
 
     def shutdown(self):
@@ -423,10 +431,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     def _schedule_round(self, scheduled_time: float, round_epoch: int) -> StepControl:
         gather = self._member_record(round_epoch).to_wire()
         self._control_bytes += len(self.delta_averager.serializer.dumps(gather))
-        # no retries inside the step: a second group found later could be the others' *next* round;
-        # a failed round is retried at the next epoch instead, with a fresh record
-        return self.delta_averager.schedule_step(scheduled_time=scheduled_time, gather=gather,
-                                                 timeout=self.averaging_timeout, allow_retries=False)
+        return schedule_round(self.delta_averager, scheduled_time, round_epoch, gather, self.averaging_timeout)
 
     def _maybe_preschedule_round(self) -> None:
         """Start matchmaking for the round at the end of this epoch, when that end is near (as
@@ -646,6 +651,27 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         self.schedule_state = state
         with self.state_averager.lock_averaged_tensors:
             self.state_averager.local_schedule = state.to_dict()
+
+
+def round_group_bits(round_epoch: int) -> str:
+    """The group bits of the round leading into `round_epoch` (its epoch modulo 2**ROUND_KEY_BITS)."""
+    return format(round_epoch % 2 ** ROUND_KEY_BITS, f"0{ROUND_KEY_BITS}b")
+
+
+def schedule_round(averager: DecentralizedAverager, scheduled_time: float, round_epoch: int, gather,
+                   timeout: float) -> StepControl:
+    """Start matchmaking for the round leading into `round_epoch`, under a key only that round's members
+    use. Rounds of different epochs used to share one key: a peer whose counter ran an epoch ahead
+    (it stepped alone at the start, before its tracker saw the others) joined the others' round of the
+    epoch before, every round of the run, and finished before their last one (the demo ended with its
+    model apart). Now such a peer averages in step with nobody once, is found out of step by the
+    anchor check, and re-synchronises. (Matchmaking runs one round at a time: a round's bits are set
+    only after the last one's group formed or was given up.)"""
+    averager.set_group_bits(round_group_bits(round_epoch))
+    # no retries inside the step: a second group found later could be the others' *next* round;
+    # a failed round is retried at the next epoch instead, with a fresh record
+    return averager.schedule_step(scheduled_time=scheduled_time, gather=gather, timeout=timeout,
+                                  allow_retries=False)
 
 
 def member_record(round_epoch: int, state: ControllerState, anchor: List[torch.Tensor], parameters,
