@@ -434,7 +434,15 @@ class SwarmOptimizer(hivemind.Optimizer):
                                            "no round started; stepped on local gradients"))
 
     def _maybe_schedule_gradient_averaging(self) -> None:
-        """Not while the round in flight is still looking for its group (see the module docstring)."""
+        """Not while the round in flight is still looking for its group (see the module docstring), and
+        not while we see no other peer. hivemind pre-schedules a lone peer's round too, then cancels it at
+        the epoch's end ("no other peers"). Two peers that start together each count only themselves
+        for a while, yet find each other under the matchmaking key: the cancel then lands inside a join
+        in progress, and hivemind's matchmaking can wait for ever for a follower that never leaves
+        ("aclose(): asynchronous generator is already running"); every later round of that peer found
+        no group. A peer that sees others at the epoch's end still starts its round then."""
+        if self.tracker.global_progress.num_peers <= 1 and self.scheduled_grads is None:
+            return
         if self.delay_grad_averaging and self.update_in_flight():
             self.overlapped_steps += 1  # hivemind calls this once per local step: one computed during a round
             in_flight = self.scheduled_grads
