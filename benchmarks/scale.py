@@ -6,7 +6,7 @@ coordinator's CPU, memory and /metrics time.
 
 Each N: a coordinator and N peers of the tiny config (benchmarks/bench_peer.py: the real `swarmtrain`
 programs, instrumented), each in its own network namespace behind a capped link (benchmarks/wan.py's
-topology; --delay 0ms by default, see below), on a token-gated run (access.mode: token) so that the
+topology; see "Links" below for --delay), on a token-gated run (access.mode: token) so that the
 access records' cost shows. The peers train for --warmup seconds, then everything is measured over a
 --window of seconds:
 

@@ -8,6 +8,7 @@ or receives is counted once, by the serialized size of its protobuf, and attribu
     progress       hivemind's progress records ({run_id}_progress), stored and read through the DHT
     peer_records   swarmtrain's PeerRecords ({run_id}_peers)
     matchmaking    averagers finding groups: rpc_join_group streams and the DHT keys {prefix}.0b...
+                   (mode local's rounds use 4 group bits: the round's epoch mod 16)
     access         access tokens: the auth fields of DHT messages and the {run_id}_access records
     averaging      the all-reduce itself (rpc_aggregate_part)
     state          state downloads (rpc_download_state) and the donors' {prefix}.all_averagers keys
@@ -45,7 +46,12 @@ def _dht_key_kinds(run_id: str) -> dict:
 
     kinds = {key_id(f"{run_id}_progress"): "progress", key_id(f"{run_id}_peers"): "peer_records",
              key_id(f"{run_id}_access"): "access"}
-    for prefix in (f"{run_id}_grad_averager", f"{run_id}_state_averager"):
+    from swarmtrain.compression.crosscheck import CHECK_PROTOCOL_VERSION
+
+    # a gradient / delta averager with the round check matches under its own prefix (crosscheck.py);
+    # without this its matchmaking keys were counted as dht_other
+    checked = f"{run_id}_grad_averager_checked{CHECK_PROTOCOL_VERSION}"
+    for prefix in (f"{run_id}_grad_averager", checked, f"{run_id}_state_averager"):
         kinds[key_id(f"{prefix}.all_averagers")] = "state"
         for group_bits in ("".join(bits) for depth in range(GROUP_BITS_DEPTH + 1)
                            for bits in itertools.product("01", repeat=depth)):
