@@ -117,10 +117,13 @@ def make_dht(
                 "the run may need an access token (ask the organiser for one and pass --token), or the "
                 "coordinator is overloaded (try again)"
             ) from None
+        # a refused token and an initial peer too busy to answer in time look the same from here (no
+        # answer to the bootstrap ping): seen with 24 peers joining a coordinator on a 2-core machine
         raise UserError(
-            f"the initial peer(s) ({', '.join(initial_peers)}) refused this node's access token: check that the "
-            "run is token-gated and the token is for this coordinator, and that this machine's clock is right "
-            "(`swarmtrain doctor --token ...` checks both)"
+            f"the initial peer(s) ({', '.join(initial_peers)}) did not accept this node: either they refused its "
+            "access token (check that the run is token-gated, that the token is for this coordinator and that "
+            "this machine's clock is right: `swarmtrain doctor --token ...` checks all three), or they were "
+            "too busy to answer in time (try again)"
         ) from None
     except P2PDaemonError as error:
         text = str(error)
