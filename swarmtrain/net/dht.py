@@ -106,6 +106,13 @@ def make_dht(
             record_validators=validators,
             startup_timeout=startup_timeout,
             authorizer=authorizer,
+            # no copies of found values beyond a key's replicas: a read with latest=True (hivemind's
+            # progress tracker, matchmaking, our records) asks every node of a small DHT, and every
+            # node that had read a key answered with its cached copy of all N records. Per peer,
+            # progress bytes grew linearly with N (benchmarks/scale.py: x3.1 from 4 to 16 peers) although
+            # reads per peer fall as 1/N (benchmarks/progress_reads.py): 18 copies at 16 peers, 5 without
+            cache_locally=False,
+            cache_nearest=0,
             start=True,
         )
     except RuntimeError as error:
