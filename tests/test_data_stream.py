@@ -120,9 +120,12 @@ def test_ctrl_c_ends_a_reading_process_promptly(corpus_config):
     loop = ("print('reading', flush=True)\ntry:\n    for batch in data.batches(args['batch']):\n        pass\n"
             "except KeyboardInterrupt:\n    print('interrupted', flush=True)\n    raise\n")
     script = READER[: READER.index("for batch in data.batches")] + loop
+    # a shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt
+    # handler in the child: `make test &` failed here. The child gets the terminal's default instead
     process = subprocess.Popen([sys.executable, "-c", script, json.dumps({"peer": "p", "config": corpus_config,
                                                                            "batch": 1})],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stdout.readline().strip() == "reading"
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
