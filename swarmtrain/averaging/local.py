@@ -300,11 +300,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     def step(self, closure=None, batch_size: Optional[int] = None, grad_scaler=None):
         if self._in_flight is not None:
             self.overlapped_steps += 1
-            if self._in_flight.control.done():
-                self._land_round()
-            elif self._left_behind(self._in_flight):
-                self._in_flight.control.cancel()
-                self._land_round(stale=True)
+            self._land_round_if_over()
         if not self.auxiliary:
             self._samples_since_anchor += batch_size if batch_size is not None else (self.batch_size_per_step or 0)
             self._steps_since_anchor += 1
@@ -397,20 +393,13 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     def settle(self, timeout: Optional[float] = None) -> None:
         """Land the round in flight (``averaging.overlap``): wait up to `timeout` seconds (None: the
         averaging timeout) and apply its outer step. Before a checkpoint, an evaluation, the next round."""
-        flight = self._in_flight
-        if flight is None:
+        if self._in_flight is None:
             return
         deadline = time.monotonic() + (self.averaging_timeout if timeout is None else timeout)
-        while not flight.control.done():
-            if self._left_behind(flight):
-                # the others averaged this round without us (a peer whose epoch counter lagged at the
-                # start handed it over after they had): waiting on would hold it the whole timeout
-                flight.control.cancel()
-                return self._land_round(stale=True)
+        while not self._land_round_if_over():
             if time.monotonic() >= deadline:
                 return  # still under way: it lands later
             time.sleep(0.02)
-        self._land_round()
 
     def shutdown(self):
         self._abandon_scheduled_round()
@@ -535,6 +524,20 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         with torch.no_grad(), self.delta_averager.get_tensors() as buffers:
             averaged = [buffer.clone() for buffer in buffers]
         self._apply_round(epoch, started, gathered, averaged, weight)
+
+    def _land_round_if_over(self) -> bool:
+        """Land the round in flight if it is over: finished, or left behind (then cancelled and recorded as
+        stale: waiting on would hold it until the averaging timeout -- a peer whose epoch counter lagged at
+        the start handed its round over after the others had averaged it). True when it landed."""
+        flight = self._in_flight
+        if flight.control.done():
+            self._land_round()
+            return True
+        if self._left_behind(flight):
+            flight.control.cancel()
+            self._land_round(stale=True)
+            return True
+        return False
 
     def _left_behind(self, flight: _RoundInFlight) -> bool:
         """A background round still looking for its group while the swarm is an epoch further, well after
