@@ -2,10 +2,14 @@
 that runs it for both the sparse round and hivemind's dense all-reduce.
 
 Messages: two phases after the all-reduce, each member's message reaching every other member through
-``rpc_check_round`` (a unary call: the caller sends its message of the phase and gets back every
-message of that phase the callee holds). A member calls every member it can dial with a larger index,
-a client-mode member calls every member it can dial; so every pair with a dialable member exchanges
-directly. Two client-mode members cannot reach each other: their messages travel through the others
+``rpc_check_round`` (a unary call carrying the caller's message of the phase). Every member pushes its
+message to every member it can dial, as soon as it is ready: a message then reaches a dialable member
+after one one-way trip. (An earlier version let only the lower index of a pair call, the callee answering
+with its own message once ready: the caller got it one round trip after sending its own, up to 60 ms
+later per phase on home links; benchmarks/poison.py --network home.) A dialable caller is answered at
+once with nothing: the callee pushes its own message itself. A client-mode member cannot be dialled: its
+calls are answered with every message of the phase the callee holds, once the callee's own is ready.
+Two client-mode members cannot reach each other: their messages travel through the others
 (relayed bytes, as sent). A relay could alter a message, so seeds are checked against their commitments,
 copies from several relays must agree, and a message is checked against the unit of the reducer that
 relayed it only when nobody else relayed it. In that last case (say two clients and one server) the
@@ -26,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
+from typing import AsyncIterator, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from hivemind.averaging.group_info import GroupInfo
@@ -145,6 +149,7 @@ class RoundCheck:
         # where the check's time went: reveal (phase 1: waiting for every member to hold its answers, and
         # the exchange), measure (our projections), exchange (phase 2), judge (benchmarks/poison.py reads it)
         self.phase_seconds: Dict[str, float] = {}
+        self._calls_in_flight: Set[asyncio.Future] = set()  # pushes whose empty answers we do not wait for
 
     # -------------------------------------------------------------- what the round records
     def add_dense_unit(self, unit: UnitKey, start: int, end: int) -> None:
@@ -235,9 +240,16 @@ class RoundCheck:
         self.own_messages[phase] = payload
         self.own_ready[phase].set()
         inbox, deadline = self.inboxes[phase], time.monotonic() + self.timeout
-        targets = [j for j in range(len(self.peer_ids))
-                   if j != self.me and not self.clients[j] and (self.clients[self.me] or self.me < j)]
-        await asyncio.gather(*(self._call(j, phase, payload, deadline) for j in targets))
+        targets = [j for j in range(len(self.peer_ids)) if j != self.me and not self.clients[j]]
+        calls = [asyncio.ensure_future(self._call(j, phase, payload, deadline)) for j in targets]
+        if self.clients[self.me]:
+            await asyncio.gather(*calls)  # the answers carry what we get
+        else:
+            # the others push theirs: once every message is in, the phase is over, while our calls'
+            # (empty) answers are still on their way back, one one-way trip later
+            self._calls_in_flight.update(calls)
+            for call in calls:
+                call.add_done_callback(self._calls_in_flight.discard)
         others = [j for j in range(len(self.peer_ids)) if j != self.me]
         while not all(inbox.has(j) for j in others):
             remaining = deadline - time.monotonic()
@@ -280,20 +292,22 @@ class RoundCheck:
                 self.inboxes[phase].put(author, payload, relay=None if author == sender else sender)
 
     async def serve(self, caller: PeerID, phase: int, payload: bytes) -> Optional[bytes]:
-        """A groupmate's call: keep its message, answer with every message of the phase we hold (ours
-        once it is ready, within the timeout). None when the caller is not in the group."""
+        """A groupmate's call: keep its message. A dialable caller gets an empty answer at once (we push
+        ours to it ourselves); a client-mode caller gets every message of the phase we hold, ours
+        included, once ours is ready (within the timeout). None when the caller is not in the group."""
         if caller not in self.peer_ids or phase not in (0, 1) or len(payload) > MAX_MESSAGE_BYTES:
             return None
         author = self.peer_ids.index(caller)
         self.bytes_received += len(payload)
         self.inboxes[phase].put(author, payload)
+        if not self.clients[author]:
+            return MSGPackSerializer.dumps({})
         try:
             await asyncio.wait_for(self.own_ready[phase].wait(), self.timeout)
         except asyncio.TimeoutError:
             return None
         known = {self.me: self.own_messages[phase]}
-        if self.clients[author]:  # it cannot reach the other clients: relay what we hold
-            known.update(self.inboxes[phase].all_known())
+        known.update(self.inboxes[phase].all_known())  # it cannot reach the other clients: relay what we hold
         bundle = MSGPackSerializer.dumps({str(index): message for index, message in known.items() if index != author})
         self.bytes_sent += len(bundle)
         return bundle
@@ -365,7 +379,9 @@ class RoundCheck:
             self.outputs[unit] = measure(self.received[unit][1], z)
         if unit in self.reduced and self.reduced[unit][0] is not None:
             answered, parts = self.reduced[unit][0], self.reduced[unit][1]
-            answered_z = projection_vectors(key, answered, self.projections)
+            # our own span: the support we answered is the one we received (z costs the most of a measure)
+            same = z is not None and support.shape == answered.shape and bool(torch.equal(support, answered))
+            answered_z = z if same else projection_vectors(key, answered, self.projections)
             views[name] = {str(member): _restricted_measure(indices, values, answered, answered_z, norm).to_wire()
                            for member, (indices, values, norm) in parts.items()}
 
