@@ -4,11 +4,11 @@ coordinator's CPU, memory and /metrics time.
     sudo python benchmarks/scale.py                          # N = 4,8,16,24 in network namespaces, ~40 min
     python benchmarks/scale.py --peers 4,8 --loopback         # no namespaces (also the fallback without root)
 
-Each N: a coordinator and N peers of the tiny config (benchmarks/bench_peer.py: the real `swarmtrain`
-programs, instrumented), each in its own network namespace behind a capped link (benchmarks/wan.py's
-topology; see "Links" below for --delay), on a token-gated run (access.mode: token) so that the
-access records' cost shows. The peers train for --warmup seconds, then everything is measured over a
---window of seconds:
+Each N: a coordinator and N peers of the tiny config, with the realistic configs' timeouts (matchmaking
+5 s, requests 2 s), as the real `swarmtrain` programs, instrumented (benchmarks/bench_peer.py), each in
+its own network namespace behind a capped link (benchmarks/wan.py's topology; see "Links" below for
+--delay), on a token-gated run (access.mode: token) so that the access records' cost shows. The peers
+train for --warmup seconds, then everything is measured over a --window of seconds:
 
 - per peer, bytes/s by kind, counted at hivemind's RPC layer (benchmarks/traffic_meter.py: progress
   records, peer records, matchmaking, access, averaging, state downloads, other DHT), and what crossed
@@ -127,6 +127,11 @@ def run_config(args, run_id: str) -> dict:
     config["target_batch_size"] *= args.batch_multiplier
     config["optimizer"]["total_epochs"] = 10_000
     config["averaging"]["overlap"] = not args.no_overlap
+    # the realistic configs' matchmaking window and request timeout: the tiny config's (2 s / 1 s) are for
+    # loopback. Behind 20 Mbit/s links, hivemind's chunk timeout (= the matchmaking time) dropped slow
+    # senders and groups split: at N = 8, mean group 5.5 and 41 resyncs in 90 s, against 7.7 and 5 with
+    # these (issue #19's fifth note)
+    config["averaging"].update(matchmaking_time=5.0, request_timeout=2.0)
     if args.access == "token":
         config["access"] = {"mode": "token"}
     for override in args.set:
@@ -299,7 +304,7 @@ def main() -> None:
     parser.add_argument("--access", choices=["token", "open"], default="token")
     parser.add_argument("--no-overlap", action="store_true", help="averaging.overlap: false")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a run config field, e.g. averaging.target_group_size=8 (repeatable)")
+                        help="override a run config field, e.g. averaging.matchmaking_time=5 (repeatable)")
     parser.add_argument("--rate", default="20mbit")
     parser.add_argument("--delay", default="30ms")
     parser.add_argument("--loopback", action="store_true", help="no namespaces, no caps")
