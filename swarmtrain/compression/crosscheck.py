@@ -4,10 +4,8 @@ that runs it for both the sparse round and hivemind's dense all-reduce.
 Messages: two phases after the all-reduce, each member's message reaching every other member through
 ``rpc_check_round`` (a unary call carrying the caller's message of the phase). Every member pushes its
 message to every member it can dial, as soon as it is ready: a message then reaches a dialable member
-after one one-way trip. (An earlier version let only the lower index of a pair call, the callee answering
-with its own message once ready: the caller got it one round trip after sending its own, up to 60 ms
-later per phase on home links; benchmarks/poison.py --network home.) A dialable caller is answered at
-once with nothing: the callee pushes its own message itself. A client-mode member cannot be dialled: its
+after one one-way trip, not a round trip (60 ms less per phase on home links). A dialable caller is
+answered at once with nothing: the callee pushes its own message itself. A client-mode member cannot be dialled: its
 calls are answered with every message of the phase the callee holds, once the callee's own is ready.
 Two client-mode members cannot reach each other: their messages travel through the others
 (relayed bytes, as sent). A relay could alter a message, so seeds are checked against their commitments,
@@ -380,7 +378,7 @@ class RoundCheck:
         if unit in self.reduced and self.reduced[unit][0] is not None:
             answered, parts = self.reduced[unit][0], self.reduced[unit][1]
             # our own span: the support we answered is the one we received (z costs the most of a measure)
-            same = z is not None and support.shape == answered.shape and bool(torch.equal(support, answered))
+            same = z is not None and torch.equal(support, answered)  # False for different lengths too
             answered_z = z if same else projection_vectors(key, answered, self.projections)
             views[name] = {str(member): _restricted_measure(indices, values, answered, answered_z, norm).to_wire()
                            for member, (indices, values, norm) in parts.items()}
