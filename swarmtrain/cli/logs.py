@@ -106,6 +106,11 @@ class OneLineForExpectedRoundFailures(logging.Filter):
             # a DHT request sent by a process that exited before the DHT read it (an averager shut
             # down mid-matchmaking): nobody waits for its answer
             return _as_debug_line(record, "dropped a DHT request from a process that has already exited")
+        if isinstance(exc, KeyboardInterrupt):
+            # our own stop signal (StopRequested is a KeyboardInterrupt), raised while the main thread
+            # was inside hivemind, which catches BaseException around a round's start and logs it: the
+            # peer still stops, at its next check between steps, and says so itself
+            return _as_debug_line(record, f"hivemind caught the stop signal ({exc!r}); the peer stops after this step")
         message = record.getMessage()
         if (exc is not None and type(exc).__name__ in self.EXPECTED) or message.endswith(", retrying") \
                 or message.startswith(self.REPORTED_BY_THE_PEER):
