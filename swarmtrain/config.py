@@ -333,8 +333,9 @@ class AveragingConfig(_Section):
     # that stepped on local gradients when its group failed); 0 disables it
     state_averaging_every: int = Field(0, ge=0, le=MAX_EPOCHS)
     # what a reducer does with the parts it receives (swarmtrain/compression/robust.py): non-finite
-    # parts are always dropped; a part whose norm exceeds max_norm_ratio x the group's median is
-    # dropped too (0 turns that off; in a group of two, with no median, each member refuses a round whose
+    # parts are always dropped; a part whose norm exceeds max_norm_ratio x the group's median is scaled
+    # down to that bound, and one over 10x the bound dropped (0 turns both off; in a group of two, with no
+    # median, each member refuses a round whose
     # other gradient is over max_norm_ratio x its own); `clip` / `centered_clip` bound any one sender's pull on the
     # average, for swarms of strangers (at the price of exact error-feedback conservation)
     aggregation: Literal["mean", "clip", "centered_clip"] = "mean"

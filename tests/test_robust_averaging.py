@@ -42,6 +42,23 @@ def test_outsized_part_is_rejected_with_a_majority_but_not_between_two():
     assert aggregate([honest[0], honest[1] * 4, honest[2] * 0.3], [1.0] * 3, RobustPolicy()).rejected == {}
 
 
+def test_a_part_a_little_over_the_bound_is_scaled_down_to_it_not_rejected():
+    """An honest mixed-precision peer's part at ~11x its groupmates' median (seen in a CI run) must not
+    fail its round: it is scaled down to the bound, which bounds its pull exactly as a part just under the
+    bound would; only a part far beyond (garbage) is rejected."""
+    honest = [_honest(seed) for seed in range(3)]
+    median = float(sorted(part.norm() for part in honest)[1])
+    for ratio in (11.0, 60.0):
+        loud = _honest(9) * (ratio * median / float(_honest(9).norm()))
+        result = aggregate([*honest, loud], [1.0] * 4, RobustPolicy())
+        assert result.rejected == {}, (ratio, result.rejected)
+        group_median = float(torch.tensor([*(p.norm() for p in honest), loud.norm()]).median())
+        scaled = loud * (10 * group_median / float(loud.norm()))
+        torch.testing.assert_close(result.average, (sum(honest) + scaled) / 4)
+    garbage = _honest(9) * 1e6
+    assert list(aggregate([*honest, garbage], [1.0] * 4, RobustPolicy()).rejected) == [3]
+
+
 def test_a_claimed_huge_batch_is_clamped_to_a_few_times_the_median_weight():
     parts = [torch.zeros(10), torch.zeros(10), torch.ones(10)]
     result = aggregate(parts, [1.0, 1.0, 1e9], RobustPolicy())

@@ -6,7 +6,11 @@ run every part of a round through :func:`aggregate` once all senders' parts for 
 
 1. validity: a part with non-finite values (or a non-finite / negative weight) is rejected;
 2. outliers: with at least ``min_group_for_outliers`` valid non-empty parts, a part whose L2 norm
-   exceeds ``max_norm_ratio`` x the median norm of those is rejected; a self-reported weight above
+   exceeds ``max_norm_ratio`` x the median norm of those is scaled down to that bound, and one beyond
+   ``reject_factor`` x the bound (garbage: a x1e6 gradient) is rejected. Scaling down bounds a sender's
+   pull exactly as a part just under the bound does, which is let through anyway, without failing an
+   honest sender's round: one part of an honest mixed-precision peer at ~11x its groupmates' median was
+   refused in a CI run. A self-reported weight above
    ``max_weight_ratio`` x the median weight is clamped to it. With fewer parts (a group of two) the
    median says nothing -- the median of two norms is their mean, so a x1e6 part is only ~2x it -- and
    the reducer rejects nothing on norm: every *member* then compares each sender's whole gradient with
@@ -43,13 +47,15 @@ class RobustPolicy:
     averaging.max_norm_ratio; the rest are fixed).
 
     :param aggregation: mean, clip or centered_clip (see the module docstring)
-    :param max_norm_ratio: a part whose norm exceeds this x the group's median is rejected (0: never)
+    :param max_norm_ratio: a part whose norm exceeds this x the group's median is scaled down to it (0: never)
+    :param reject_factor: a part beyond this x that bound is rejected, and its sender told
     :param max_weight_ratio: a self-reported weight above this x the median weight is clamped (0: never)
     :param min_group_for_outliers: the norm and weight rules need at least this many valid parts
     :param centered_clip_iterations: iterations of CenteredClip
     """
     aggregation: Literal["mean", "clip", "centered_clip"] = "mean"
-    max_norm_ratio: float = 10.0  # 0 disables outlier rejection
+    max_norm_ratio: float = 10.0  # 0 disables the outlier rules
+    reject_factor: float = 10.0
     max_weight_ratio: float = 4.0  # 0 disables weight clamping
     min_group_for_outliers: int = 3
     centered_clip_iterations: int = 3
@@ -118,11 +124,13 @@ def plan(norms: Mapping[int, float], weights: Mapping[int, float], policy: "Robu
     """
     rejected: Dict[int, str] = {}
     norms = {index: float(norm) for index, norm in norms.items()}
+    bound = math.inf  # a kept part's norm counts for at most this much (the median rule's bound)
     if median_rule_applies(norms.values(), policy):
         bound = policy.max_norm_ratio * _median([norm for norm in norms.values() if norm > 0])
+        reject_ratio = policy.max_norm_ratio * policy.reject_factor
         for index, norm in list(norms.items()):
-            if norm > bound:
-                rejected[index] = f"norm {norm:.3g} > {policy.max_norm_ratio:g} x the group's median"
+            if norm > policy.reject_factor * bound:
+                rejected[index] = f"norm {norm:.3g} > {reject_ratio:g} x the group's median"
                 del norms[index]
     kept = tuple(sorted(norms))
     kept_weights = [float(weights[index]) for index in kept]
@@ -131,13 +139,19 @@ def plan(norms: Mapping[int, float], weights: Mapping[int, float], policy: "Robu
         kept_weights = [min(weight, cap) for weight in kept_weights]
     total = float(sum(kept_weights))
     coefficients = None
-    if policy.aggregation == "mean" or len(kept) == 1:
-        coefficients = {index: weight / total for index, weight in zip(kept, kept_weights)} if total > 0 else {}
+    if (policy.aggregation == "mean" or len(kept) == 1) and total > 0:
+        coefficients = {index: weight * _shrink(norms[index], bound) / total for index, weight in zip(kept, kept_weights)}
+    elif policy.aggregation == "mean":
+        coefficients = {}
     elif policy.aggregation == "clip" and total > 0:
-        tau = _median([norms[index] for index in kept])
-        coefficients = {index: weight * min(1.0, tau / norms[index]) / total if norms[index] > 0 else weight / total
-                        for index, weight in zip(kept, kept_weights)}
+        tau = min(_median([norms[index] for index in kept]), bound)
+        coefficients = {index: weight * _shrink(norms[index], tau) / total for index, weight in zip(kept, kept_weights)}
     return Plan(kept, tuple(kept_weights), rejected, coefficients)
+
+
+def _shrink(norm: float, bound: float) -> float:
+    """The factor that scales a part of this norm down to ``bound`` (1 for a part within it)."""
+    return min(1.0, bound / norm) if norm > bound else 1.0
 
 
 def check_parts(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> Tuple[Dict[int, float], Dict[int, str]]:
