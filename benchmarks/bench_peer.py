@@ -11,6 +11,9 @@ changes) to
   byte counters (``optimizer.traffic``);
 - with ``SWARMTRAIN_BENCH_PROGRESS_EVERY=S`` (diagnostic), publish its progress to the DHT at most
   every S seconds instead of after every step (see _ThrottledEvent);
+- with ``SWARMTRAIN_BENCH_STEP_SECONDS=S``, make every local step last at least S seconds (it sleeps the
+  rest): a volunteer's accelerator at a fixed pace, so that 24 peers fit on 2 cores and each computes as
+  fast whatever N (benchmarks/scale.py --step-seconds). The sleep counts as computing in utilization;
 - with ``SWARMTRAIN_BENCH_TRAFFIC=RUN_ID``, count the bytes it moves by kind (benchmarks/traffic_meter.py)
   into ``traffic.json``; this works for ``coordinator`` too.
 
@@ -30,6 +33,7 @@ from swarmtrain.peer import trainer
 BENCH_DIR = Path(os.environ.get("SWARMTRAIN_BENCH_DIR", "."))
 SNAPSHOTS = os.environ.get("SWARMTRAIN_BENCH_SNAPSHOTS") == "1"
 PROGRESS_EVERY = float(os.environ.get("SWARMTRAIN_BENCH_PROGRESS_EVERY", "0"))
+STEP_SECONDS = float(os.environ.get("SWARMTRAIN_BENCH_STEP_SECONDS", "0"))
 _make_optimizer = trainer.make_optimizer
 
 
@@ -54,7 +58,7 @@ def _instrumented(config, model, *args, **kwargs):
     optimizer = _make_optimizer(config, model, *args, **kwargs)
     local = config.averaging.mode == "local"
     record = {"started": None, "epochs": [], "snapshots": [], "traffic": None}
-    seen = {"epoch": optimizer.local_epoch, "rounds": 0}
+    seen = {"epoch": optimizer.local_epoch, "rounds": 0, "step_ended": None}
     honest_step, honest_shutdown = optimizer.step, optimizer.shutdown
     if PROGRESS_EVERY > 0:
         optimizer.tracker.should_report_progress = _ThrottledEvent(PROGRESS_EVERY)
@@ -74,7 +78,10 @@ def _instrumented(config, model, *args, **kwargs):
                 time.sleep(0.05)
             record["started"] = time.time()
             snapshot("start")
+        elif STEP_SECONDS > 0:  # the pace of a fixed accelerator: sleep what this step's compute left over
+            time.sleep(max(0.0, STEP_SECONDS - (time.monotonic() - seen["step_ended"])))
         result = honest_step(*step_args, **step_kwargs)
+        seen["step_ended"] = time.monotonic()
         if optimizer.local_epoch != seen["epoch"]:
             seen["epoch"] = optimizer.local_epoch
             record["epochs"].append([optimizer.local_epoch, time.time()])

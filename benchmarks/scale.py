@@ -20,6 +20,12 @@ train for --warmup seconds, then everything is measured over a --window of secon
 
 target_batch_size is the same for every N (tiny.yaml's x4): on one machine the swarm's throughput is
 the machine's, so epochs last about as long whatever N, and per-peer figures compare like for like.
+That stops at N = 16 on 2 cores (load 9-21; 24 peers do not start). With --step-seconds S --batch-per-peer B
+each peer steps at a fixed pace instead (benchmarks/bench_peer.py sleeps what its compute leaves of S) and
+target_batch_size is B x N: as in a real swarm, every volunteer brings its own accelerator and the same
+share of an epoch, so epochs last as long whatever N, and the machine is not the bottleneck at N = 24:
+
+    sudo python benchmarks/scale.py --step-seconds 0.6 --batch-per-peer 160 --start-wave 4 --delay 0ms
 Links: 20 Mbit/s and 30 ms each way with tc netem; on a kernel without netem the delay comes from a
 Python delay line that every packet crosses, which with 24 peers on 2 cores would measure itself: pass
 --delay 0ms there. Results: benchmarks/results/scale.json (or --output).
@@ -121,10 +127,13 @@ def time_metrics(net, address: str) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_config(args, run_id: str) -> dict:
+def run_config(args, run_id: str, peers: int) -> dict:
     config = yaml.safe_load(TINY.read_text())
     config["run_id"] = run_id
-    config["target_batch_size"] *= args.batch_multiplier
+    if args.batch_per_peer:
+        config["target_batch_size"] = args.batch_per_peer * peers
+    else:
+        config["target_batch_size"] *= args.batch_multiplier
     config["optimizer"]["total_epochs"] = 10_000
     config["averaging"]["overlap"] = not args.no_overlap
     # the realistic configs' matchmaking window and request timeout: the tiny config's (2 s / 1 s) are for
@@ -149,7 +158,8 @@ class Swarm:
         self.run_id = f"scale-{peers}"
         self.processes: List[subprocess.Popen] = []
         self.env = dict(os.environ, HIVEMIND_LOGLEVEL="WARNING", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                        MKL_NUM_THREADS="1", SWARMTRAIN_BENCH_TRAFFIC=self.run_id)
+                        MKL_NUM_THREADS="1", SWARMTRAIN_BENCH_TRAFFIC=self.run_id,
+                        SWARMTRAIN_BENCH_STEP_SECONDS=str(args.step_seconds))
 
     def node_dir(self, node: int) -> Path:
         return self.workdir / ("coordinator" if node == 0 else f"peer-{node - 1}")
@@ -160,7 +170,7 @@ class Swarm:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "run.yaml"
-        config_path.write_text(yaml.safe_dump(run_config(self.args, self.run_id)))
+        config_path.write_text(yaml.safe_dump(run_config(self.args, self.run_id, self.peers)))
         keys = [load_or_create_identity(self.workdir / f"node{i}.id") for i in range(self.peers + 1)]
         ids = [peer_id_of(key.get_public_key()) for key in keys]
         for node in range(self.peers + 1):
@@ -175,6 +185,10 @@ class Swarm:
         maddr = f"/ip4/{self.net.address(0)}/tcp/{PORT}/p2p/{ids[0]}"
         for index in range(self.peers):
             node = index + 1
+            wave = self.args.start_wave
+            if wave and index and index % wave == 0:  # start-up is CPU-heavy: let the last wave settle first
+                self._wait_for(lambda: all((self.node_dir(n) / "ready").exists() for n in range(node - wave, node)),
+                               60 + 30 * wave, f"peers {index - wave}-{index - 1} to be ready")
             extra = []
             if self.args.access == "token":
                 token = issue_token(keys[0], f"peer{index}", ids[node], time.time() + 86400)
@@ -301,6 +315,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=40.0, help="seconds of training before the window")
     parser.add_argument("--window", type=float, default=90.0, help="seconds measured")
     parser.add_argument("--batch-multiplier", type=int, default=4, help="target_batch_size = 192 x this")
+    parser.add_argument("--step-seconds", type=float, default=0.0,
+                        help="each local step lasts at least this long (a fixed accelerator's pace; 0: as fast as it runs)")
+    parser.add_argument("--batch-per-peer", type=int, default=0,
+                        help="target_batch_size = this x N (instead of --batch-multiplier): epochs as long whatever N")
+    parser.add_argument("--start-wave", type=int, default=0,
+                        help="start the peers this many at a time, each wave once the last is ready (0: all at once)")
     parser.add_argument("--access", choices=["token", "open"], default="token")
     parser.add_argument("--no-overlap", action="store_true", help="averaging.overlap: false")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -317,7 +337,8 @@ def main() -> None:
     workroot = Path(tempfile.mkdtemp(prefix="swarmtrain-scale-", dir=args.workdir))
     report = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), cpus=os.cpu_count(),
                   started=time.strftime("%Y-%m-%d %H:%M:%S"), workdir=str(workroot), warmup=args.warmup,
-                  window=args.window, access=args.access, overlap=not args.no_overlap, overrides=args.set, runs=[])
+                  window=args.window, step_seconds=args.step_seconds, batch_per_peer=args.batch_per_peer,
+                  access=args.access, overlap=not args.no_overlap, overrides=args.set, runs=[])
     for peers in sizes:
         net = make_network(args, peers + 1)
         report["network"] = net.description
