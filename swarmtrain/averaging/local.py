@@ -75,6 +75,8 @@ ANCHOR_TOLERANCE_LR = 0.5  # averaged models "match" when they agree within this
 # a round's matchmaking key carries its epoch modulo 2**ROUND_KEY_BITS (see schedule_round); the traffic
 # meter of the benchmarks (benchmarks/traffic_meter.py) recognises keys of up to 5 group bits
 ROUND_KEY_BITS = 4
+# a download that found the swarm's state mid-round asks again this often, until the round has landed
+MID_ROUND_RETRY_SECONDS = 0.25
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,6 +135,8 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
     # is labelled one epoch back, so a downloader wanting the swarm's epoch asks again once it landed
     # (a peer re-synchronising from the old anchor would be out of step at its next round, again)
     local_round_in_flight: bool = False
+    # set by load_state_from_peers: the donor's state was mid-round (refused; ask again once it landed)
+    refused_mid_round: bool = False
 
     def get_current_state(self):
         if self.local_anchor is None:
@@ -151,7 +155,8 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
         infos += [CompressionInfo.from_tensor(tensor, key=f"outer_momentum_{i}", role=TensorRole.UNSPECIFIED)
                   for i, tensor in enumerate(momentum)]
         metadata = dict(epoch=epoch, group_bits=self.get_group_bits(), optimizer_metadata=optimizer_metadata,
-                        local_sgd=dict(schedule=schedule, momentum_tensors=len(momentum)))
+                        local_sgd=dict(schedule=schedule, momentum_tensors=len(momentum),
+                                       round_in_flight=bool(self.local_round_in_flight)))
         return metadata, [*parameters, *optimizer_tensors, *momentum], infos
 
     def load_state_from_peers(self, **kwargs):
@@ -161,11 +166,17 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
         if loaded is None:
             return
         metadata, flat_tensors = loaded
+        local = metadata.get("local_sgd") if isinstance(metadata, dict) and isinstance(metadata.get("local_sgd"), dict) else {}
+        if local.get("round_in_flight") is True:
+            # the donor's anchor is about to be replaced by the round it is in: taken now, we would be out
+            # of step at our next round. A resync comes right at an epoch's start, when every donor has
+            # just handed its round over, so this is the rule there, not the exception
+            self.refused_mid_round = True
+            return
         if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) \
                 or metadata["epoch"] < self.local_epoch:
             logger.warning("refusing a downloaded state: it is older than ours or malformed")
             return
-        local = metadata.get("local_sgd") if isinstance(metadata.get("local_sgd"), dict) else {}
         num_momentum = local.get("momentum_tensors", 0)
         parameters = [param for group in self.optimizer.param_groups for param in group["params"]]
         if not isinstance(num_momentum, int) or num_momentum < 0 or len(flat_tensors) < len(parameters) + num_momentum:
@@ -247,6 +258,27 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     """
 
     state_averager_class = LocalStateAverager  # serves the averaged model, momentum and schedule to joiners
+
+    def _download_a_landed_state(self, **kwargs):
+        """Download the swarm's state, asking again while the donors' states are mid-round (each round
+        lands within about its matchmaking window plus a request, and a donor serves the landed state
+        until its next round starts). Gives up after a few rounds' time: a swarm whose rounds last
+        longer than its epochs has no landed state to serve, and the peer trains on meanwhile."""
+        averager = self.state_averager
+        patience = min(self.averaging_timeout, 3 * (self.matchmaking_time + (self.next_chunk_timeout or 0.0)))
+        deadline, said = time.monotonic() + patience, False
+        while True:
+            averager.local_state_loaded, averager.refused_mid_round = None, False
+            loaded = super().load_state_from_peers(**kwargs)
+            if averager.local_state_loaded is not None or not averager.refused_mid_round:
+                return loaded
+            if time.monotonic() > deadline:
+                logger.warning(f"every donor's state was mid-round for {patience:.0f} s; keeping ours for now")
+                return loaded
+            if not said:
+                logger.info("the swarm's state is mid-round; asking again once its round has landed")
+                said = True
+            time.sleep(MID_ROUND_RETRY_SECONDS)
 
     @property
     def resync_after_failed_round(self) -> bool:
@@ -345,8 +377,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     def load_state_from_peers(self, **kwargs):
         self._abandon_scheduled_round()
         self._drop_round_in_flight()
-        self.state_averager.local_state_loaded = None
-        loaded = super().load_state_from_peers(**kwargs)
+        loaded = self._download_a_landed_state(**kwargs)
         got = self.state_averager.local_state_loaded
         if got is not None:
             # params and anchor are the downloaded averaged model now (LocalStateAverager did it)
