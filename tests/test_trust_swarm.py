@@ -84,7 +84,10 @@ def test_forged_progress_and_records_cost_the_honest_peers_nothing(tmp_path, fak
     for index in (0, 1):
         log = swarm.log(index)
         assert f"claiming epoch {forged_epoch}" in log, log[-3000:]  # noticed, and ignored
-        assert "the swarm is at epoch" not in log and "could only get the state" not in log, log[-3000:]
+        # no download once the forged records were read (a peer that started after the other had stepped
+        # downloads at its start, before any forgery: a CI run on a slow machine did)
+        _, _, since_forgery = log.partition(f"claiming epoch {forged_epoch}")
+        assert "the swarm is at epoch" not in since_forgery and "could only get the state" not in log, log[-3000:]
         epochs = [r["epoch"] for r in swarm.rounds(index)]
         assert max(epochs) < start + 100, epochs  # nobody jumped towards the forged epoch
     assert_no_tracebacks(swarm, [0, 1, "coordinator"])
