@@ -132,8 +132,8 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
     local_schedule: Optional[dict] = None
     local_state_loaded: Optional[dict] = None  # set by a successful download: {"schedule": dict or None}
     # a background round (averaging.overlap) is about to replace the anchor: the state served meanwhile
-    # is labelled one epoch back, so a downloader wanting the swarm's epoch asks again once it landed
-    # (a peer re-synchronising from the old anchor would be out of step at its next round, again)
+    # is labelled one epoch back and marked round_in_flight: a downloader refuses it and asks again once
+    # the round landed (a peer re-synchronising from the old anchor would be out of step at its next round)
     local_round_in_flight: bool = False
     # set by load_state_from_peers: the donor's state was mid-round (refused; ask again once it landed)
     refused_mid_round: bool = False

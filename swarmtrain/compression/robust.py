@@ -139,10 +139,9 @@ def plan(norms: Mapping[int, float], weights: Mapping[int, float], policy: "Robu
         kept_weights = [min(weight, cap) for weight in kept_weights]
     total = float(sum(kept_weights))
     coefficients = None
-    if (policy.aggregation == "mean" or len(kept) == 1) and total > 0:
-        coefficients = {index: weight * _shrink(norms[index], bound) / total for index, weight in zip(kept, kept_weights)}
-    elif policy.aggregation == "mean":
-        coefficients = {}
+    if policy.aggregation == "mean" or len(kept) == 1:
+        coefficients = {index: weight * _shrink(norms[index], bound) / total
+                        for index, weight in zip(kept, kept_weights)} if total > 0 else {}
     elif policy.aggregation == "clip" and total > 0:
         tau = min(_median([norms[index] for index in kept]), bound)
         coefficients = {index: weight * _shrink(norms[index], tau) / total for index, weight in zip(kept, kept_weights)}
@@ -151,7 +150,7 @@ def plan(norms: Mapping[int, float], weights: Mapping[int, float], policy: "Robu
 
 def _shrink(norm: float, bound: float) -> float:
     """The factor that scales a part of this norm down to ``bound`` (1 for a part within it)."""
-    return min(1.0, bound / norm) if norm > bound else 1.0
+    return bound / norm if norm > bound else 1.0
 
 
 def check_parts(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> Tuple[Dict[int, float], Dict[int, str]]:
