@@ -181,6 +181,26 @@ def test_an_outsized_sender_in_a_group_of_two_is_refused_by_the_other_member_not
     assert small_group_outliers(evidences, me=0, policy=RobustPolicy(max_norm_ratio=0.0)) == {}
 
 
+def test_a_round_of_three_judges_median_less_units_on_the_whole_gradient():
+    # a sparse round of three: two big tensors carry parts of all three senders (the median rule judges
+    # them), one small tensor only member 0's and 1's (member 2 selected nothing of it). Member 1 ran
+    # more local steps than member 0: its whole delta is 2x, its small tensor 20x member 0's
+    own = _parts(2, seed=11) + [_parts(1, size=64, seed=12)[0] * 0.05]
+    other = [part * 2.0 for part in _parts(2, seed=13)] + [own[2] * 20.0]
+    third = _parts(2, seed=14)
+    evidences = [_evidence([own[u], other[u], third[u]], own[u], reducer=u, offset=1000 * u) for u in range(2)]
+    evidences.append(_evidence([own[2], other[2]], own[2], reducer=1, offset=5000))
+    # judged over the small tensor alone, member 1 was a 20x outlier, and the honest round refused
+    assert small_group_outliers(evidences[2:], me=0, policy=POLICY) != {}
+    assert small_group_outliers(evidences, me=0, policy=POLICY) == {}
+    # a sender outsized on the whole gradient is still refused; the senders the median judged are not
+    # judged again (member 2 is absent from the small tensor)
+    scaled = [part * 1e3 for part in other]
+    evidences = [_evidence([own[u], scaled[u], third[u]], own[u], reducer=u, offset=1000 * u) for u in range(2)]
+    evidences.append(_evidence([own[2], scaled[2]], own[2], reducer=1, offset=5000))
+    assert list(small_group_outliers(evidences, me=0, policy=POLICY)) == [1]
+
+
 def evidences_of_member_1(own, scaled):
     return [_evidence([o, s], aggregate([o, s], [1.0, 1.0], POLICY).average, reducer=unit % 2, offset=1000 * unit)
             for unit, (o, s) in enumerate(zip(own, scaled))]
