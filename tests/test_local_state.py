@@ -1,5 +1,6 @@
 """What a local-mode peer serves to joiners and checkpointers (swarmtrain/peer/local.py), with two
 real hivemind state averagers in one process: the last averaged model, not the half-trained one."""
+import threading
 import time
 
 import torch
@@ -23,6 +24,15 @@ def _load(averager, timeout=30.0):
             return
         time.sleep(0.5)
     raise AssertionError("no state downloaded")
+
+
+def _set_round_in_flight(averager, round_epoch):
+    """What LocalSwarmOptimizer does when it hands a round over (round_epoch) and when it lands (None)."""
+    with averager.local_landed:
+        averager.local_round_epoch = round_epoch
+        if round_epoch is None:
+            averager.local_landings += 1
+            averager.local_landed.notify_all()
 
 
 def test_the_averaged_model_is_served_and_loaded(two_dhts):
@@ -61,11 +71,37 @@ def test_the_averaged_model_is_served_and_loaded(two_dhts):
         _load(plain)
         assert all(bool((p == 7.0).all()) for p in plain_model.parameters())
 
-        # overlap: while a background round is about to replace the anchor, the state is labelled one
-        # epoch back, so a peer that wants the swarm's epoch asks again after the round landed
-        donor.local_round_in_flight = True
-        assert donor.get_current_state()[0]["epoch"] == 4
-        donor.local_round_in_flight = False
+        # overlap: a donor asked mid-round waits for its round to land, then serves the new anchor,
+        # labelled the epoch before the round it starts next (a downloader's next round is that one)
+        donor.local_landed, donor.local_landing_wait = threading.Condition(), 5.0
+        _set_round_in_flight(donor, 5)  # handed over at the start of epoch 5
+
+        def land_and_start_the_next_round():
+            time.sleep(0.3)
+            _set_round_in_flight(donor, None)
+            _set_round_in_flight(donor, 6)
+
+        lander = threading.Thread(target=land_and_start_the_next_round)
+        started = time.monotonic()
+        lander.start()
+        metadata = donor.get_current_state()[0]
+        lander.join()
+        assert 0.25 <= time.monotonic() - started < 5.0
+        assert metadata["epoch"] == 5 and metadata["local_sgd"]["round_in_flight"] is False
+        # a round that does not land in time: the state is marked, labelled one epoch before that round,
+        # and a downloader refuses it and keeps its own model (taken, it would miss the round's result)
+        donor.local_landing_wait = 0.2
+        metadata = donor.get_current_state()[0]
+        assert metadata["epoch"] == 5 and metadata["local_sgd"]["round_in_flight"] is True
+        for anchor in donor.local_anchor:
+            anchor.fill_(9.0)  # the anchor the round in flight will replace
+        deadline = time.monotonic() + 30
+        while not joiner.refused_mid_round and time.monotonic() < deadline:
+            joiner.load_state_from_peers(timeout=5)
+        assert joiner.refused_mid_round
+        assert all(bool((p == 7.0).all()) for p in joiner_model.parameters())
+        # no round in flight: the state of our own epoch, at once
+        _set_round_in_flight(donor, None)
         assert donor.get_current_state()[0]["epoch"] == 5
     finally:
         for averager in averagers:

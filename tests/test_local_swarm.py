@@ -139,22 +139,36 @@ def test_background_rounds_land_once_each_and_members_keep_one_anchor(tmp_path, 
     """averaging.overlap in mode local: each round runs while the peers take the next period's local
     steps, and lands with the delayed outer step. Every member of every round holds the same averaged
     model afterwards (bit-identical: sparse), so none applied a round twice or skipped one; the swarm's
-    round count goes up by one per round on every peer; the peers did compute while rounds ran."""
+    round count goes up by one per round on every peer; the peers did compute while rounds ran.
+
+    A third peer joins once the first two have averaged. With overlap their state is mid-round almost
+    always: the joiner must get the model their next round starts from (the donor waits for its round
+    to land), and be in step from its first round on, not chase the swarm's rounds for the rest of the run."""
     swarm = _local_swarm(tmp_path, schedule="constant:1", compression="gaussiank:0.05", overlap=True)
     cleanup(swarm)
-    epochs = 10
-    for index in range(3):
-        swarm.start_peer(index, "--max-epochs", str(epochs), "--eval-every", "0", "--checkpoint-every", "0",
-                         "--wait-for-peers", "3")
-    swarm.wait_for_exit([0, 1, 2], timeout=600)
+    # the run ends once the joiner has been in enough rounds (a peer's start-up takes 5-30 s here)
+    common = ("--max-epochs", "200", "--eval-every", "4", "--checkpoint-every", "0")
+    for index in range(2):
+        swarm.start_peer(index, *common, "--wait-for-peers", "2")
+    swarm.wait_until(lambda: min(sum(r["ok"] for r in swarm.rounds(i)) for i in range(2)) >= 1, 300,
+                     "an averaging round of the first two peers")
+    swarm.start_peer(2, *common)
+    swarm.wait_until(lambda: sum(r["ok"] and r["group_size"] == 3 for r in swarm.rounds(2)) >= 6, 300,
+                     "six rounds of all three peers")
+    for index in (2, 1, 0):  # Ctrl+C: each writes its final status
+        stop_process(swarm.peers[index])
     assert_no_tracebacks(swarm, [0, 1, 2])
 
+    assert re.search(r"took the swarm's averaged model of epoch \d+ at epoch \d+", swarm.log(2)), swarm.log(2)[-3000:]
+    joined = [r for r in swarm.rounds(2) if r["ok"]]
+    assert all(r["in_step"] for r in joined[:3]), joined  # in step from its first round on
     full = _check_members_agree(swarm, [0, 1, 2], dense=False)
-    assert len(full) >= epochs // 2, _rounds_by_index(swarm, [0, 1, 2])
+    assert len(full) >= 5, _rounds_by_index(swarm, [0, 1, 2])
     for index in range(3):
         status = swarm.status(index)
         assert status["overlapped_steps"] > 0, status
         counts = [r["round_index"] for r in swarm.rounds(index) if r["ok"] and r["in_step"]]
         assert counts == sorted(set(counts)), counts  # one landing per round, in order
-        heldout = status["heldout_loss"]
+    for index in range(2):
+        heldout = swarm.status(index)["heldout_loss"]
         assert heldout[-1][1] < heldout[0][1] - 0.3, heldout

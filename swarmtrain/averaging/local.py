@@ -45,12 +45,17 @@ anchor as above and the peer keeps what it learned meanwhile, Î¸_i = anchor + (Î
 -- streaming DiLoCo's delayed outer step. One round is in flight at a time; the next round's record
 (anchor fingerprint, schedule) is built only after the last one landed, so every member still gathers
 the same anchor. The local steps taken meanwhile count towards the next round's delta and weight.
+With a round in flight almost always, a donor's anchor is almost always about to be replaced: a peer
+that downloaded it would miss that round's result and be out of step at its next one. So a donor asked
+mid-round serves once its round has landed, the new anchor, labelled so that the downloader's next
+round is the one the donor has just begun (LocalStateAverager.get_current_state).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from typing import Dict, List, NamedTuple, Optional
 
@@ -131,23 +136,33 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
     local_momentum: Optional[List[torch.Tensor]] = None
     local_schedule: Optional[dict] = None
     local_state_loaded: Optional[dict] = None  # set by a successful download: {"schedule": dict or None}
-    # a background round (averaging.overlap) is about to replace the anchor: the state served meanwhile
-    # is labelled one epoch back and marked round_in_flight: a downloader refuses it and asks again once
-    # the round landed (a peer re-synchronising from the old anchor would be out of step at its next round)
-    local_round_in_flight: bool = False
+    # averaging.overlap: the epoch of the round in flight (None: none), and how a donor serves meanwhile.
+    # Its anchor is that round's starting point, which the round will replace: a downloader that took it
+    # and missed the round would be out of step at its next one. So a donor asked mid-round first waits
+    # (up to local_landing_wait seconds) for the round to land, then serves the new anchor, labelled so
+    # that the downloader's next round is the one the donor starts next (whose matchmaking is then
+    # just beginning). Only if the round does not land in time is the state marked round_in_flight,
+    # and the downloader refuses it and asks again.
+    local_round_epoch: Optional[int] = None
+    local_landing_wait: float = 0.0
+    local_landed: Optional[threading.Condition] = None  # notified when a round lands (or is dropped)
+    local_landings: int = 0
     # set by load_state_from_peers: the donor's state was mid-round (refused; ask again once it landed)
     refused_mid_round: bool = False
 
     def get_current_state(self):
         if self.local_anchor is None:
             return super().get_current_state()
+        landed = self._wait_for_landing()
         with torch.no_grad(), self.lock_averaged_tensors:
             parameters = tuple(tensor.detach().clone() for tensor in self.local_anchor)
             optimizer_metadata, optimizer_tensors = dump_optimizer_state(self.optimizer)
             optimizer_tensors = [tensor.clone() for tensor in optimizer_tensors]
             momentum = tuple(tensor.detach().clone() for tensor in self.local_momentum or ())
             schedule = dict(self.local_schedule or {})
-            epoch = self.local_epoch - 1 if self.local_round_in_flight else self.local_epoch
+            # mid-round, the anchor is the round's starting point: labelled the epoch before the round's,
+            # a downloader's next round is that one (or, with the round just started, the next)
+            epoch = self.local_epoch if self.local_round_epoch is None else self.local_round_epoch - 1
         infos = [CompressionInfo.from_tensor(tensor, key=key, role=TensorRole.PARAMETER)
                  for tensor, key in zip(parameters, self.parameter_names)]
         infos += [CompressionInfo.from_tensor(tensor, key=i, role=TensorRole.OPTIMIZER)
@@ -156,8 +171,19 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
                   for i, tensor in enumerate(momentum)]
         metadata = dict(epoch=epoch, group_bits=self.get_group_bits(), optimizer_metadata=optimizer_metadata,
                         local_sgd=dict(schedule=schedule, momentum_tensors=len(momentum),
-                                       round_in_flight=bool(self.local_round_in_flight)))
+                                       round_in_flight=not landed))
         return metadata, [*parameters, *optimizer_tensors, *momentum], infos
+
+    def _wait_for_landing(self) -> bool:
+        """Wait for the round in flight to land, up to local_landing_wait seconds. True when none is in
+        flight, or one landed meanwhile (the round in flight now, if any, started from our anchor)."""
+        if self.local_landed is None:
+            return True
+        with self.local_landed:
+            if self.local_round_epoch is None:
+                return True
+            seen = self.local_landings
+            return self.local_landed.wait_for(lambda: self.local_landings != seen, timeout=self.local_landing_wait)
 
     def load_state_from_peers(self, **kwargs):
         if self.local_anchor is None:
@@ -168,9 +194,8 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
         metadata, flat_tensors = loaded
         local = metadata.get("local_sgd") if isinstance(metadata, dict) and isinstance(metadata.get("local_sgd"), dict) else {}
         if local.get("round_in_flight") is True:
-            # the donor's anchor is about to be replaced by the round it is in: taken now, we would be out
-            # of step at our next round. A resync comes right at an epoch's start, when every donor has
-            # just handed its round over, so this is the rule there, not the exception
+            # the donor's round did not land while it waited: its anchor is about to be replaced, and taken
+            # now we would be out of step at our next round
             self.refused_mid_round = True
             return
         if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) \
@@ -265,7 +290,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         until its next round starts). Gives up after a few rounds' time: a swarm whose rounds last
         longer than its epochs has no landed state to serve, and the peer trains on meanwhile."""
         averager = self.state_averager
-        patience = min(self.averaging_timeout, 3 * (self.matchmaking_time + (self.next_chunk_timeout or 0.0)))
+        patience = self._landing_patience
         deadline, said = time.monotonic() + patience, False
         while True:
             averager.local_state_loaded, averager.refused_mid_round = None, False
@@ -279,6 +304,17 @@ class LocalSwarmOptimizer(SwarmOptimizer):
                 logger.info("the swarm's state is mid-round; asking again once its round has landed")
                 said = True
             time.sleep(MID_ROUND_RETRY_SECONDS)
+
+    def _download_satisfies(self, wanted: int) -> bool:
+        # a donor serves the starting point of the round it has just begun, labelled the epoch before
+        # that round's: one behind the swarm's counter, and what the swarm's next round refers to
+        loaded = self.state_averager.local_state_loaded is not None
+        return self.local_epoch >= wanted or loaded and self.local_epoch >= wanted - 1
+
+    @property
+    def _landing_patience(self) -> float:
+        """Seconds a round takes to land, at most (a few matchmaking windows and chunk timeouts)."""
+        return min(self.averaging_timeout, 3 * (self.matchmaking_time + (self.next_chunk_timeout or 0.0)))
 
     @property
     def resync_after_failed_round(self) -> bool:
@@ -327,6 +363,8 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             averager.local_momentum = self.momentum
             averager.local_schedule = self.schedule_state.to_dict()
             averager.local_anchor = self.anchor
+            averager.local_landed = threading.Condition()
+            averager.local_landing_wait = self._landing_patience
 
     # -------------------------------------------------------------- hivemind seams
     def step(self, closure=None, batch_size: Optional[int] = None, grad_scaler=None):
@@ -543,7 +581,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             launched = [param.detach().clone() for param in parameters]
             self._in_flight = _RoundInFlight(control, epoch, started, weight, launched,
                                              self._samples_since_anchor, self._steps_since_anchor)
-            self._mark_round_in_flight(True)
+            self._mark_round_in_flight(epoch)
             self._samples_since_anchor = self._steps_since_anchor = 0  # from here on: the next round's delta
             return
         try:
@@ -578,9 +616,15 @@ class LocalSwarmOptimizer(SwarmOptimizer):
                 and self.tracker.global_epoch > flight.epoch
                 and get_dht_time() > control.scheduled_time + self.matchmaking_time)
 
-    def _mark_round_in_flight(self, in_flight: bool) -> None:
-        with self.state_averager.lock_averaged_tensors:
-            self.state_averager.local_round_in_flight = in_flight
+    def _mark_round_in_flight(self, round_epoch: Optional[int]) -> None:
+        """The round of `round_epoch` is in flight now (None: it landed or was dropped)."""
+        averager = self.state_averager
+        with averager.local_landed:
+            with averager.lock_averaged_tensors:
+                averager.local_round_epoch = round_epoch
+            if round_epoch is None:
+                averager.local_landings += 1
+                averager.local_landed.notify_all()
 
     def _land_round(self, stale: bool = False) -> None:
         """The round in flight has finished: apply it (or record its failure; `stale`: we gave it up,
@@ -589,7 +633,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         try:
             self._apply_landed_round(flight, stale)
         finally:
-            self._mark_round_in_flight(False)
+            self._mark_round_in_flight(None)
 
     def _apply_landed_round(self, flight: _RoundInFlight, stale: bool) -> None:
         note = "the others went past this averaging point without us" if stale else None
@@ -611,7 +655,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         """Before our state is replaced or we leave: the round's group still needs our parts, so it runs
         out (up to the averaging timeout) but its result is not applied."""
         flight, self._in_flight = self._in_flight, None
-        self._mark_round_in_flight(False)
+        self._mark_round_in_flight(None)
         if flight is None or flight.control.done():
             return
         if flight.control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):

@@ -246,13 +246,13 @@ class SwarmOptimizer(hivemind.Optimizer):
                 if not finite:
                     logger.warning("a peer served a state with non-finite values; asking another")
                     self._restore_state(own_state)
-                if finite and self.local_epoch >= wanted or time.monotonic() > deadline:
+                if finite and self._download_satisfies(wanted) or time.monotonic() > deadline:
                     break
                 if unanswered >= UNANSWERED_DOWNLOADS_BEFORE_GIVING_UP:
                     break
                 raise_if_stop_requested()
                 time.sleep(min(1.0 + 0.5 * attempt, 5.0))  # the donors are applying epoch `wanted` right now
-            loaded = self.local_epoch >= wanted
+            loaded = self._download_satisfies(wanted)
             # from now on our own epoch is a vote for the swarm's (averaging.progress.credible_epoch):
             # we hold the swarm's state, or no donor could serve the epoch the records claimed
             self.tracker.votes_own_epoch = True
@@ -269,6 +269,10 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._synced_epochs = 0
         self._settled_fingerprint = None  # the one from before the download describes other parameters
         return loaded
+
+    def _download_satisfies(self, wanted: int) -> bool:
+        """Whether the state we hold now is what a download of epoch `wanted` was for."""
+        return self.local_epoch >= wanted
 
     def _epoch_to_download(self) -> int:
         """The swarm's epoch, but not above what another peer holds. Our own epoch is no vote while we
