@@ -52,7 +52,9 @@ def _run_config(tmp_path, model: dict) -> tuple:
     return path, corpus
 
 
-@pytest.mark.parametrize("name", ["llama", "bert"])
+# bert's swarm run (~50 s) adds only the masked-LM objective to llama's, and that is trained without a
+# swarm in test_models.py: -m slow
+@pytest.mark.parametrize("name", ["llama", pytest.param("bert", marks=pytest.mark.slow)])
 def test_tiny_auto_models_train_through_the_swarm(tmp_path, name):
     path, _ = _run_config(tmp_path, MODELS[name])
     # These models step ~1000 samples/s: with the tiny config's 192-sample epochs a peer finished five
