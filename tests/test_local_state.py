@@ -103,6 +103,15 @@ def test_the_averaged_model_is_served_and_loaded(two_dhts):
         # no round in flight: the state of our own epoch, at once
         _set_round_in_flight(donor, None)
         assert donor.get_current_state()[0]["epoch"] == 5
+        # a round scheduled from our anchor (its group forming) holds the state back too: here it is
+        # dropped after 0.3 s without a group, and the state is served as it is, unmarked
+        donor.local_landing_wait, pending = 5.0, [True]
+        donor.local_round_pending = lambda: pending[0]
+        threading.Timer(0.3, pending.__setitem__, (0, False)).start()
+        started = time.monotonic()
+        metadata = donor.get_current_state()[0]
+        assert 0.25 <= time.monotonic() - started < 5.0
+        assert metadata["epoch"] == 5 and metadata["local_sgd"]["round_in_flight"] is False
     finally:
         for averager in averagers:
             averager.shutdown()

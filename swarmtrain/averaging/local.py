@@ -52,12 +52,13 @@ round is the one the donor has just begun (LocalStateAverager.get_current_state)
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import threading
 import time
-from typing import Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -82,6 +83,7 @@ ANCHOR_TOLERANCE_LR = 0.5  # averaged models "match" when they agree within this
 ROUND_KEY_BITS = 4
 # a download that found the swarm's state mid-round asks again this often, until the round has landed
 MID_ROUND_RETRY_SECONDS = 0.25
+LANDING_POLL_SECONDS = 0.05  # a donor waiting for a scheduled round re-checks this often whether it was dropped
 
 
 # ------------------------------------------------------------------------------------------------
@@ -144,6 +146,9 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
     # just beginning). Only if the round does not land in time is the state marked round_in_flight,
     # and the downloader refuses it and asks again.
     local_round_epoch: Optional[int] = None
+    # whether a round is scheduled from our anchor (its group forming before the epoch's end): a donor
+    # waits for that one too, or a downloader would get the anchor just as the group closes without it
+    local_round_pending: Optional[Callable[[], bool]] = None
     local_landing_wait: float = 0.0
     local_landed: Optional[threading.Condition] = None  # notified when a round lands (or is dropped)
     local_landings: int = 0
@@ -175,15 +180,24 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
         return metadata, [*parameters, *optimizer_tensors, *momentum], infos
 
     def _wait_for_landing(self) -> bool:
-        """Wait for the round in flight to land, up to local_landing_wait seconds. True when none is in
-        flight, or one landed meanwhile (the round in flight now, if any, started from our anchor)."""
+        """While a round starts from our anchor (scheduled, or in flight), wait for it to land, up to
+        local_landing_wait seconds. False only when a round in flight did not land in time (a scheduled
+        round whose group never formed does not hold the state back)."""
         if self.local_landed is None:
             return True
+        deadline = time.monotonic() + self.local_landing_wait
         with self.local_landed:
-            if self.local_round_epoch is None:
-                return True
             seen = self.local_landings
-            return self.local_landed.wait_for(lambda: self.local_landings != seen, timeout=self.local_landing_wait)
+            while self._round_under_way() and self.local_landings == seen:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return self.local_round_epoch is None
+                self.local_landed.wait(min(remaining, LANDING_POLL_SECONDS))
+        return True
+
+    def _round_under_way(self) -> bool:
+        pending = self.local_round_pending
+        return self.local_round_epoch is not None or (pending is not None and pending())
 
     def load_state_from_peers(self, **kwargs):
         if self.local_anchor is None:
@@ -199,7 +213,7 @@ class LocalStateAverager(hivemind_compat.CleanShutdownMixin, TrainingStateAverag
             self.refused_mid_round = True
             return
         if not isinstance(metadata, dict) or not isinstance(metadata.get("epoch"), int) \
-                or metadata["epoch"] < self.local_epoch:
+                or metadata["epoch"] < self.local_epoch - 1:  # (a landed round's label may lag by one)
             logger.warning("refusing a downloaded state: it is older than ours or malformed")
             return
         num_momentum = local.get("momentum_tensors", 0)
@@ -365,6 +379,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             averager.local_anchor = self.anchor
             averager.local_landed = threading.Condition()
             averager.local_landing_wait = self._landing_patience
+            averager.local_round_pending = self._round_scheduled
 
     # -------------------------------------------------------------- hivemind seams
     def step(self, closure=None, batch_size: Optional[int] = None, grad_scaler=None):
@@ -385,13 +400,18 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             # runs this peer still reports the old epoch, so nobody counts its idle time as samples
             # of the new one (hivemind extrapolates each peer's samples/s since its last report)
             epoch, started = self.local_epoch + 1, time.perf_counter()
-            if self.background_rounds:  # the group forms while we compute (see _land_round)
-                control = self._scheduled_or_new_round(epoch)
-            else:
-                control = self._group_for_round(epoch, started)  # the tracker runs: we see who moved on
-            if control is not None:
-                with self.tracker.pause_updates():
-                    self._average_in_group(control, epoch, started)
+            self._mark_round_in_flight(epoch)  # a donor asked meanwhile serves once the round has landed
+            try:
+                if self.background_rounds:  # the group forms while we compute (see _land_round)
+                    control = self._scheduled_or_new_round(epoch)
+                else:
+                    control = self._group_for_round(epoch, started)  # the tracker runs: we see who moved on
+                if control is not None:
+                    with self.tracker.pause_updates():
+                        self._average_in_group(control, epoch, started)
+            finally:
+                if self._in_flight is None:  # (a background round stays marked until it lands)
+                    self._mark_round_in_flight(None)
         super()._update_global_epoch(grad_scaler)
         if self.local_epoch < self.tracker.global_epoch:
             self._catch_up_epoch()
@@ -436,6 +456,8 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             logger.info(f"took the swarm's averaged model of epoch {state.anchor_epoch} at epoch {self.local_epoch} "
                         f"({state.rounds_done} rounds so far; digest {digest}, sum {anchor_sum:.6f}); next "
                         f"averaging at epoch {self.next_averaging_epoch}")
+            if not self.auxiliary:
+                self._maybe_preschedule_round(right_away=True)
         return loaded
 
     @property
@@ -491,9 +513,15 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         self._control_bytes += len(self.delta_averager.serializer.dumps(gather))
         return schedule_round(self.delta_averager, scheduled_time, round_epoch, gather, self.averaging_timeout)
 
-    def _maybe_preschedule_round(self) -> None:
+    def _round_scheduled(self) -> bool:
+        control = self._scheduled
+        return control is not None and not control.done()
+
+    def _maybe_preschedule_round(self, right_away: bool = False) -> None:
         """Start matchmaking for the round at the end of this epoch, when that end is near (as
-        hivemind pre-schedules gradient rounds): the group forms while we still train."""
+        hivemind pre-schedules gradient rounds): the group forms while we still train. `right_away`:
+        with twice the margin (just after a download: the others' group may be forming already, and
+        our first step after it can be slow)."""
         if self._scheduled is not None:
             if self._scheduled.done():  # its matchmaking gave up in the background
                 self._scheduled = None
@@ -505,7 +533,7 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         if self.local_epoch < self.tracker.global_epoch:
             return  # behind the swarm: hivemind downloads the state first
         eta = self.tracker.estimated_next_update_time - get_dht_time()
-        if eta <= self.matchmaking_time:
+        if eta <= (2 if right_away else 1) * self.matchmaking_time:
             start = get_dht_time() + max(eta, self.matchmaking_time / 2)
             try:
                 self._scheduled = self._schedule_round(start, self.local_epoch + 1)
@@ -581,7 +609,6 @@ class LocalSwarmOptimizer(SwarmOptimizer):
             launched = [param.detach().clone() for param in parameters]
             self._in_flight = _RoundInFlight(control, epoch, started, weight, launched,
                                              self._samples_since_anchor, self._steps_since_anchor)
-            self._mark_round_in_flight(epoch)
             self._samples_since_anchor = self._steps_since_anchor = 0  # from here on: the next round's delta
             return
         try:
@@ -619,10 +646,10 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     def _mark_round_in_flight(self, round_epoch: Optional[int]) -> None:
         """The round of `round_epoch` is in flight now (None: it landed or was dropped)."""
         averager = self.state_averager
-        with averager.local_landed:
+        with averager.local_landed or contextlib.nullcontext():
             with averager.lock_averaged_tensors:
                 averager.local_round_epoch = round_epoch
-            if round_epoch is None:
+            if round_epoch is None and averager.local_landed is not None:
                 averager.local_landings += 1
                 averager.local_landed.notify_all()
 
