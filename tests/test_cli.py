@@ -102,6 +102,27 @@ def test_a_dht_request_from_an_exited_process_is_not_a_traceback():
     assert other.levelno == logging.ERROR
 
 
+def test_a_helper_connection_reset_after_a_stop_signal_is_no_traceback(monkeypatch):
+    """systemd's SIGTERM goes to the whole process group: the helper processes end with the peer, and
+    multiprocessing's resource-sharer thread reported one reset connection through sys.excepthook, a
+    traceback in a clean exit (seen in test_shutdown). After a stop signal such an error is one debug
+    line; before one, or any other error, is printed as always."""
+    import multiprocessing.resource_sharer  # noqa: F401 (the thread that calls sys.excepthook)
+
+    from swarmtrain import signals
+
+    printed = []
+    hook = signals.quiet_connection_errors_after_stop(lambda *info: printed.append(info[0]))
+    hook(ConnectionResetError, ConnectionResetError(104, "reset"), None)
+    assert printed == [ConnectionResetError]  # no stop yet: as always
+    monkeypatch.setattr(signals, "_stop_signals", ["SIGTERM"])
+    hook(ConnectionResetError, ConnectionResetError(104, "reset"), None)
+    hook(EOFError, EOFError(), None)
+    assert printed == [ConnectionResetError]
+    hook(ValueError, ValueError("a real bug"), None)
+    assert printed == [ConnectionResetError, ValueError]
+
+
 def test_a_stop_signal_caught_by_hivemind_is_a_debug_line_not_a_traceback():
     """A SIGTERM that lands while hivemind's optimizer starts a gradient round raises our
     StopRequested inside hivemind, which catches BaseException there and logs it with a traceback
