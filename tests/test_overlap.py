@@ -34,6 +34,11 @@ def overlap_swarm(tmp_path):
     swarm.close()
 
 
+# Quarantined in -m slow: failed 3 of the last 8 fresh-clone CI runs (2 in a row on 2026-11-28), in mode
+# sync, which those runs did not change: rounds of two end partial ("received 44.9% results"), both peers
+# re-synchronise, one runs an epoch's round twice (docs/notes/issue-19-g.md). Mode local's delayed outer
+# step is still checked in make test (test_local_swarm's background rounds). Back once the cause is fixed.
+@pytest.mark.slow
 def test_delayed_updates_land_once_and_peers_end_identical(overlap_swarm):
     swarm = overlap_swarm
     flags = ("--max-epochs", str(EPOCHS), "--eval-every", "0", "--checkpoint-every", "0")
