@@ -299,10 +299,9 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     state_averager_class = LocalStateAverager  # serves the averaged model, momentum and schedule to joiners
 
     def _download_a_landed_state(self, **kwargs):
-        """Download the swarm's state, asking again while the donors' states are mid-round (each round
-        lands within about its matchmaking window plus a request, and a donor serves the landed state
-        until its next round starts). Gives up after a few rounds' time: a swarm whose rounds last
-        longer than its epochs has no landed state to serve, and the peer trains on meanwhile."""
+        """Download the swarm's state, asking again while a donor says its state is mid-round (it waits
+        for its round to land before it answers, so that happens only when the round outlasted that
+        wait). Gives up after a few rounds' time, and the peer trains on with its own state."""
         averager = self.state_averager
         patience = self._landing_patience
         deadline, said = time.monotonic() + patience, False
@@ -322,8 +321,8 @@ class LocalSwarmOptimizer(SwarmOptimizer):
     def _download_satisfies(self, wanted: int) -> bool:
         # a donor serves the starting point of the round it has just begun, labelled the epoch before
         # that round's: one behind the swarm's counter, and what the swarm's next round refers to
-        loaded = self.state_averager.local_state_loaded is not None
-        return self.local_epoch >= wanted or loaded and self.local_epoch >= wanted - 1
+        lag = 1 if self.state_averager.local_state_loaded is not None else 0
+        return self.local_epoch >= wanted - lag
 
     @property
     def _landing_patience(self) -> float:
