@@ -139,6 +139,15 @@ class SwarmProgressTracker(ProgressTracker):
         now = get_dht_time()
         if stretch > 1.0 and progress.next_fetch_time - now < self.min_refresh_period:
             progress.next_fetch_time = now + self.min_refresh_period
+        if progress.num_peers <= 1:
+            # alone, hivemind reads again after the ETA's share (up to max_refresh_period, 10 s) and counts
+            # only its own samples meanwhile; at a run's start, peers publish nothing before their first
+            # sample, so the first reads see nobody: a fast peer then ended its first epoch alone, one
+            # epoch ahead of the others from then on (its rounds met theirs of the epoch before: partial
+            # all-reduces and resyncs, seen on loopback). Seeing nobody else, read as often as when
+            # hivemind sees no record at all: a read of one record is cheap
+            progress.next_fetch_time = min(progress.next_fetch_time, now + self.default_refresh_period)
+
     def _parse_swarm_progress_data(self, metadata):
         if isinstance(metadata, dict) and metadata:
             metadata = self._credible_progress(metadata)
