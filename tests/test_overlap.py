@@ -1,12 +1,17 @@
 """averaging.overlap (sync mode): hivemind's delayed parameter updates. Peers compute the next epoch while
 the last one's round and optimizer step run in the background; each update lands exactly once and the
 peers end on the same parameters. Also: the utilization figure each peer reports."""
+import threading
+import time
 import urllib.request
+from concurrent.futures import Future
 
 import pytest
+import torch
 import yaml
 
 from swarmtrain.averaging.rounds import NO_OTHER_PEERS, RoundRecord, reason_to_resync
+from swarmtrain.averaging.sync import SwarmOptimizer
 from swarmtrain.monitoring.aggregate import SwarmAggregator
 from swarmtrain.monitoring.records import PeerRecord
 from swarmtrain.peer.utilization import UtilizationMeter
@@ -34,11 +39,6 @@ def overlap_swarm(tmp_path):
     swarm.close()
 
 
-# Quarantined in -m slow: failed 3 of the last 8 fresh-clone CI runs (2 in a row on 2026-11-28), in mode
-# sync, which those runs did not change: rounds of two end partial ("received 44.9% results"), both peers
-# re-synchronise, one runs an epoch's round twice (docs/notes/issue-19-g.md). Mode local's delayed outer
-# step is still checked in make test (test_local_swarm's background rounds). Back once the cause is fixed.
-@pytest.mark.slow
 def test_delayed_updates_land_once_and_peers_end_identical(overlap_swarm):
     swarm = overlap_swarm
     flags = ("--max-epochs", str(EPOCHS), "--eval-every", "0", "--checkpoint-every", "0")
@@ -74,6 +74,15 @@ def test_delayed_updates_land_once_and_peers_end_identical(overlap_swarm):
         # (the joiner's rounds begin at the epoch it downloaded)
         assert sum(r["ok"] and r["group_size"] >= 2 for r in rounds) >= (EPOCHS - min(epochs)) // 2, rounds
         assert 0.0 <= status["utilization"] <= 1.0
+
+    # the joiner's rounds were the swarm's rounds of the same epoch: the state it downloaded was the start
+    # of a round it could still join (served labelled one epoch back, it joined the next round and lacked
+    # the one before for good). A group is named by its members.
+    for first in statuses[:2]:
+        groups = {r["epoch"]: r.get("group") for r in first["rounds"] if r["ok"]}
+        for joiners_round in statuses[2]["rounds"]:
+            if joiners_round["ok"] and joiners_round["epoch"] in groups:
+                assert joiners_round.get("group") == groups[joiners_round["epoch"]], (statuses[2]["rounds"], first["rounds"])
 
     for index in range(3):
         checkpoint = load_checkpoint(swarm.workdir / f"peer-{index}")
@@ -130,3 +139,51 @@ def test_a_failed_round_followed_by_a_good_one_still_sends_the_peer_for_the_swar
     assert reason_to_resync([alone, good], diverged=False) is None
     assert reason_to_resync([failed, good], diverged=False, failed_rounds_count=False) is None
     assert reason_to_resync([], diverged=True) is None
+
+
+def test_a_donor_serves_the_state_after_its_round_lands_labelled_for_the_next_round(two_dhts):
+    """SettledStateMixin with delayed updates: a state served while a round runs from the donor's
+    parameters was the start of a round the joiner could no longer join (it then lacked that round's
+    update for good). The donor waits for the round to land and serves what follows it."""
+    model = torch.nn.Linear(4, 3)
+    donor = SwarmOptimizer.state_averager_class(
+        dht=two_dhts[0], prefix="settledtest_state_averager", optimizer=lambda params: torch.optim.AdamW(params),
+        params=model.parameters(), min_matchmaking_time=1.0, request_timeout=0.5, start=True)
+    try:
+        donor.local_epoch = 6  # hivemind counts epoch 6 as soon as round 5 begins
+        round_5 = Future()
+        donor.pending_updates.add(round_5)
+        donor.settle_wait = 5.0
+
+        def land_round_5():
+            time.sleep(0.3)
+            with donor.lock_optimizer, torch.no_grad():  # the background step
+                for param in donor.optimizer.param_groups[0]["params"]:
+                    param.fill_(6.0)
+            round_5.set_result(None)
+
+        lander = threading.Thread(target=land_round_5)
+        started = time.monotonic()
+        lander.start()
+        metadata, tensors, _ = donor.get_current_state()
+        lander.join()
+        assert time.monotonic() - started >= 0.25
+        assert metadata["epoch"] == 6 and all(bool((tensor == 6.0).all()) for tensor in tensors[:2])
+
+        # a round that does not land in time: the parameters before it, labelled the epoch before (a
+        # joiner wanting 6 asks again)
+        donor.pending_updates.add(Future())
+        donor.settle_wait = 0.2
+        assert donor.get_current_state()[0]["epoch"] == 5
+        donor.pending_updates.clear()
+
+        # a round scheduled with its group forming holds the state back too; dropped, it is served as is
+        forming = [True]
+        donor.round_forming = lambda: forming[0]
+        donor.settle_wait = 5.0
+        threading.Timer(0.3, forming.__setitem__, (0, False)).start()
+        started = time.monotonic()
+        assert donor.get_current_state()[0]["epoch"] == 6
+        assert time.monotonic() - started >= 0.25
+    finally:
+        donor.shutdown()

@@ -325,11 +325,6 @@ class LocalSwarmOptimizer(SwarmOptimizer):
         return self.local_epoch >= wanted - lag
 
     @property
-    def _landing_patience(self) -> float:
-        """Seconds a round takes to land, at most (a few matchmaking windows and chunk timeouts)."""
-        return min(self.averaging_timeout, 3 * (self.matchmaking_time + (self.next_chunk_timeout or 0.0)))
-
-    @property
     def resync_after_failed_round(self) -> bool:
         """For the trainer: a failed round is retried at the next epoch, unless it showed that our
         averaged model is not the swarm's (then we download the state)."""

@@ -17,7 +17,8 @@ may then start while the last round still runs, so what changes here:
 - the fingerprint gathered in round k is of the parameters after round k-2 (noted when round k-1
   began), the same for every member in step whenever it schedules round k;
 - round records are written by the background thread, with the epoch the round was for;
-- a state donor never labels the parameters of epoch E-1 as epoch E while its step is in flight."""
+- a state donor asked while a round runs from its parameters waits for that round to land, so that a
+  joiner's first round is the donor's next (SettledStateMixin)."""
 from __future__ import annotations
 
 import asyncio
@@ -28,7 +29,7 @@ import math
 import time
 import weakref
 from concurrent.futures import InvalidStateError
-from typing import AsyncIterator, List, Optional, Tuple
+from typing import AsyncIterator, Callable, List, Optional, Tuple
 
 import hivemind
 import torch
@@ -53,6 +54,7 @@ FINGERPRINT_SEED = 0
 
 UNANSWERED_DOWNLOADS_BEFORE_GIVING_UP = 3  # attempts in a row in which no donor served a state
 GROUP_REGISTRATION_WAIT = 30.0  # seconds a part may wait for its group to start here (senders time out sooner)
+SETTLE_POLL_SECONDS = 0.05  # a donor waiting for its round to land re-checks this often
 
 
 class GroupRegistrationMixin:
@@ -75,19 +77,35 @@ class GroupRegistrationMixin:
 
 
 class SettledStateMixin:
-    """Put in front of hivemind's TrainingStateAverager: a state it serves to a joiner is never torn
-    and never labelled one epoch ahead of its parameters.
+    """Put in front of hivemind's TrainingStateAverager: a state it serves to a joiner is never torn,
+    never labelled one epoch ahead of its parameters, and (with delayed updates) the starting point of
+    a round the joiner can still join.
 
-    With delayed updates hivemind counts the new epoch as soon as the round begins, while the
-    round and the optimizer step run in the background for a second or more: a joiner that
-    downloaded then got the parameters of epoch E-1 labelled E, and stayed one step apart. Here the
-    state is read between optimizer steps, and while an update is in flight it is labelled E-1
-    (the joiner, wanting E, asks again a moment later)."""
+    With delayed updates hivemind counts the new epoch E as soon as round E-1 begins, while that
+    round and its optimizer step run in the background for a second or more. Served then, the
+    parameters before round E-1's update were labelled E: the joiner stayed one step apart. Labelled
+    E-1 they were no better: round E-1 had begun without the joiner, whose first round was then the
+    swarm's round E, so it never had round E-1's update and was one step apart all the same (every
+    joiner of the overlap test resynchronised once, seen on loopback). So a donor asked while a round
+    runs from its parameters -- in flight, or scheduled with its group forming -- first waits for it
+    to land, up to ``settle_wait`` seconds (set by the optimizer), and serves the parameters after
+    it, labelled E: the joiner's first round is round E, as the donor's next. Only a round in flight
+    that does not land in time gives the old E-1 label (the joiner, wanting E, asks again a moment
+    later). The state is read between optimizer steps."""
+
+    settle_wait: float = 0.0
+    round_forming: Optional[Callable[[], bool]] = None  # the optimizer's: a round is scheduled, not yet landed
 
     def get_current_state(self):
-        with self.lock_optimizer:  # not half-way through an optimizer step
-            in_flight = any(not update.done() for update in list(self.pending_updates))
-            metadata, tensors, infos = super().get_current_state()
+        deadline = time.monotonic() + self.settle_wait
+        while True:
+            with self.lock_optimizer:  # not half-way through an optimizer step
+                in_flight = any(not update.done() for update in list(self.pending_updates))
+                forming = self.round_forming is not None and self.round_forming()
+                if not (in_flight or forming) or time.monotonic() >= deadline:
+                    metadata, tensors, infos = super().get_current_state()
+                    break
+            time.sleep(SETTLE_POLL_SECONDS)
         if in_flight and isinstance(metadata.get("epoch"), int):
             metadata["epoch"] = max(0, metadata["epoch"] - 1)
         return metadata, tensors, infos
@@ -126,6 +144,9 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.overlapped_steps = 0  # local steps taken while a round or step was in flight (overlap)
         super().__init__(*args, **kwargs)
         self._fingerprint_positions = self._choose_fingerprint_positions()
+        if self.delay_optimizer_step and self.grad_averager is not None:  # see SettledStateMixin
+            self.state_averager.settle_wait = self._landing_patience
+            self.state_averager.round_forming = self._round_forming
         # delayed updates: (epoch, fingerprint) of the parameters at the start of the last epoch whose
         # round has begun (every earlier round applied): what rounds gather and the status file shows
         self._settled_fingerprint: Optional[Tuple[int, List[float]]] = (self.local_epoch, self.parameter_fingerprint())
@@ -146,6 +167,15 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _optimized_parameters(self) -> List[torch.Tensor]:
         return [p for group in self.state_averager.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def _landing_patience(self) -> float:
+        """Seconds a round takes to land, at most (a few matchmaking windows and chunk timeouts)."""
+        return min(self.averaging_timeout or 30.0, 3 * (self.matchmaking_time + (self.next_chunk_timeout or 0.0)))
+
+    def _round_forming(self) -> bool:
+        scheduled = self.scheduled_grads
+        return scheduled is not None and not scheduled.done()
 
     def _choose_fingerprint_positions(self) -> List[tuple]:
         sizes = [p.numel() for p in self._optimized_parameters()]
