@@ -28,11 +28,12 @@ def _wait_for(condition, timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
-def test_a_peer_that_sees_itself_alone_reads_again_soon_and_finds_a_newcomer(two_dhts):
+def test_a_peer_alone_or_before_its_first_step_reads_again_soon(two_dhts):
     """At a run's start peers publish nothing before their first sample, so the first reads see only
     the reader. hivemind then reads again after the ETA's share, up to max_refresh_period (10 s), and
     meanwhile counts only its own samples: a fast peer ended its first epoch alone, one epoch ahead of
-    the others for the rest of the run. Alone, it now reads as often as when it sees no record."""
+    the others for the rest of the run. Alone, or before its first step with the swarm, a peer now
+    reads as often as when it sees no record."""
     first_dht, second_dht = two_dhts
     first = _tracker(first_dht)
     second = None
@@ -48,6 +49,11 @@ def test_a_peer_that_sees_itself_alone_reads_again_soon_and_finds_a_newcomer(two
         # within a few of its one-second reads (the newcomer's record takes a moment to publish), not
         # after hivemind's ten
         assert seconds < MAX_REFRESH / 2, seconds
+        # the newcomer, which has not stepped with the swarm yet, also reads again within the period:
+        # its ETA, from throughputs still near zero, says nothing about when the others move on
+        _wait_for(lambda: second.global_progress.num_peers == 2, 20, "the second peer to see the first")
+        assert second.global_progress.eta_next_epoch - get_dht_time() > MAX_REFRESH
+        assert second.global_progress.next_fetch_time - get_dht_time() <= DEFAULT_REFRESH + 0.1
     finally:
         for tracker in (second, first):
             if tracker is not None:

@@ -139,14 +139,19 @@ class SwarmProgressTracker(ProgressTracker):
         now = get_dht_time()
         if stretch > 1.0 and progress.next_fetch_time - now < self.min_refresh_period:
             progress.next_fetch_time = now + self.min_refresh_period
-        if progress.num_peers <= 1:
-            # alone, hivemind reads again after the ETA's share (up to max_refresh_period, 10 s) and counts
-            # only its own samples meanwhile; at a run's start, peers publish nothing before their first
-            # sample, so the first reads see nobody: a fast peer then ended its first epoch alone, one
-            # epoch ahead of the others from then on (its rounds met theirs of the epoch before: partial
-            # all-reduces and resyncs, seen on loopback). Seeing nobody else, read as often as when
-            # hivemind sees no record at all: a read of one record is cheap
-            progress.next_fetch_time = min(progress.next_fetch_time, now + self.default_refresh_period)
+        if progress.num_peers <= 1 or not self.votes_own_epoch:
+            # hivemind spaces reads by the ETA's share (up to max_refresh_period, 10 s) and meanwhile counts
+            # only its own samples. Two cases where that ETA means nothing:
+            # - alone: at a run's start peers publish nothing before their first sample, so the first
+            #   reads see nobody, and a fast peer ended its first epoch alone, one epoch ahead of the
+            #   others from then on (its rounds met theirs of the epoch before: partial all-reduces and
+            #   resyncs, seen on loopback);
+            # - before this peer's first step with the swarm: the throughput estimates are still near
+            #   zero, the ETA minutes, and a peer read again only 10 s on, after the others had moved
+            #   to the next epoch without it (the demo's third peer, seen once).
+            # Then read as often as hivemind does when it sees no record at all (stretched by the swarm's
+            # size, as above): for one epoch, or while alone, where a read is one record
+            progress.next_fetch_time = min(progress.next_fetch_time, now + self.default_refresh_period * stretch)
 
     def _parse_swarm_progress_data(self, metadata):
         if isinstance(metadata, dict) and metadata:

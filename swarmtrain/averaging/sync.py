@@ -85,8 +85,8 @@ class SettledStateMixin:
     round and its optimizer step run in the background for a second or more. Served then, the
     parameters before round E-1's update were labelled E: the joiner stayed one step apart. Labelled
     E-1 they were no better: round E-1 had begun without the joiner, whose first round was then the
-    swarm's round E, so it never had round E-1's update and was one step apart all the same (every
-    joiner of the overlap test resynchronised once, seen on loopback). So a donor asked while a round
+    swarm's round E, so it never had round E-1's update and was one step apart all the same (the
+    joiners of the overlap test resynchronised once, 2 runs in 3 on loopback). So a donor asked while a round
     runs from its parameters -- in flight, or scheduled with its group forming -- first waits for it
     to land, up to ``settle_wait`` seconds (set by the optimizer), and serves the parameters after
     it, labelled E: the joiner's first round is round E, as the donor's next. Only a round in flight
