@@ -85,7 +85,10 @@ def _real_peer(peers: ForkedPeers, rank: int, compression: str, feedback_decay: 
         for step in range(STEPS):
             peers.barrier.wait(timeout=120)
             if step > 0:  # everyone has reported progress by now: wait until our tracker sees them at our epoch
-                poll(lambda: _tracker_current(optimizer) or None, timeout=60, interval=0.05)
+                # (the tracker reads at least every 10 s: a view not current within 20 s is stuck, and the
+                # run is repeated. The wait was 60 s; runs of 77 s here and 83 s in CI, against ~16 s,
+                # look like that wait running out)
+                poll(lambda: _tracker_current(optimizer) or None, timeout=20, interval=0.05)
             loss = compute_loss(model, next(batches), config.model.kind, masks)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.max_grad_norm)
