@@ -344,3 +344,43 @@ def test_a_dialable_groupmate_is_answered_at_once_and_a_client_only_once_our_mes
         assert await check.serve("stranger", 0, b"x") is None
 
     asyncio.run(scenario())
+
+
+def test_a_member_whose_part_failed_returns_at_once_yet_its_check_still_serves_the_group():
+    """A groupmate absent from the round (hivemind's matchmaking counted it in, but it had given up on
+    the group) sends no check messages. A member whose own part failed loses the round anyway: it must
+    not wait two phase timeouts for that groupmate (the whole averaging timeout, 30 s of every member's
+    time) before it may retry -- yet the others still get its seed and measures. A member whose part
+    went through waits for the verdict as before, and an incomplete check refuses the round."""
+    import asyncio
+    from hivemind.averaging.partition import AllreduceException
+    from hivemind.utils import MSGPackSerializer
+    from swarmtrain.compression.crosscheck import CheckedAveragerMixin, RoundCheck
+    from swarmtrain.compression.stats import CompressionStats
+
+    peers, timeout = ("server-0", "client-1", "absent-2"), 1.0
+    host = CheckedAveragerMixin()
+    host.stats = CompressionStats()
+
+    def new_check():
+        return RoundCheck(averager=SimpleNamespace(peer_id=peers[0]), group_id=b"g", peer_ids=peers,
+                          clients=(False, True, False), commitments=(None,) * 3, seed=b"s" * 16, policy=POLICY,
+                          max_weight=1.0, timeout=timeout)
+
+    async def scenario():
+        check = new_check()
+        started = time.monotonic()
+        await host.finish_check(check, round_failed=True)
+        assert time.monotonic() - started < 0.5 * timeout
+        # the check runs on: our first message reaches the client that asks for it
+        answer = MSGPackSerializer.loads(await check.serve("client-1", 0, b"from 1"))
+        assert set(answer) == {"0"} and MSGPackSerializer.loads(answer["0"])["seed"] == b"s" * 16
+        await asyncio.wait_for(asyncio.gather(*host._background_checks), 4 * timeout)
+        assert check.seconds >= 2 * timeout and not host._background_checks  # it waited, in the background
+
+        started = time.monotonic()
+        with pytest.raises(AllreduceException, match="incomplete"):
+            await host.finish_check(new_check(), round_failed=False)
+        assert time.monotonic() - started >= 2 * timeout
+
+    asyncio.run(scenario())

@@ -500,6 +500,7 @@ class CheckedAveragerMixin:
         self._check_seeds: Dict[bytes, tuple] = {}  # averager process: commitment -> (seed, step) per step
         self._checks: Dict[bytes, asyncio.Future] = {}  # averager process: group id -> RoundCheck
         self._leaders_filtered = False
+        self._background_checks: Set[asyncio.Future] = set()  # averager process: checks of rounds we failed
         super().__init__(*args, **kwargs)
 
     # -------------------------------------------------------------- matchmaking
@@ -589,14 +590,27 @@ class CheckedAveragerMixin:
         return averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=runtime_pb2.Tensor(buffer=bundle))
 
     async def finish_check(self, check: RoundCheck, round_failed: bool) -> None:
-        """Run the check of a round (also when our own part of it failed: the others need our seed and
-        measures), then name and ban liars; raises when the round must not be applied. Slower members
-        can still fetch our messages afterwards: the check stays registered for 2 x check_timeout."""
+        """Run the check of a round, then name and ban liars; raises when the round must not be applied.
+        Slower members can still fetch our messages afterwards: the check stays registered for
+        2 x check_timeout.
+
+        When our own part of the round failed, the round is lost for us whatever the check finds, yet
+        the others still need our seed and measures: the check then runs on in the background and the
+        step returns at once, free to retry in a new group. Waiting for it held every member of a round
+        with an absent member (one hivemind's matchmaking counted in, but that had given up on the
+        group) for two phase timeouts: the whole 30 s averaging timeout of the tiny run, under load."""
+        if round_failed:
+            background = asyncio.ensure_future(self._run_check(check))
+            self._background_checks.add(background)  # (a task nobody references may be collected)
+            background.add_done_callback(self._background_checks.discard)
+            return
+        self._act_on_verdict(check, await self._run_check(check))
+
+    async def _run_check(self, check: RoundCheck) -> Verdict:
         verdict = await check.run()
         self.stats.record_check(bytes_sent=check.bytes_sent, bytes_received=check.bytes_received,
                                 seconds=check.seconds)
-        if not round_failed:
-            self._act_on_verdict(check, verdict)
+        return verdict
 
     def _act_on_verdict(self, check: RoundCheck, verdict: Verdict) -> None:
         if verdict.ok:
