@@ -7,6 +7,7 @@ Rounds are matched across peers by ``round_index`` (the swarm's round count, whi
 round computes from the same gathered data), not by epoch label: a peer an epoch behind labels the
 same round one lower.
 """
+import datetime
 import re
 from collections import defaultdict
 
@@ -66,6 +67,14 @@ def _check_members_agree(swarm, peers, dense: bool) -> list:
     return full
 
 
+def _log_time(clock: str, near: float) -> float:
+    """The Unix time of a log line's HH:MM:SS, on the day of `near` (a Unix time within hours of it)."""
+    day = datetime.datetime.fromtimestamp(near)
+    hours, minutes, seconds = map(int, clock.split(":"))
+    stamp = day.replace(hour=hours, minute=minutes, second=seconds, microsecond=0).timestamp()
+    return min((stamp + shift for shift in (-86400, 0, 86400)), key=lambda t: abs(t - near))
+
+
 def test_one_averaged_model_after_every_round_and_a_joiner_starts_from_it(tmp_path, cleanup):
     swarm = _local_swarm(tmp_path, schedule="adaptive", compression="gaussiank:0.05", round_budget=30,
                          max_period=3, total_epochs=60)
@@ -83,13 +92,19 @@ def test_one_averaged_model_after_every_round_and_a_joiner_starts_from_it(tmp_pa
 
     # acceptance 4: every state the joiner took was the swarm's newest averaged model of that time --
     # the one the veterans' latest round produced (same bytes), not the initial model nor a donor's
-    # half-trained local one
-    veteran = {r["epoch"]: r for r in swarm.rounds(0) if r["ok"]}
-    loads = re.findall(r"took the swarm's averaged model of epoch (\d+) at epoch (\d+) .*digest (\w+),", swarm.log(2))
+    # half-trained local one. Matched by round_index: a veteran an epoch behind labels a round one
+    # lower than the state's anchor epoch says (the CI once saw "model of epoch 11 at epoch 10")
+    veteran = {r["round_index"]: r for i in (0, 1) for r in swarm.rounds(i) if r["ok"] and r["in_step"]}
+    loads = re.findall(r"(\d\d:\d\d:\d\d) \S+ \S+: took the swarm's averaged model of epoch \d+ at epoch \d+ "
+                       r"\((\d+) rounds so far; digest (\w+),", swarm.log(2))
     assert loads and swarm.status(2).get("loaded_state_epoch", 0) >= 2, swarm.log(2)[-3000:]
-    for anchor_epoch, at_epoch, digest in loads:
-        newest = max(epoch for epoch in veteran if epoch <= int(at_epoch))
-        assert int(anchor_epoch) == newest and veteran[newest]["anchor_digest"] == digest, (loads, veteran)
+    for clock, rounds_done, digest in loads:
+        assert int(rounds_done) in veteran and veteran[int(rounds_done)]["anchor_digest"] == digest, (loads, veteran)
+        # newest: no later veteran round had landed well before the joiner logged the load (the log's
+        # clock has 1 s steps, and the download takes a moment after the donor served it)
+        loaded_at = _log_time(clock, veteran[int(rounds_done)]["finished_at"])
+        landed_before = [index for index, r in veteran.items() if r["finished_at"] < loaded_at - 5]
+        assert max(landed_before, default=-1) <= int(rounds_done), (clock, rounds_done, veteran)
     # acceptance 3: after every round its members in step hold one model (bit-identical: sparse),
     # before and after the joiner came; at least two full rounds of all three
     assert len(_check_members_agree(swarm, [0, 1, 2], dense=False)) >= 2, _rounds_by_index(swarm, [0, 1, 2])
