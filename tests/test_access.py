@@ -436,11 +436,8 @@ def test_rogues_cannot_join_averaging_or_download_state(token_swarm):
     assert insider["aggregate"] == "BAD_GROUP_ID" and insider["download_messages"] > 0, insider
     for name in ("plain", "expired"):
         result = token_swarm.rogue[name]
-        assert result["join"] == "PROTOCOL_VIOLATION", (name, result)
-        # the refusal code, or (now and then) a stream that libp2p closed before the code got through
-        # (hivemind's client then ends the stream or reports the broken pipe); never an average
-        assert result["aggregate"] == "PROTOCOL_VIOLATION" or result["aggregate"] in (
-            "error StopAsyncIteration()", "error BrokenPipeError(32, 'Broken pipe')"), (name, result)
+        # never a group nor an average; the honest peer's own log below says it refused both
+        assert _refused(result["join"]) and _refused(result["aggregate"]), (name, result)
         assert result["download_messages"] == 0, (name, result)
         for rpc in ("rpc_join_group", "rpc_aggregate_part"):  # the honest peer refused both, by its own account
             assert f"refused {rpc} from peer {token_swarm.rogue_ids[name]}" in token_swarm.logs[0], (name, rpc)
@@ -452,7 +449,13 @@ def test_expired_token_is_refused_by_the_others(token_swarm):
     # although an insider published that token for it, the honest averager refused it (the averaging gate)
     assert result["bootstrapped"] is False and result["config_found"] is False, result
     assert token_swarm.rogue["insider"]["published_expired_token"] is True
-    assert result["join"] == "PROTOCOL_VIOLATION" and result["download_messages"] == 0, result
+    assert _refused(result["join"]) and result["download_messages"] == 0, result
+
+
+def _refused(outcome: str) -> bool:
+    """The refusal code, or (now and then) a stream that libp2p closed before the code got through:
+    hivemind's client then ends the stream or reports the broken pipe. Seen on joins and on parts."""
+    return outcome in ("PROTOCOL_VIOLATION", "error StopAsyncIteration()", "error BrokenPipeError(32, 'Broken pipe')")
 
 
 # --------------------------------------------------------------------------------------------
