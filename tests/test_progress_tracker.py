@@ -6,6 +6,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarmtrain.averaging.progress import SwarmProgressTracker
+from swarmtrain.signals import poll
 
 DEFAULT_REFRESH = 1.0  # what swarmtrain.averaging.factory passes
 MAX_REFRESH = 10.0  # hivemind's default, kept by swarmtrain
@@ -21,10 +22,9 @@ def _tracker(dht) -> SwarmProgressTracker:
 
 
 def _wait_for(condition, timeout: float, what: str) -> float:
+    """Seconds until `condition` held (the test fails after `timeout`)."""
     started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    assert poll(lambda: True if condition() else None, timeout=timeout, interval=0.05), f"timed out waiting for {what}"
     return time.monotonic() - started
 
 

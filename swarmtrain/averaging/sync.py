@@ -57,6 +57,11 @@ GROUP_REGISTRATION_WAIT = 30.0  # seconds a part may wait for its group to start
 SETTLE_POLL_SECONDS = 0.05  # a donor waiting for its round to land re-checks this often
 
 
+def update_pending(state_averager: TrainingStateAverager) -> bool:
+    """With delayed updates: a round or optimizer step of this state averager still runs in the background."""
+    return any(not update.done() for update in list(state_averager.pending_updates))
+
+
 class GroupRegistrationMixin:
     """Put in front of a gradient averager whose next round may look for a group while the last runs.
 
@@ -100,7 +105,7 @@ class SettledStateMixin:
         deadline = time.monotonic() + self.settle_wait
         while True:
             with self.lock_optimizer:  # not half-way through an optimizer step
-                in_flight = any(not update.done() for update in list(self.pending_updates))
+                in_flight = update_pending(self)
                 forming = self.round_forming is not None and self.round_forming()
                 if not (in_flight or forming) or time.monotonic() >= deadline:
                     metadata, tensors, infos = super().get_current_state()
@@ -486,7 +491,7 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def update_in_flight(self) -> bool:
         """With delayed updates: a round or optimizer step still runs in the background."""
-        return any(not update.done() for update in list(self.state_averager.pending_updates))
+        return update_pending(self.state_averager)
 
     def _begin_averaging_gradients(self, grad_scaler) -> bool:
         epoch = self.local_epoch
