@@ -104,3 +104,46 @@ def test_a_downloaded_trunk_that_does_not_fit_is_refused():
     for message, state in cases.items():
         with pytest.raises(ValueError, match=message):
             validate_trunk_state(state, reference)
+
+
+def test_a_trunk_round_whose_groupmate_never_sends_ends_within_the_averaging_timeout(monkeypatch):
+    """hivemind bounds a step's matchmaking by its timeout, not the all-reduce after it. A groupmate
+    counted into the group that then sends nothing (it had given up on the group: hivemind's
+    matchmaking race, seen in CI) held a trunk host's round -- and so every later one -- for ever."""
+    import asyncio
+
+    import hivemind
+
+    from swarmtrain.privacy.trunk_host import TrunkStateAverager
+
+    split = SplitConfig(cut_width=16, hidden=32, trunk_hidden=32, average_every=3600.0, averaging_timeout=4.0)
+    first = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    second = hivemind.DHT(initial_peers=first.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    honest = silent = None
+    try:
+        honest = TrunkAverager(_trunk(), first, "stalled-trunk-test", split, threading.Lock(), client_mode=False,
+                               matchmaking_time=2.0, request_timeout=1.0)
+
+        async def never_sends(self, *args, **kwargs):
+            await asyncio.sleep(3600)
+
+        # (the averager runs in a forked process: the patch reaches the silent host's only)
+        monkeypatch.setattr(TrunkStateAverager, "_aggregate_with_group", never_sends)
+        silent = TrunkAverager(_trunk(), second, "stalled-trunk-test", split, threading.Lock(), client_mode=False,
+                               matchmaking_time=2.0, request_timeout=1.0)
+        monkeypatch.undo()
+
+        records = []
+        rounds = [threading.Thread(target=lambda host=host: records.append(host.average_once()), daemon=True)
+                  for host in (honest, silent)]
+        for thread in rounds:
+            thread.start()
+        rounds[0].join(timeout=4 * split.averaging_timeout)
+        assert not rounds[0].is_alive(), "the honest host's round still waits for the silent groupmate"
+        assert records and not records[0].ok and records[0].seconds < 3 * split.averaging_timeout, records
+    finally:
+        for averager in (silent, honest):
+            if averager is not None:
+                averager.shutdown()
+        second.shutdown()
+        first.shutdown()

@@ -141,6 +141,10 @@ class TrunkAverager:
         self.averager = averager_class(
             [p.detach().clone() for p in trunk.parameters()], dht, prefix=f"{run_id}_trunk", start=True,
             client_mode=client_mode, min_matchmaking_time=matchmaking_time, request_timeout=request_timeout,
+            # hivemind bounds only matchmaking by the step's timeout: a groupmate counted into the group
+            # that had given up on it (hivemind's matchmaking race) held a host's round, and its every
+            # later round, for ever (a CI run: a host averaged once, then never again in 70 s)
+            allreduce_timeout=split.averaging_timeout,
             allow_state_sharing=False, trunk=trunk, params_lock=params_lock, steps=steps, **guard)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="trunk-averaging", daemon=True)
