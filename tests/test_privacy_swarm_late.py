@@ -28,6 +28,15 @@ def _averager(trunk, dht, steps=lambda: 0):
                          matchmaking_time=2.0, request_timeout=1.0, steps=steps)
 
 
+def _shut_down(averagers, dhts):
+    """Averagers first (those that were built), then their DHTs: explicitly, to avoid noisy tracebacks."""
+    for averager in averagers:
+        if averager is not None:
+            averager.shutdown()
+    for dht in dhts:
+        dht.shutdown()
+
+
 def _max_difference(module, tensors):
     return max(float((p.detach() - t).abs().max()) for p, t in zip(module.parameters(), tensors))
 
@@ -71,11 +80,7 @@ def test_a_late_trunk_host_loads_the_trained_trunk_and_a_fresh_one_donates_nothi
         assert _max_difference(late_trunk, initial) > 1e-2
         assert late.loaded and late.sharing
     finally:
-        for averager in (late, donor):
-            if averager is not None:
-                averager.shutdown()
-        second.shutdown()
-        first.shutdown()
+        _shut_down([late, donor], [second, first])
 
 
 def test_a_downloaded_trunk_that_does_not_fit_is_refused():
@@ -142,8 +147,4 @@ def test_a_trunk_round_whose_groupmate_never_sends_ends_within_the_averaging_tim
         assert not rounds[0].is_alive(), "the honest host's round still waits for the silent groupmate"
         assert records and not records[0].ok and records[0].seconds < 3 * split.averaging_timeout, records
     finally:
-        for averager in (silent, honest):
-            if averager is not None:
-                averager.shutdown()
-        second.shutdown()
-        first.shutdown()
+        _shut_down([silent, honest], [second, first])
