@@ -317,20 +317,25 @@ def test_the_organisers_revocations_reach_every_ban_list_through_the_dht():
         first.shutdown()
 
 
+def _round_check(peers, clients, timeout):
+    """The check of a three-member round as member 0 holds it (its seed b"s" * 16; no network: calls to
+    the others fail and are ignored, as calls to an unreachable groupmate are)."""
+    from swarmtrain.compression.crosscheck import RoundCheck
+
+    return RoundCheck(averager=SimpleNamespace(peer_id=peers[0]), group_id=b"g", peer_ids=peers, clients=clients,
+                      commitments=(None,) * len(peers), seed=b"s" * 16, policy=POLICY, max_weight=1.0, timeout=timeout)
+
+
 def test_a_dialable_groupmate_is_answered_at_once_and_a_client_only_once_our_message_is_ready():
     """Every member pushes its check message to every member it can dial, so a dialable caller needs no
     answer: waiting for ours would cost it a round trip per phase (60 ms more on home links). A client
     cannot be dialled: it gets ours, and what we relay, in the answer."""
     import asyncio
     from hivemind.utils import MSGPackSerializer
-    from swarmtrain.compression.crosscheck import RoundCheck
-
     peers = ("server-0", "server-1", "client-2")
 
     async def scenario():
-        check = RoundCheck(averager=SimpleNamespace(peer_id=peers[0]), group_id=b"g", peer_ids=peers,
-                           clients=(False, False, True), commitments=(None,) * 3, seed=b"s" * 16, policy=POLICY,
-                           max_weight=1.0, timeout=5.0)
+        check = _round_check(peers, clients=(False, False, True), timeout=5.0)
         started = time.monotonic()
         answer = await check.serve("server-1", 0, b"from 1")
         assert time.monotonic() - started < 0.5 and MSGPackSerializer.loads(answer) == {}
@@ -355,7 +360,7 @@ def test_a_member_whose_part_failed_returns_at_once_yet_its_check_still_serves_t
     import asyncio
     from hivemind.averaging.partition import AllreduceException
     from hivemind.utils import MSGPackSerializer
-    from swarmtrain.compression.crosscheck import CheckedAveragerMixin, RoundCheck
+    from swarmtrain.compression.crosscheck import CheckedAveragerMixin
     from swarmtrain.compression.stats import CompressionStats
 
     peers, timeout = ("server-0", "client-1", "absent-2"), 1.0
@@ -363,9 +368,7 @@ def test_a_member_whose_part_failed_returns_at_once_yet_its_check_still_serves_t
     host.stats = CompressionStats()
 
     def new_check():
-        return RoundCheck(averager=SimpleNamespace(peer_id=peers[0]), group_id=b"g", peer_ids=peers,
-                          clients=(False, True, False), commitments=(None,) * 3, seed=b"s" * 16, policy=POLICY,
-                          max_weight=1.0, timeout=timeout)
+        return _round_check(peers, clients=(False, True, False), timeout=timeout)
 
     async def scenario():
         check = new_check()
